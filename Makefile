@@ -1,0 +1,45 @@
+# Two commands on a fresh machine with Python >= 3.10: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench lint constraints clean gui-deps
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,napari]"
+	touch $@
+
+gui-deps:
+	@bash .ci/install-gui-deps.sh
+
+demo: $(STAMP)
+	$(BIN)/python -m hirescam3d.demo
+
+# GUI tests need a real (virtual) X display: napari canvases need OpenGL, which
+# Qt's offscreen platform lacks. Without xvfb-run they skip themselves.
+test: $(STAMP) gui-deps
+	$(BIN)/ruff check .
+	if command -v xvfb-run >/dev/null 2>&1; then \
+		xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	else $(BIN)/python -m pytest $(PYTEST_ARGS); fi
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gui" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_core.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/demo_quality.py --first-seed 0 --count 200 --json-out benchmarks/demo_quality.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+constraints: $(STAMP)
+	{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude hirescam3d \
+		| sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,31 @@
+"""Error types raised by hirescam3d.
+
+Every error a user can cause derives from :class:`HiResCAMError`, so callers
+(the CLI, the napari widget) can catch one type and show its message.
+"""
+
+from __future__ import annotations
+
+
+class HiResCAMError(Exception):
+    """Base class for all errors hirescam3d raises on bad input."""
+
+
+class LayerError(HiResCAMError):
+    """The target layer is unknown, or its output cannot be explained."""
+
+
+class TargetError(HiResCAMError):
+    """A target class index or name is invalid."""
+
+
+class InputError(HiResCAMError):
+    """The input tensor or image is unusable (rank, values, geometry)."""
+
+
+class ModelError(HiResCAMError):
+    """A model, bundle or checkpoint cannot be loaded or used."""
+
+
+class ScanError(InputError):
+    """A scan file or folder cannot be read or is not a usable CT."""

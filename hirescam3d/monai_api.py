@@ -1,0 +1,121 @@
+"""Drop-in replacements for ``monai.visualize`` CAM classes, backed by :class:`Explainer`.
+
+Switch with an import change::
+
+    # from monai.visualize import GradCAM
+    from hirescam3d.monai_api import GradCAM, HiResCAM
+
+Signatures follow ``monai.visualize`` (``nn_module``, ``target_layers``,
+``upsampler``, ``postprocessing``; ``__call__(x, class_idx, layer_idx,
+retain_graph)`` returning ``(B, 1, *spatial)``). One difference on purpose:
+MONAI's ``default_normalizer`` maps the maximum to 0 (an inverted heatmap);
+the default here maps the minimum to 0 and the maximum to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import postprocess
+from .explainer import Explainer
+
+
+def default_upsampler(
+    spatial_size: Sequence[int], align_corners: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return ``f(maps)`` resizing ``(B, 1, *S)`` to ``spatial_size`` (n-D linear)."""
+    if align_corners:
+        raise ValueError("hirescam3d upsamples with align_corners=False only")
+    return lambda maps: postprocess.upsample(maps, spatial_size)
+
+
+def default_normalizer(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1] with the maximum at 1 (NOT inverted, unlike MONAI)."""
+    return postprocess.normalize(maps, spatial_dims=maps.ndim - 2)
+
+
+class _CAMBase:
+    method = "hirescam"
+    apply_relu = True  # as monai.visualize: Grad-CAM maps are ReLU'd, CAM maps are not
+
+    def __init__(
+        self,
+        nn_module: nn.Module,
+        target_layers: str | Sequence[str],
+        upsampler: Callable = default_upsampler,
+        postprocessing: Callable = default_normalizer,
+        fc_layers: str | None = None,
+    ) -> None:
+        self.nn_module = nn_module
+        layers = [target_layers] if isinstance(target_layers, str) else list(target_layers)
+        self._explainers = [
+            Explainer(nn_module, layer, method=self.method, fc_layer=fc_layers) for layer in layers
+        ]
+        self.upsampler = upsampler
+        self.postprocessing = postprocessing
+
+    def compute_map(
+        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None,
+        layer_idx: int = -1, **_: object,
+    ) -> torch.Tensor:
+        """Raw map ``(B, 1, *feature_spatial)`` before upsampling (ReLU'd except for CAM).
+
+        ``class_idx``: one class for the whole batch, one per item, or None (argmax).
+        """
+        if isinstance(class_idx, torch.Tensor) and class_idx.ndim == 0:
+            class_idx = int(class_idx)
+        if class_idx is not None and not isinstance(class_idx, int):
+            class_idx = [[int(c)] for c in class_idx]
+        result = self._explainers[layer_idx](x, targets=class_idx)
+        return postprocess.relu(result.raw) if self.apply_relu else result.raw
+
+    def feature_map_size(
+        self, input_size: Sequence[int], device: str | torch.device = "cpu", layer_idx: int = -1
+    ) -> torch.Size:
+        """Shape of the raw map for an input of ``input_size``."""
+        return self.compute_map(torch.zeros(*input_size, device=device), layer_idx=layer_idx).shape
+
+    def __call__(
+        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None,
+        layer_idx: int = -1, retain_graph: bool = False, **kwargs: object,
+    ) -> torch.Tensor:
+        """Upsampled, post-processed map ``(B, 1, *input_spatial)``.
+
+        ``retain_graph`` is accepted for signature compatibility; no graph outlives the call.
+        """
+        acti_map = self.compute_map(x, class_idx=class_idx, layer_idx=layer_idx)
+        return self.postprocessing(self.upsampler(x.shape[2:])(acti_map))
+
+
+class HiResCAM(_CAMBase):
+    """HiResCAM (element-wise gradient x activation, summed over features)."""
+
+    method = "hirescam"
+
+    def __init__(self, nn_module, target_layers, upsampler=default_upsampler,
+                 postprocessing=default_normalizer, register_backward: bool = True) -> None:
+        super().__init__(nn_module, target_layers, upsampler, postprocessing)
+
+
+class GradCAM(_CAMBase):
+    """Grad-CAM (spatially averaged gradients as feature weights)."""
+
+    method = "gradcam"
+
+    def __init__(self, nn_module, target_layers, upsampler=default_upsampler,
+                 postprocessing=default_normalizer, register_backward: bool = True) -> None:
+        super().__init__(nn_module, target_layers, upsampler, postprocessing)
+
+
+class CAM(_CAMBase):
+    """CAM for global-average-pooling + linear networks; ``fc_layers`` names the linear layer."""
+
+    method = "cam"
+    apply_relu = False
+
+    def __init__(self, nn_module, target_layers, fc_layers: str = "fc",
+                 upsampler=default_upsampler, postprocessing=default_normalizer) -> None:
+        super().__init__(nn_module, target_layers, upsampler, postprocessing, fc_layers=fc_layers)
