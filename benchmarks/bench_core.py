@@ -213,16 +213,14 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":
         devices = [args.device]
-    report = {"machine": machine_info(args.threads), "model": "monai resnet18 3D, 20 classes",
-              "layer": "layer4", "results": {}}
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
     for device in devices:
-        report["results"][device] = run(device, args.threads, args.repeats, args.sizes,
-                                        args.skip_monai_20)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    previous.setdefault("core", {})
-    previous["core"][report["machine"].get("cuda_device", "cpu") if args.device == "cuda"
-                     else "cpu"] = report
-    args.out.write_text(json.dumps(previous, indent=2) + "\n")
+        report.setdefault("core", {})[device] = {
+            "machine": machine_info(args.threads),
+            "model": "monai resnet18, spatial_dims=3, 20 classes; target layer 'layer4'",
+            "results": run(device, args.threads, args.repeats, args.sizes, args.skip_monai_20),
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
