@@ -176,8 +176,10 @@ def run(device: str, threads: int, repeats: int, sizes: list[str], skip_monai20:
             "ratios": ratios,
             "meets_target": {k: v <= targets[k] for k, v in ratios.items()},
         }
-        print(f"[{device} {label}] " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()),
-              flush=True)
+        print(
+            f"[{device} {label}] " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()),
+            flush=True,
+        )
     return results
 
 
@@ -208,8 +210,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--skip-monai-20", action="store_true",
-                        help="skip the slow 20-call MONAI Grad-CAM baseline")
+    parser.add_argument(
+        "--skip-monai-20", action="store_true", help="skip the slow 20-call MONAI Grad-CAM baseline"
+    )
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":

@@ -5,7 +5,7 @@ torch (MONAI, nibabel and SimpleITK are imported by the modules that use them).
 """
 
 from .errors import HiResCAMError, InputError, LayerError, ModelError, ScanError, TargetError
-from .explainer import ExplanationResult, Explainer
+from .explainer import Explainer, ExplanationResult
 from .methods import METHODS, cam, gradcam, hirescam, register_method
 
 __version__ = "0.1.0"

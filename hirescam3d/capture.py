@@ -43,17 +43,21 @@ def model_state_restored(model: nn.Module, eval_mode: bool = True) -> Iterator[N
 
     ``requires_grad`` flags are checked too, so a method can never leave them changed.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    if eval_mode:
+    modules = list(model.modules())
+    modes = [(m, m.training) for m in modules]
+    flags = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
+    if eval_mode and any(training for _, training in modes):
         model.eval()
     try:
         yield
     finally:
+        # Only touch what changed: nn.Module.__setattr__ is slow on large models.
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 class LayerCapture:

@@ -98,7 +98,8 @@ class Explainer:
             raise InputError(f"input must be a torch.Tensor, not {type(x).__name__}")
         if x.ndim < 3:
             raise InputError(
-                f"input must be (B, C, *spatial) with 1 to 3 spatial dims; got shape {tuple(x.shape)}"
+                "input must be (B, C, *spatial) with 1 to 3 spatial dims; "
+                f"got shape {tuple(x.shape)}"
             )
         if not x.is_floating_point():
             x = x.float()
@@ -180,11 +181,20 @@ class Explainer:
                     ) from err
                 raise
             scores = self._scores(output)
-        if capture.activations is None:
+        acts = capture.activations
+        if acts is None:
             raise LayerError(f"layer {self.layer_name!r} was not called during the forward pass")
-        return capture.activations, scores
+        if acts.shape[0] != x.shape[0]:
+            raise LayerError(
+                f"layer {self.layer_name!r} outputs {acts.shape[0]} maps for a batch of "
+                f"{x.shape[0]} inputs (it runs on slices or patches, not on whole inputs); "
+                "choose a layer whose output is (B, F, *spatial), e.g. the model's default layer"
+            )
+        return acts, scores
 
-    def _gradients(self, acts: torch.Tensor, scores: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def _gradients(
+        self, acts: torch.Tensor, scores: torch.Tensor, tgt: torch.Tensor
+    ) -> torch.Tensor:
         """d score[b, tgt[b, k]] / d acts, as ``(K, B, F, *S)`` from one graph."""
         if not scores.requires_grad:
             raise LayerError(
@@ -196,7 +206,9 @@ class Explainer:
         onehot.scatter_(2, tgt.T.unsqueeze(-1), 1.0)
         try:
             if k == 1:
-                (grad,) = torch.autograd.grad(scores, acts, grad_outputs=onehot[0], allow_unused=True)
+                (grad,) = torch.autograd.grad(
+                    scores, acts, grad_outputs=onehot[0], allow_unused=True
+                )
                 grads = None if grad is None else grad.unsqueeze(0)
             else:
                 (grads,) = torch.autograd.grad(
@@ -204,7 +216,8 @@ class Explainer:
                 )
         except RuntimeError as err:
             raise LayerError(
-                f"could not differentiate the scores with respect to layer {self.layer_name!r}: {err}"
+                "could not differentiate the scores with respect to layer "
+                f"{self.layer_name!r}: {err}"
             ) from err
         if grads is None:
             raise LayerError(

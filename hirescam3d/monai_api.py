@@ -58,8 +58,11 @@ class _CAMBase:
         self.postprocessing = postprocessing
 
     def compute_map(
-        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None,
-        layer_idx: int = -1, **_: object,
+        self,
+        x: torch.Tensor,
+        class_idx: int | Sequence[int] | torch.Tensor | None = None,
+        layer_idx: int = -1,
+        **_: object,
     ) -> torch.Tensor:
         """Raw map ``(B, 1, *feature_spatial)`` before upsampling (ReLU'd except for CAM).
 
@@ -79,8 +82,12 @@ class _CAMBase:
         return self.compute_map(torch.zeros(*input_size, device=device), layer_idx=layer_idx).shape
 
     def __call__(
-        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None,
-        layer_idx: int = -1, retain_graph: bool = False, **kwargs: object,
+        self,
+        x: torch.Tensor,
+        class_idx: int | Sequence[int] | torch.Tensor | None = None,
+        layer_idx: int = -1,
+        retain_graph: bool = False,
+        **kwargs: object,
     ) -> torch.Tensor:
         """Upsampled, post-processed map ``(B, 1, *input_spatial)``.
 
@@ -95,8 +102,14 @@ class HiResCAM(_CAMBase):
 
     method = "hirescam"
 
-    def __init__(self, nn_module, target_layers, upsampler=default_upsampler,
-                 postprocessing=default_normalizer, register_backward: bool = True) -> None:
+    def __init__(
+        self,
+        nn_module,
+        target_layers,
+        upsampler=default_upsampler,
+        postprocessing=default_normalizer,
+        register_backward: bool = True,
+    ) -> None:
         super().__init__(nn_module, target_layers, upsampler, postprocessing)
 
 
@@ -105,8 +118,14 @@ class GradCAM(_CAMBase):
 
     method = "gradcam"
 
-    def __init__(self, nn_module, target_layers, upsampler=default_upsampler,
-                 postprocessing=default_normalizer, register_backward: bool = True) -> None:
+    def __init__(
+        self,
+        nn_module,
+        target_layers,
+        upsampler=default_upsampler,
+        postprocessing=default_normalizer,
+        register_backward: bool = True,
+    ) -> None:
         super().__init__(nn_module, target_layers, upsampler, postprocessing)
 
 
@@ -116,6 +135,12 @@ class CAM(_CAMBase):
     method = "cam"
     apply_relu = False
 
-    def __init__(self, nn_module, target_layers, fc_layers: str = "fc",
-                 upsampler=default_upsampler, postprocessing=default_normalizer) -> None:
+    def __init__(
+        self,
+        nn_module,
+        target_layers,
+        fc_layers: str = "fc",
+        upsampler=default_upsampler,
+        postprocessing=default_normalizer,
+    ) -> None:
         super().__init__(nn_module, target_layers, upsampler, postprocessing, fc_layers=fc_layers)

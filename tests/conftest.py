@@ -17,7 +17,9 @@ class ConvLinearNet(nn.Module):
         super().__init__()
         conv = CONV[dims]
         self.features = nn.Sequential(
-            conv(1, 5, 3, padding=1), nn.ReLU(inplace=True), conv(5, feat, 3, padding=1),
+            conv(1, 5, 3, padding=1),
+            nn.ReLU(inplace=True),
+            conv(5, feat, 3, padding=1),
             nn.ReLU(inplace=True),
         )
         n = feat

@@ -40,8 +40,12 @@ def test_per_item_targets():
 
 
 def test_upsampled_map_has_input_size_for_strided_layer():
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(4 * 2 * 3 * 4, 2)).eval()
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 3 * 4, 2),
+    ).eval()
     x = torch.randn(1, 1, 4, 6, 8)
     res = Explainer(net, "1")(x, targets=[0, 1])
     assert res.raw.shape == (1, 2, 2, 3, 4)
@@ -59,8 +63,9 @@ class CountingNet(ConvLinearNet):
 def test_k_targets_and_methods_cost_one_forward_pass():
     net = CountingNet(3).eval()
     CountingNet.calls = 0
-    Explainer(net, "features").explain(make_input(3), targets=[0, 1, 2, 3],
-                                       methods=["hirescam", "gradcam"])
+    Explainer(net, "features").explain(
+        make_input(3), targets=[0, 1, 2, 3], methods=["hirescam", "gradcam"]
+    )
     assert CountingNet.calls == 1
 
 
@@ -82,8 +87,10 @@ def snapshot(model: nn.Module):
     return (
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
-        [(len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
-         for m in model.modules()],
+        [
+            (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+            for m in model.modules()
+        ],
         {k: v.clone() for k, v in model.state_dict().items()},
     )
 
@@ -115,8 +122,9 @@ def test_model_state_unchanged_in_train_mode_with_frozen_params():
     net.features[0].weight.requires_grad_(False)
     before = snapshot(net)
     grad_mode = torch.is_grad_enabled()
-    Explainer(net, "features").explain(make_input(3, batch=2), targets=[0, 2],
-                                       methods=["hirescam", "gradcam", "cam"])
+    Explainer(net, "features").explain(
+        make_input(3, batch=2), targets=[0, 2], methods=["hirescam", "gradcam", "cam"]
+    )
     assert_same_state(before, snapshot(net))
     assert torch.is_grad_enabled() == grad_mode
 
@@ -222,6 +230,24 @@ def test_input_errors():
         ex(torch.randn(6, 6))
 
 
+def test_layer_that_runs_per_slice_is_refused():
+    class SliceNet(nn.Module):
+        """Runs a 2D conv on every slice of a (B, 1, S, H, W) volume."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            b, _, s, h, w = x.shape
+            f = self.conv(x.reshape(b * s, 1, h, w))
+            return self.fc(f.reshape(b, s, 2, h * w).mean((1, 3)))
+
+    with pytest.raises(LayerError, match="outputs 8 maps for a batch of 2 inputs"):
+        Explainer(SliceNet().eval(), "conv")(torch.randn(2, 1, 4, 5, 5))
+
+
 def test_cam_requires_gap_linear_head():
     with pytest.raises(LayerError, match="CAM needs a global-average-pooling"):
         Explainer(ConvLinearNet(2).eval(), "features", method="cam")(make_input(2))
@@ -233,8 +259,9 @@ def test_cuda_matches_cpu():
     net = ConvLinearNet(3).eval()
     x = make_input(3)
     cpu = Explainer(net, "features").explain(x, targets=[0, 1], methods=["hirescam", "gradcam"])
-    gpu = Explainer(net.cuda(), "features").explain(x.cuda(), targets=[0, 1],
-                                                    methods=["hirescam", "gradcam"])
+    gpu = Explainer(net.cuda(), "features").explain(
+        x.cuda(), targets=[0, 1], methods=["hirescam", "gradcam"]
+    )
     for m in cpu:
         assert gpu[m].raw.is_cuda
         assert torch.allclose(cpu[m].raw, gpu[m].raw.cpu(), atol=1e-4)

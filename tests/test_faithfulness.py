@@ -7,7 +7,7 @@ from hirescam3d import Explainer, postprocess
 
 
 def exact_contribution(net: ConvLinearNet, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-location contribution to score k: weight row reshaped to (F, *S), times A, summed over F."""
+    """Contribution of each location to score k: W_k reshaped to (F, *S), times A, summed over F."""
     with torch.no_grad():
         a = net.features(x)
         w = net.fc.weight[k].reshape(a.shape[1:])
@@ -42,7 +42,9 @@ def test_cam_hirescam_gradcam_agree_on_gap_linear(dims):
     torch.manual_seed(20 + dims)
     net = GapLinearNet(dims).eval()
     x = make_input(dims)
-    out = Explainer(net, "features").explain(x, targets=[0, 2], methods=["cam", "hirescam", "gradcam"])
+    out = Explainer(net, "features").explain(
+        x, targets=[0, 2], methods=["cam", "hirescam", "gradcam"]
+    )
     n_cells = out["hirescam"].raw[0, 0].numel()
     assert torch.allclose(out["hirescam"].raw, out["gradcam"].raw, atol=1e-6)
     assert torch.allclose(out["cam"].raw / n_cells, out["hirescam"].raw, atol=1e-6)
@@ -57,8 +59,10 @@ def test_final_bias_changes_neither_cam_nor_hirescam(dims):
     """Appendix 7.3."""
     torch.manual_seed(30 + dims)
     x = make_input(dims)
-    for net, methods, layer in ((GapLinearNet(dims), ["cam", "hirescam"], "features"),
-                                (ConvLinearNet(dims), ["hirescam"], "features")):
+    for net, methods, layer in (
+        (GapLinearNet(dims), ["cam", "hirescam"], "features"),
+        (ConvLinearNet(dims), ["hirescam"], "features"),
+    ):
         net.eval()
         before = Explainer(net, layer).explain(x, targets=[1], methods=methods)
         with torch.no_grad():

@@ -21,8 +21,9 @@ print(",".join(bad))
 
 
 def test_library_does_not_import_cli_or_gui_stacks():
-    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CODE], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 

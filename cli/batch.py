@@ -1,0 +1,545 @@
+"""``hirescam3d batch``: explain many scans, resumably, optionally sharded over torchrun ranks.
+
+Layout of ``OUT``::
+
+    OUT/<item-id>/<stem>_<finding>_<method>.nii.gz, report.json   (from explain_scan)
+    OUT/<item-id>/batch_done.json     written (atomically) after all outputs are in place
+    OUT/batch_log.jsonl               one JSON record per item and run (appended at the end)
+    OUT/.batch_logs/rank-<r>.jsonl    this run's records of rank r while the run is going
+
+An item is done when its ``batch_done.json`` exists, lists outputs that all exist, and
+was written with the same options; done items are skipped unless ``--force``. Leftovers
+of an interrupted item (no marker) are replaced. Every file here is written to a
+temporary name and renamed, so an interrupted run leaves no partial file.
+
+Under ``torchrun --nproc-per-node N`` (env ``RANK``/``WORLD_SIZE``) rank r takes items
+``i % N == r``; ranks meet at a barrier at the end and rank 0 merges the logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .console import items_progress, out_console
+from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
+from .explain import ExplainOptions, check_options, run_pipeline
+from .models import check_layer, load_model
+
+DONE_MARKER = "batch_done.json"
+LOG_NAME = "batch_log.jsonl"
+RANK_LOG_DIR = ".batch_logs"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One scan of a batch: its position in the full list, its path and output folder name."""
+
+    index: int
+    path: Path
+    id: str
+
+
+# -- inputs -------------------------------------------------------------------------------
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _is_image_file(path: Path) -> bool:
+    from hirescam3d.io import SCAN_SUFFIXES
+
+    name = path.name.lower()
+    return any(name.endswith(s) for s in SCAN_SUFFIXES if s != ".dcm")
+
+
+def scans_in_folder(folder: Path, depth: int = 3) -> list[tuple[Path, str | None]]:
+    """Scans under ``folder``, sorted: the folder itself if it holds one DICOM series (DICOM
+    files and no other images), else its image files and the scans of its subfolders
+    (down to ``depth`` levels). Hidden files and folders are ignored."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise CLIUsageError(f"cannot list folder {folder}: {err.strerror or err}") from err
+    files = [p for p in entries if p.is_file()]
+    images = [p for p in files if _is_image_file(p)]
+    if not images and any(_is_dicom_file(p) for p in files):
+        return [(folder, None)]
+    found: list[tuple[Path, str | None]] = [(p, None) for p in images]
+    if depth > 0:
+        for sub in entries:
+            if sub.is_dir():
+                found.extend(scans_in_folder(sub, depth - 1))
+    return found
+
+
+def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
+    """Rows of a CSV manifest: a ``path`` column (relative to the CSV's folder) and an
+    optional ``id`` column naming the output subfolder."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
+            if "path" not in fields:
+                raise CLIUsageError(
+                    f"manifest {path}: no 'path' column (columns: "
+                    f"{', '.join(reader.fieldnames or []) or 'none'}); the first row must name "
+                    "the columns, e.g. 'path,id'"
+                )
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                value = (row.get(fields["path"]) or "").strip()
+                if not value:
+                    raise CLIUsageError(f"manifest {path}, line {line}: empty 'path'")
+                item = Path(value).expanduser()
+                if not item.is_absolute():
+                    item = path.parent / item
+                ident = (row.get(fields["id"]) or "").strip() if "id" in fields else ""
+                rows.append((item, ident or None))
+    except UnicodeDecodeError as err:
+        raise CLIUsageError(f"manifest {path}: not a UTF-8 text CSV file ({err})") from err
+    except csv.Error as err:
+        raise CLIUsageError(f"manifest {path}: malformed CSV ({err})") from err
+    if not rows:
+        raise CLIUsageError(f"manifest {path}: has a header but no rows")
+    return rows
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, str | None]]:
+    """Expand globs, folders and CSV manifests into ``(path, id or None)``, in order.
+
+    The same file named twice is kept once. Raises CLIUsageError for a missing path, a
+    glob without matches or a folder without scans.
+    """
+    found: list[tuple[Path, str | None]] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.exists():
+            if path.is_dir():
+                scans = scans_in_folder(path)
+                if not scans:
+                    raise CLIUsageError(
+                        f"folder {path}: holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or "
+                        "DICOM series folders)"
+                    )
+                found.extend(scans)
+            elif path.suffix.lower() == ".csv":
+                found.extend(read_manifest(path))
+            else:
+                found.append((path, None))
+        elif _GLOB_CHARS.search(text):
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            if not matches:
+                raise CLIUsageError(f"no files match {text!r}")
+            found.extend((Path(m), None) for m in matches)
+        else:
+            raise CLIUsageError(f"input {path}: no such file or folder; check the path")
+    unique: dict[str, tuple[Path, str | None]] = {}
+    for path, ident in found:
+        unique.setdefault(os.path.abspath(path), (path, ident))
+    return list(unique.values())
+
+
+def assign_ids(inputs: Sequence[tuple[Path, str | None]]) -> list[BatchItem]:
+    """Items with unique output folder names: the manifest id or the scan stem, with
+    ``_2``, ``_3``... appended to repeats (deterministic, so every rank agrees)."""
+    from hirescam3d.io import scan_stem
+
+    items: list[BatchItem] = []
+    used: set[str] = set()
+    for index, (path, ident) in enumerate(inputs):
+        base = _SAFE_ID.sub("_", ident or scan_stem(path)).strip("._") or f"item{index}"
+        name, n = base, 1
+        while name in used or name in (RANK_LOG_DIR,):
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        items.append(BatchItem(index, path, name))
+    return items
+
+
+def shard(items: Sequence[BatchItem], rank: int, world_size: int) -> list[BatchItem]:
+    """The items of ``rank``: those whose index ``i`` has ``i % world_size == rank``."""
+    return [item for item in items if item.index % world_size == rank]
+
+
+# -- files --------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / DONE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def done_state(folder: Path, signature: dict[str, Any]) -> str:
+    """``"done"``, ``"other-options"`` (done, but with different options) or ``"todo"``."""
+    marker = read_marker(folder)
+    if marker is None or marker.get("status") != "ok":
+        return "todo"
+    outputs = marker.get("outputs")
+    if not isinstance(outputs, list) or not all((folder / name).is_file() for name in outputs):
+        return "todo"
+    return "done" if marker.get("options") == signature else "other-options"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _record_key(record: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(record.get("run")), str(record.get("rank", 0)), str(record.get("index")))
+
+
+def fold_rank_logs(out: Path) -> list[dict[str, Any]]:
+    """Append the per-rank logs to ``batch_log.jsonl`` (atomically) and delete them.
+
+    Returns the records that were appended, ordered by item index. Lines already in the
+    log (a fold interrupted after writing) are not repeated.
+    """
+    logs = out / RANK_LOG_DIR
+    parts = sorted(logs.glob("rank-*.jsonl")) if logs.is_dir() else []
+    if not parts:
+        return []
+    log = out / LOG_NAME
+    existing = _read_jsonl(log)
+    # A fold interrupted after writing the log but before deleting the rank files must
+    # not log their records twice: records are identified by (run, rank, index).
+    have = set()
+    for line in existing:
+        try:
+            have.add(_record_key(json.loads(line)))
+        except (ValueError, AttributeError):
+            continue
+    records = []
+    for part in parts:
+        for line in _read_jsonl(part):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and _record_key(record) not in have:
+                have.add(_record_key(record))
+                records.append(record)
+    records.sort(key=lambda r: (str(r.get("run", "")), str(r.get("index", "")).zfill(12)))
+    new_lines = [json.dumps(r, sort_keys=True) for r in records]
+    atomic_write_text(log, "".join(f"{line}\n" for line in existing + new_lines))
+    for part in parts:
+        part.unlink(missing_ok=True)
+    try:
+        logs.rmdir()
+    except OSError:
+        pass
+    return records
+
+
+class RankLog:
+    """This rank's records of the current run, rewritten atomically after every item."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.path = out / RANK_LOG_DIR / f"rank-{rank}.jsonl"
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        atomic_write_text(self.path, text)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty: a failed item leaves no clutter
+    except OSError:
+        pass
+
+
+# -- torchrun -----------------------------------------------------------------------------
+class Distributed:
+    """Rank, world size and collectives; a no-op stand-in when not under torchrun."""
+
+    def __init__(self, device: str = "auto") -> None:
+        env = os.environ
+        self.world_size = int(env.get("WORLD_SIZE", "1")) if "RANK" in env else 1
+        self.rank = int(env.get("RANK", "0")) if self.world_size > 1 else 0
+        self.local_rank = int(env.get("LOCAL_RANK", "0"))
+        self.backend: str | None = None
+        self.device = device
+        if self.world_size <= 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        self.backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            count = torch.cuda.device_count()
+            if self.local_rank >= count:
+                from hirescam3d.errors import HiResCAMError
+
+                raise HiResCAMError(
+                    f"rank {self.rank}: LOCAL_RANK {self.local_rank} but this machine has "
+                    f"{count} CUDA device(s); use --nproc-per-node {count} or --device cpu"
+                )
+            torch.cuda.set_device(self.local_rank)
+        # Ranks wait for each other only at the end; allow long, unbalanced shares.
+        dist.init_process_group(self.backend, timeout=dt.timedelta(hours=24))
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    def _device(self):
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else None
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.local_rank])
+            else:
+                dist.barrier()
+
+    def total(self, value: int) -> int:
+        """Sum of ``value`` over all ranks."""
+        if not self.active:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor)
+        return int(tensor.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._device())
+        return box[0]
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.backend = None
+
+
+# -- the batch ----------------------------------------------------------------------------
+Explain = Callable[..., tuple[Any, dict[str, Path]]]
+
+
+def process_item(
+    item: BatchItem,
+    out: Path,
+    opts: ExplainOptions,
+    loaded: tuple[Any, Any],
+    signature: dict[str, Any],
+    explain: Explain,
+    debug: bool = False,
+) -> dict[str, Any]:
+    """Explain one item unless it is done; return its log record (never raises Exception)."""
+    folder = out / item.id
+    record: dict[str, Any] = {
+        "index": item.index,
+        "input": os.path.abspath(item.path),
+        "id": item.id,
+        "out_dir": os.path.abspath(folder),
+        "started": _now(),
+    }
+    start = time.perf_counter()
+    state = "todo" if opts.force else done_state(folder, signature)
+    if state != "todo":
+        note = (
+            "already done"
+            if state == "done"
+            else ("done earlier with other options; pass --force to redo it")
+        )
+        record.update(status="skipped", error=None, note=note, seconds=0.0, finished=_now())
+        record["outputs"] = (read_marker(folder) or {}).get("outputs", [])
+        return record
+    try:
+        item_opts = dataclasses.replace(opts, force=True)
+        # No marker: whatever is in the folder is a leftover of an interrupted run.
+        (folder / DONE_MARKER).unlink(missing_ok=True)
+        with warnings_to_stderr(debug) as shown:
+            result, paths = explain(item.path, folder, item_opts, loaded)
+        seconds = round(time.perf_counter() - start, 3)
+        outputs = sorted(os.path.relpath(p, folder) for p in paths.values())
+        marker = {
+            "status": "ok",
+            "input": os.path.abspath(item.path),
+            "outputs": outputs,
+            "options": signature,
+            "finished": _now(),
+            "seconds": seconds,
+        }
+        atomic_write_text(folder / DONE_MARKER, json.dumps(marker, indent=2) + "\n")
+        record.update(
+            status="ok",
+            error=None,
+            outputs=outputs,
+            explained=list(getattr(result, "findings", [])),
+            probabilities=dict(getattr(result, "probabilities", {})),
+            warnings=sorted(set(getattr(result, "warnings", [])) | shown),
+            seconds=seconds,
+            timings_s=(getattr(result, "report", None) or {}).get("timings_s"),
+        )
+    except Exception as err:  # noqa: BLE001 - one failing item must not stop the batch
+        if debug:
+            traceback.print_exc()
+        record.update(
+            status="failed",
+            error=describe(err),
+            error_type=type(err).__name__,
+            exit_code=exit_code_for(err),
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        _remove_if_empty(folder)
+    record["finished"] = _now()
+    return record
+
+
+def print_batch_summary(records: list[dict[str, Any]], out: Path) -> None:
+    """Failed items as a table, then one line of counts (stdout)."""
+    from rich.table import Table
+
+    counts = {s: sum(r.get("status") == s for r in records) for s in ("ok", "skipped", "failed")}
+    console = out_console()
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        table = Table(title="Failed items", title_justify="left")
+        table.add_column("input", overflow="fold")
+        table.add_column("error", overflow="fold")
+        for r in failed:
+            table.add_row(str(r.get("input")), str(r.get("error")))
+        console.print(table)
+    other = sum(r.get("status") == "skipped" and r.get("note") != "already done" for r in records)
+    skipped = f"{counts['skipped']} skipped (done earlier"
+    skipped += f"; {other} with other options: --force redoes them)" if other else ")"
+    console.print(
+        f"{len(records)} items: {counts['ok']} explained, {skipped}, {counts['failed']} "
+        f"failed; outputs in {out}, log {out / LOG_NAME}"
+    )
+
+
+def batch_command(
+    inputs: Sequence[str],
+    out: Path,
+    opts: ExplainOptions,
+    json_out: bool = False,
+    quiet: bool = False,
+    debug: bool = False,
+    explain: Explain | None = None,
+) -> int:
+    """Run ``hirescam3d batch``; return the exit code (1 if any item failed on any rank).
+
+    Usage errors (missing inputs, unknown model or finding) raise before any rank starts
+    work; ``explain`` replaces :func:`run_pipeline` (tests).
+    """
+    explain = explain or run_pipeline
+    items = assign_ids(collect_inputs(inputs))
+    opts = check_options(opts)
+    loaded = load_model(opts.model)
+    check_layer(opts.layer, loaded[0])
+    # New weights under the same model name make earlier outputs stale.
+    signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        from hirescam3d.errors import HiResCAMError
+
+        raise HiResCAMError(
+            f"output folder {out} is not writable; choose another --out folder or fix its "
+            "permissions"
+        )
+    dist = Distributed(opts.device)
+    try:
+        if dist.rank == 0:
+            fold_rank_logs(out)  # records of an earlier, interrupted run
+        run_id = dist.broadcast(f"{_now()}-{uuid.uuid4().hex[:8]}")
+        dist.barrier()
+        mine = shard(items, dist.rank, dist.world_size)
+        log = RankLog(out, dist.rank)
+        prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
+        show = not quiet and dist.rank == 0
+        with items_progress(show) as progress:
+            label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
+            task = progress.add_task(label, total=len(mine))
+            for item in mine:
+                progress.update(task, description=f"{label}: {item.path.name}")
+                record = process_item(item, out, opts, loaded, signature, explain, debug)
+                record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
+                log.add(record)
+                if record["status"] == "failed":
+                    where = "" if str(item.path) in record["error"] else f"{item.path}: "
+                    print_error(f"{prefix}{where}{record['error']}")
+                progress.advance(task)
+        failed_here = sum(r["status"] == "failed" for r in log.records)
+        dist.barrier()
+        failed = dist.total(failed_here)
+        if dist.rank == 0:
+            records = fold_rank_logs(out)
+            records = [r for r in records if r.get("run") == run_id] or log.records
+            if json_out:
+                sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
+            elif not quiet:
+                print_batch_summary(records, out)
+        dist.barrier()
+    finally:
+        dist.close()
+    return 1 if failed else 0

@@ -1,0 +1,283 @@
+"""The ``hirescam3d`` command: a thin Typer app; each command delegates to a module here.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error (see :mod:`hirescam3d.cli.errors`).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import OneLineErrorGroup, reported_errors
+from .view import view
+
+
+def _method_choices() -> type[enum.Enum]:
+    """The registered explanation methods as choices (methods registered later join)."""
+    from hirescam3d.methods import METHODS
+
+    return enum.Enum("MethodChoice", {name: name for name in sorted(METHODS)}, type=str)
+
+
+MethodChoice = _method_choices()
+
+
+class DeviceChoice(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+app = typer.Typer(
+    cls=OneLineErrorGroup,
+    name="hirescam3d",
+    help="Faithful explanations (HiResCAM, Grad-CAM, CAM) of 3D CT classifiers, written as "
+    "NIfTI volumes that overlay on the scan in any viewer.",
+    epilog="Exit codes: 0 ok; 1 runtime failure (unreadable scan, corrupt checkpoint, "
+    "existing outputs without --force, unwritable folder, a failed batch item); 2 usage error "
+    "(bad option, missing path, unknown model, finding or layer).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hirescam3d import __version__
+
+        typer.echo(f"hirescam3d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Explain which voxels a CT classifier used for each finding."""
+
+
+# -- options shared by explain and batch --------------------------------------------------
+Finding = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--finding",
+        "-f",
+        help="Finding to explain (repeatable). Default: every finding with probability >= 0.5.",
+        show_default=False,
+    ),
+]
+AllFindings = Annotated[
+    bool, typer.Option("--all-findings", help="Explain every finding of the model.")
+]
+Method = Annotated[
+    list[MethodChoice] | None,
+    typer.Option(
+        "--method",
+        "-m",
+        case_sensitive=False,
+        help="Explanation method (repeatable). Default: hirescam.",
+        show_default=False,
+    ),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Zoo model name or bundle folder. Default: demo.", show_default=False
+    ),
+]
+Layer = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Layer to explain (see 'hirescam3d layers'). Default: the model's.",
+        show_default=False,
+    ),
+]
+Organs = Annotated[
+    Path | None,
+    typer.Option(
+        "--organs",
+        help="Organ label map (e.g. TotalSegmentator) to report the "
+        "share of each explanation inside each organ.",
+        show_default=False,
+    ),
+]
+OrganNames = Annotated[
+    Path | None,
+    typer.Option(
+        "--organ-names",
+        help='JSON {"1": "lung_upper_lobe_left", ...} naming the labels of --organs.',
+        show_default=False,
+    ),
+]
+Png = Annotated[bool, typer.Option("--png", help="Also save a PNG montage per map.")]
+Device = Annotated[
+    DeviceChoice, typer.Option("--device", case_sensitive=False, help="Where the model runs.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, tables or notes.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+
+
+def _options(finding, all_findings, method, model, layer, organs, organ_names, png, device, force):  # noqa: ANN001, ANN202 - plain pass-through of the typed options above
+    from .explain import ExplainOptions
+
+    return ExplainOptions(
+        findings=list(finding or []),
+        all_findings=all_findings,
+        methods=[m.value for m in method] if method else ["hirescam"],
+        model=model,
+        layer=layer,
+        organs=organs,
+        organ_names=organ_names,
+        png=png,
+        device=device.value,
+        force=force,
+    )
+
+
+@app.command()
+def explain(
+    scan: Annotated[
+        Path,
+        typer.Argument(
+            help="CT scan: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM folder.", show_default=False
+        ),
+    ],
+    finding: Finding = None,
+    all_findings: AllFindings = False,
+    method: Method = None,
+    model: Model = None,
+    layer: Layer = None,
+    organs: Organs = None,
+    organ_names: OrganNames = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder. Default: ./<scan-stem>_explanations.",
+            show_default=False,
+        ),
+    ] = None,
+    png: Png = False,
+    device: Device = DeviceChoice.auto,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Explain one scan: <stem>_<finding>_<method>.nii.gz on the scan's grid + report.json."""
+    from .explain import explain_command
+
+    opts = _options(
+        finding, all_findings, method, model, layer, organs, organ_names, png, device, force
+    )
+    with reported_errors(debug):
+        explain_command(scan, out, opts, json_out=json_out, quiet=quiet, debug=debug)
+
+
+@app.command()
+def batch(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Scans, folders, globs ('scans/*.nii.gz') or a CSV "
+            "manifest with a 'path' column (optional 'id').",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Output folder (one subfolder per scan).", show_default=False
+        ),
+    ],
+    finding: Finding = None,
+    all_findings: AllFindings = False,
+    method: Method = None,
+    model: Model = None,
+    layer: Layer = None,
+    organs: Organs = None,
+    organ_names: OrganNames = None,
+    png: Png = False,
+    device: Device = DeviceChoice.auto,
+    force: Annotated[bool, typer.Option("--force", help="Redo items already done.")] = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Explain many scans; resumable, and sharded over ranks under torchrun."""
+    from .batch import batch_command
+
+    opts = _options(
+        finding, all_findings, method, model, layer, organs, organ_names, png, device, force
+    )
+    with reported_errors(debug):
+        code = batch_command(inputs, out, opts, json_out=json_out, quiet=quiet, debug=debug)
+    raise typer.Exit(code)
+
+
+@app.command()
+def models(json_out: Json = False, debug: Debug = False) -> None:
+    """List the model zoo: names, inputs, whether trained weights ship."""
+    from .info import models_command
+
+    with reported_errors(debug):
+        models_command(json_out=json_out)
+
+
+@app.command()
+def findings(model: Model = None, json_out: Json = False, debug: Debug = False) -> None:
+    """List the findings (classes) a model predicts."""
+    from .info import findings_command
+
+    with reported_errors(debug):
+        findings_command(model, json_out=json_out)
+
+
+@app.command()
+def layers(model: Model = None, json_out: Json = False, debug: Debug = False) -> None:
+    """List a model's explanation layers and where HiResCAM is guaranteed faithful."""
+    from .info import layers_command
+
+    with reported_errors(debug):
+        layers_command(model, json_out=json_out)
+
+
+@app.command()
+def sample(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to write into (created).", show_default=False)
+    ],
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Write the demo chest CT, its organ map and finding masks (synthetic phantom)."""
+    from .sample import sample_command
+
+    with reported_errors(debug):
+        sample_command(directory, force=force, quiet=quiet)
+
+
+# `hirescam3d view` lives in cli/view.py and imports napari only when it runs.
+app.command()(view)
+
+
+def main() -> None:
+    """Console-script entry point (``hirescam3d``)."""
+    app(prog_name="hirescam3d")
+
+
+if __name__ == "__main__":
+    main()

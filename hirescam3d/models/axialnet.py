@@ -1,0 +1,254 @@
+"""AxialNet (Draelos & Carin, RAD-ChestCT): a 2D trunk over slice triplets of a CT volume.
+
+Data path for an input ``(B, 1, S, H, W)``:
+
+1. cut the volume into ``T = S / 3`` groups of 3 consecutive axial slices, used as the
+   3 channels of a 2D image: ``(B * T, 3, H, W)``;
+2. a 2D ResNet-18-style trunk without pooling or classifier: ``(B * T, 512, 14, 14)``
+   for 420 x 420 slices;
+3. four 3 x 3 convolutions + ReLU, stride 1, no padding (512 -> 64 -> 32 -> 16 -> 16):
+   ``(B * T, 16, 6, 6)``;
+4. ``to_volume``: the same values in volume layout ``(B, F, T, h, w)``: the default
+   explanation layer;
+5. ``fc``: one ``Conv3d`` whose kernel covers a whole ``(1, h, w)`` triplet plane, i.e. a
+   fully connected layer applied to each triplet: ``(B, n, T, 1, 1)``;
+6. ``pool``: mean over the T triplets: logits ``(B, n)``.
+
+Steps 4-6 are linear, so HiResCAM at ``to_volume`` (or the last ReLU, its alias in
+per-triplet layout) is exactly each location's contribution to the logit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets.resnet import ResNetBlock
+from torch import nn
+
+from ..errors import InputError
+
+SLICES_PER_TRIPLET = 3
+
+
+def conv_out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a convolution or pooling along one axis."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def no_inplace(module: nn.Module) -> nn.Module:
+    """Switch off in-place activations so every layer's output survives for hooks."""
+    for m in module.modules():
+        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
+            m.inplace = False
+    return module
+
+
+class ToVolume(nn.Module):
+    """Reshape per-triplet features ``(B * T, F, h, w)`` to volume layout ``(B, F, T, h, w)``.
+
+    A pure re-indexing (linear). ``n_triplets`` is set by the owning network on each
+    forward pass, before this module runs.
+    """
+
+    is_linear = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_triplets = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bt, f, h, w = x.shape
+        t = self.n_triplets
+        return x.reshape(bt // t, t, f, h, w).permute(0, 2, 1, 3, 4).contiguous()
+
+
+class TripletMean(nn.Module):
+    """Mean of per-triplet logits ``(B, n, T, 1, 1)`` over T: ``(B, n)`` (linear)."""
+
+    is_linear = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).mean(dim=2)
+
+
+def make_trunk(
+    widths: Sequence[int],
+    blocks: Sequence[int],
+    strides: Sequence[int],
+    stem_stride: int,
+    stem_pool: bool,
+    in_channels: int = SLICES_PER_TRIPLET,
+) -> nn.Sequential:
+    """A 2D ResNet trunk (MONAI ``ResNetBlock``s) without pooling head or classifier.
+
+    Children: ``stem`` (7x7 conv, BN, ReLU, optional 3x3/2 max-pool), ``layer1`` .. ``layerN``.
+    """
+    stem: list[tuple[str, nn.Module]] = [
+        ("conv", nn.Conv2d(in_channels, widths[0], 7, stride=stem_stride, padding=3, bias=False)),
+        ("bn", nn.BatchNorm2d(widths[0])),
+        ("relu", nn.ReLU()),
+    ]
+    if stem_pool:
+        stem.append(("pool", nn.MaxPool2d(3, stride=2, padding=1)))
+    layers: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(OrderedDict(stem)))]
+    in_planes = widths[0]
+    for i, (width, n_blocks, stride) in enumerate(zip(widths, blocks, strides, strict=True)):
+        stage = []
+        for j in range(n_blocks):
+            s = stride if j == 0 else 1
+            down = None
+            if s != 1 or in_planes != width:
+                down = nn.Sequential(
+                    nn.Conv2d(in_planes, width, 1, stride=s, bias=False), nn.BatchNorm2d(width)
+                )
+            stage.append(ResNetBlock(in_planes, width, spatial_dims=2, stride=s, downsample=down))
+            in_planes = width
+        layers.append((f"layer{i + 1}", nn.Sequential(*stage)))
+    trunk = nn.Sequential(OrderedDict(layers))
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return no_inplace(trunk)
+
+
+def trunk_out(n: int, strides: Sequence[int], stem_stride: int, stem_pool: bool) -> int:
+    """Trunk output length along one axis for input length ``n``."""
+    n = conv_out(n, 7, stem_stride, 3)
+    if stem_pool:
+        n = conv_out(n, 3, 2, 1)
+    for s in strides:
+        n = conv_out(n, 3, s, 1)
+    return n
+
+
+class AxialNet(nn.Module):
+    """AxialNet for ``(B, 1, S, H, W)`` CT volumes -> logits ``(B, n_findings)``.
+
+    Args:
+        class_names: the findings, one logit each (multi-label, sigmoid).
+        input_size: ``(S, H, W)`` the network is built for; ``H, W`` are fixed by ``fc``,
+            ``S`` may vary but must be divisible by 3.
+        trunk_widths, trunk_blocks, trunk_strides: per ResNet stage.
+        stem_stride, stem_pool: stem conv stride and whether a 3x3/2 max-pool follows.
+        reduce_channels: output channels of the four valid 3x3 convolutions.
+        reduce_norm: batch-normalise each of them before its ReLU (the last ReLU still
+            comes last, so the guarantee at ``to_volume`` is unchanged).
+        reduce_padding: zero padding of those convolutions. 0 is the original design:
+            the valid convolutions shrink the grid (14 -> 6), and grid cell ``i`` sits over
+            trunk cell ``i + 4``, i.e. the grid covers only the central part of the slice.
+            1 keeps the trunk's grid, so the cells tile the whole slice.
+
+    The defaults are the full model (ResNet-18 trunk, 405 x 420 x 420 -> grid 135 x 6 x 6).
+    """
+
+    default_layer = "to_volume"
+    head_start = "fc"
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        input_size: Sequence[int] = (405, 420, 420),
+        trunk_widths: Sequence[int] = (64, 128, 256, 512),
+        trunk_blocks: Sequence[int] = (2, 2, 2, 2),
+        trunk_strides: Sequence[int] = (1, 2, 2, 2),
+        stem_stride: int = 2,
+        stem_pool: bool = True,
+        reduce_channels: Sequence[int] = (64, 32, 16, 16),
+        reduce_norm: bool = False,
+        reduce_padding: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(input_size) != 3 or input_size[0] % SLICES_PER_TRIPLET:
+            raise ValueError(
+                f"input_size must be (S, H, W) with S divisible by 3; got {input_size}"
+            )
+        self.class_names = tuple(class_names)
+        self.input_size = tuple(int(n) for n in input_size)
+        self.input_ndim = 5
+        # Constructor arguments as JSON data: a bundle's network_def rebuilds the network.
+        self.config = {
+            "class_names": list(self.class_names),
+            "input_size": list(self.input_size),
+            "trunk_widths": [int(n) for n in trunk_widths],
+            "trunk_blocks": [int(n) for n in trunk_blocks],
+            "trunk_strides": [int(n) for n in trunk_strides],
+            "stem_stride": int(stem_stride),
+            "stem_pool": bool(stem_pool),
+            "reduce_channels": [int(n) for n in reduce_channels],
+            "reduce_norm": bool(reduce_norm),
+            "reduce_padding": int(reduce_padding),
+        }
+        self.trunk = make_trunk(trunk_widths, trunk_blocks, trunk_strides, stem_stride, stem_pool)
+        convs: list[tuple[str, nn.Module]] = []
+        in_ch = trunk_widths[-1]
+        for i, out_ch in enumerate(reduce_channels):
+            conv = nn.Conv2d(in_ch, out_ch, 3, padding=reduce_padding, bias=not reduce_norm)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            convs.append((f"conv{i + 1}", conv))
+            if reduce_norm:
+                convs.append((f"bn{i + 1}", nn.BatchNorm2d(out_ch)))
+            convs.append((f"relu{i + 1}", nn.ReLU()))
+            in_ch = out_ch
+        self.reduce = nn.Sequential(OrderedDict(convs))
+        h, w = (
+            trunk_out(n, trunk_strides, stem_stride, stem_pool)
+            - 2 * (1 - reduce_padding) * len(reduce_channels)
+            for n in self.input_size[1:]
+        )
+        if h < 1 or w < 1:
+            raise ValueError(f"input_size {input_size} is too small for this trunk")
+        self.grid = (self.input_size[0] // SLICES_PER_TRIPLET, h, w)
+        self.to_volume = ToVolume()
+        self.fc = nn.Conv3d(in_ch, len(self.class_names), kernel_size=(1, h, w), stride=(1, h, w))
+        self.pool = TripletMean()
+
+    # Top-level path in execution order, for the structural guarantee analysis.
+    def spine(self) -> list[str]:
+        names = ["trunk." + n for n, _ in self.trunk.named_children()]
+        names += ["reduce." + n for n, _ in self.reduce.named_children()]
+        return names + ["to_volume", "fc", "pool"]
+
+    def layer_notes(self) -> dict[str, str]:
+        notes = {n: "per-triplet layout (B*T, F, h, w)" for n in self.spine()[:-3]}
+        notes[self.spine()[-4]] += ", same values as to_volume"
+        notes["to_volume"] = "volume layout (B, F, T, h, w)"
+        return notes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S, H, W)`` -> logits ``(B, n_findings)``."""
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise InputError(
+                f"AxialNet expects a (B, 1, S, H, W) CT volume; got shape {tuple(x.shape)}"
+            )
+        b, _, s, hh, ww = x.shape
+        if s % SLICES_PER_TRIPLET or s == 0:
+            raise InputError(f"AxialNet needs a slice count divisible by 3; got {s} slices")
+        if (hh, ww) != self.input_size[1:]:
+            raise InputError(
+                f"AxialNet was built for {self.input_size[1]} x {self.input_size[2]} slices; "
+                f"got {hh} x {ww} (resample/crop the scan to the model's input size)"
+            )
+        t = s // SLICES_PER_TRIPLET
+        triplets = x.reshape(b * t, SLICES_PER_TRIPLET, hh, ww)
+        feats = self.reduce(self.trunk(triplets))
+        self.to_volume.n_triplets = t
+        return self.pool(self.fc(self.to_volume(feats)))
+
+
+def axialnet_tiny(class_names: Sequence[str]) -> AxialNet:
+    """AxialNet scaled for CPU: 96 x 128 x 128 input, explanation grid (32, 8, 8)."""
+    return AxialNet(class_names, **TINY_KWARGS)
+
+
+TINY_KWARGS: dict = {
+    "input_size": (96, 128, 128),
+    "trunk_widths": (16, 32, 48, 64),
+    "trunk_blocks": (1, 1, 1, 1),
+    "trunk_strides": (1, 2, 1, 1),
+    "stem_stride": 2,
+    "stem_pool": True,
+    "reduce_channels": (32, 16, 16, 16),
+    "reduce_norm": True,
+}

@@ -1,0 +1,188 @@
+"""Train the shipped demo model: AxialNet-tiny on synthetic chest CT phantoms.
+
+Exact command (2-core CPU; seeded and reproducible)::
+
+    python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo
+
+Training phantoms use seeds ``TRAIN_SEED0 + i`` (100000 and up): the quality benchmark
+(``benchmarks/demo_quality.py``) uses held-out seeds 0..999, which training never sees.
+Phantoms come at the model's spacing, orientation and size, so the declared
+preprocessing reduces to the HU window scaling, applied here with the same formula as
+MONAI's ``ScaleIntensityRanged(a_min, a_max, 0, 1, clip=True)``. Volumes are cached in
+memory as int16 HU and windowed per batch. Loss: BCE-with-logits on the 5 findings; AdamW
+with a cosine learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+TRAIN_SEED0 = 100_000
+HELD_OUT_SEEDS = range(0, 100_000)  # benchmark territory: never used for training
+
+
+def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from hirescam3d.phantom import make_chest_ct
+
+    p = make_chest_ct(seed)
+    return p.ct, p.labels
+
+
+def make_dataset(seeds: list[int], workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Phantoms for ``seeds``: ``(ct int16 (N, S, H, W) HU, labels float32 (N, 5))``."""
+    if any(s in HELD_OUT_SEEDS for s in seeds):
+        raise ValueError("training seeds must be >= 100000 (seeds below are held out)")
+    cts, labels = [], []
+    start = time.time()
+    ctx = mp.get_context("fork") if workers > 1 else None
+    pool = ctx.Pool(workers) if ctx else None
+    results = pool.imap(_phantom, seeds, chunksize=4) if pool else map(_phantom, seeds)
+    try:
+        for i, (ct, lab) in enumerate(results):
+            cts.append(ct)
+            labels.append(lab)
+            if (i + 1) % 100 == 0:
+                log(f"phantoms {i + 1}/{len(seeds)} ({time.time() - start:.0f} s)")
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return np.stack(cts), np.stack(labels)
+
+
+def log(msg: str) -> None:
+    print(f"[train_demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def train(
+    network: nn.Module,
+    cts: np.ndarray,
+    labels: np.ndarray,
+    window: tuple[float, float],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: str = "cpu",
+    l1: float = 0.0,
+    head_lr_mult: float = 1.0,
+) -> list[float]:
+    """Train in place; returns the mean loss of each epoch.
+
+    ``l1`` weights a penalty on the mean absolute activation of the explanation layer
+    (``to_volume``): features stay zero where they carry no evidence, and the class
+    baseline goes to the ``fc`` bias instead of being spread over background cells.
+    """
+    from hirescam3d.bundle import apply_window
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    network.to(device).train()
+    head = list(network.fc.parameters())
+    body = [p for p in network.parameters() if all(p is not q for q in head)]
+    groups = [{"params": body}, {"params": head, "lr": lr * head_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    n = len(cts)
+    steps = epochs * (n // batch_size)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+    seen: dict[str, torch.Tensor] = {}
+    hook = network.to_volume.register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    history = []
+    start = time.time()
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        total, count = 0.0, 0
+        for i in range(n // batch_size):
+            idx = np.sort(order[i * batch_size : (i + 1) * batch_size])
+            x = apply_window(cts[idx], window).unsqueeze(1).to(device)
+            y = torch.from_numpy(labels[idx]).to(device)
+            loss = loss_fn(network(x), y)
+            if l1 > 0:
+                loss = loss + l1 * seen["out"].abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if (i + 1) % 25 == 0:
+                log(
+                    f"epoch {epoch + 1} step {i + 1}/{n // batch_size} loss "
+                    f"{total / count:.4f} ({time.time() - start:.0f} s)"
+                )
+        history.append(total / count)
+        log(f"epoch {epoch + 1}/{epochs} mean loss {history[-1]:.4f}")
+    hook.remove()
+    network.eval()
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("hirescam3d/bundles/demo"))
+    parser.add_argument("--n-train", type=int, default=640)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from hirescam3d import zoo
+    from hirescam3d.bundle import save_bundle
+
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    entry = zoo.entry("demo")
+    seeds = [TRAIN_SEED0 + i for i in range(args.n_train)]
+    log(f"generating {len(seeds)} phantoms (seeds {seeds[0]}..{seeds[-1]})")
+    cts, labels = make_dataset(seeds, args.workers)
+    prevalence = dict(zip(entry.class_names, labels.mean(0).round(3).tolist(), strict=True))
+    log(f"prevalence {prevalence}")
+    gen_s = time.time() - start
+    network = entry.build(args.seed)
+    history = train(
+        network, cts, labels, entry.input.window, args.epochs, args.batch_size, args.lr,
+        args.weight_decay, args.seed, args.device,
+    )  # fmt: skip
+    network.cpu().eval()
+    wall = time.time() - start
+    info = entry.info(trained=True)
+    info.training = {
+        "command": "python -m hirescam3d.models.train_demo " + " ".join(argv or sys.argv[1:]),
+        "train_seeds": [seeds[0], seeds[-1]],
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "epoch_losses": [round(v, 5) for v in history],
+        "phantom_generation_s": round(gen_s, 1),
+        "wall_time_s": round(wall, 1),
+        "device": args.device,
+        "torch_threads": args.threads,
+    }
+    save_bundle(network, info, args.out)
+    log(f"wrote {args.out} in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""The "Explain" dock widget: run HiResCAM / Grad-CAM on a CT layer without freezing napari.
+
+The explanation runs in a napari ``thread_worker``; progress arrives through a Qt signal
+(queued to the GUI thread) and Cancel stops it at the pipeline's next progress report.
+Each (finding, method) becomes an Image layer ``"<finding> · <method>"`` on the CT's grid.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import HiResCAMError
+from . import _layers
+
+if TYPE_CHECKING:
+    import napari
+
+NO_ORGANS = "(none)"
+OUTSIDE = "(outside organs)"
+DEFAULT_METHODS = ("hirescam", "gradcam")
+# Grid mode shows these methods side by side, left to right, when present.
+GRID_ORDER = ("gradcam", "hirescam", "cam")
+
+
+class Cancelled(Exception):
+    """Raised inside the worker when the user pressed Cancel."""
+
+
+@dataclass
+class ExplainResult:
+    """What the worker hands back to the GUI thread."""
+
+    maps: dict[tuple[str, str], np.ndarray]
+    probabilities: dict[str, float]
+    fractions: dict[tuple[str, str], dict[str, float]]
+    warnings: list[str]
+
+
+class _Emitter(QObject):
+    """Lives in the GUI thread; signals emitted from the worker are queued to it."""
+
+    progress = Signal(str, float)
+
+
+class ExplainWidget(QWidget):
+    """Dock widget: CT layer, model, findings, methods, organ layer -> explanation layers."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.result: ExplainResult | None = None
+        self._cancel = threading.Event()
+        self._models: dict[str, Any] = {}
+        self._grid_backdrops: list[Any] = []
+        self._hidden_for_grid: list[Any] = []
+        self._emitter = _Emitter()
+        self._emitter.progress.connect(self._on_progress)
+        self._build()
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._refresh_findings()
+
+    # -- layout ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        from .. import zoo
+        from ..methods import METHODS
+
+        form = QFormLayout()
+        self.ct_combo = QComboBox()
+        self.ct_combo.setToolTip("3D Image layer holding the CT in Hounsfield units")
+        form.addRow("CT layer", self.ct_combo)
+
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        # Only models that take a 3D volume can explain a CT.
+        self.model_combo.addItems(
+            [n for n in zoo.names() if zoo.ENTRIES[n].input.spatial_dims == 3]
+        )
+        self.model_combo.setToolTip("A model zoo name, or a bundle folder (Browse...)")
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse_bundle)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        self.model_combo.currentTextChanged.connect(self._refresh_findings)
+
+        self.findings_list = QListWidget()
+        self.findings_list.setMaximumHeight(110)
+        form.addRow("Findings", self.findings_list)
+
+        self.method_boxes: dict[str, QCheckBox] = {}
+        methods_row = QHBoxLayout()
+        for name in METHODS:
+            box = QCheckBox(name)
+            box.setChecked(name in DEFAULT_METHODS)
+            box.setToolTip(METHODS[name].description)
+            self.method_boxes[name] = box
+            methods_row.addWidget(box)
+        form.addRow("Methods", methods_row)
+
+        self.organs_combo = QComboBox()
+        self.organs_combo.setToolTip("Optional Labels layer of organs: attention per organ")
+        form.addRow("Organs", self.organs_combo)
+
+        self.run_button = QPushButton("Explain")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 100)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.prob_table = _table(["Finding", "Probability"])
+        self.organ_table = _table(["Organ"])
+        self.grid_box = QCheckBox("Side by side (grid): Grad-CAM | HiResCAM")
+        self.grid_box.setEnabled(False)
+        self.grid_box.toggled.connect(self.set_grid)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("Finding probabilities"))
+        layout.addWidget(self.prob_table)
+        layout.addWidget(QLabel("Share of attention per organ"))
+        layout.addWidget(self.organ_table)
+        layout.addWidget(self.grid_box)
+        layout.addStretch(1)
+
+    # -- choices --------------------------------------------------------------------------
+    def _refresh_layers(self, *_: Any) -> None:
+        try:
+            _fill(self.ct_combo, [ly.name for ly in self.viewer.layers if _is_ct(ly)])
+            organs = [ly.name for ly in self.viewer.layers if _is_labels(ly)]
+            _fill(self.organs_combo, [NO_ORGANS, *organs])
+        except RuntimeError:  # the Qt side of this widget is already deleted
+            pass
+
+    def _browse_bundle(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model bundle folder")
+        if folder:
+            self.model_combo.setCurrentText(folder)
+
+    def _refresh_findings(self, *_: Any) -> None:
+        names = _class_names(self.model_combo.currentText().strip())
+        checked = set(self.findings()) if self.findings_list.count() else None
+        self.findings_list.clear()
+        for i, name in enumerate(names):
+            item = QListWidgetItem(name)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            on = (name in checked) if checked else i == 0
+            item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+            self.findings_list.addItem(item)
+
+    def findings(self) -> list[str]:
+        """The checked findings."""
+        items = (self.findings_list.item(i) for i in range(self.findings_list.count()))
+        return [it.text() for it in items if it.checkState() == Qt.CheckState.Checked]
+
+    def set_findings(self, names: list[str]) -> None:
+        """Check exactly ``names`` in the findings list."""
+        for i in range(self.findings_list.count()):
+            item = self.findings_list.item(i)
+            on = item.text() in names
+            item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+
+    def methods(self) -> list[str]:
+        """The checked methods."""
+        return [name for name, box in self.method_boxes.items() if box.isChecked()]
+
+    def set_methods(self, names: list[str]) -> None:
+        """Check exactly ``names`` among the methods."""
+        for name, box in self.method_boxes.items():
+            box.setChecked(name in names)
+
+    # -- running --------------------------------------------------------------------------
+    def run(self) -> Any:
+        """Start explaining in a worker thread; returns the worker (None if inputs are bad)."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return self.worker
+        try:
+            job = self._job()
+        except HiResCAMError as err:
+            self._show_error(str(err))
+            return None
+        self.set_grid(False)
+        self._cancel.clear()
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setValue(0)
+        self.status.setText("starting...")
+        # Our own "errored" handler replaces superqt's default re-raise in the GUI thread;
+        # napari still relays the error to its notification manager.
+        worker = create_worker(
+            job,
+            _start_thread=False,
+            _connect={
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running explanation to stop at its next progress report."""
+        if self.worker is not None:
+            self._cancel.set()
+            self.status.setText("cancelling...")
+
+    def _job(self):
+        """Collect the inputs in the GUI thread; return the function the worker runs."""
+        from ..errors import InputError
+
+        ct = self._layer(self.ct_combo.currentText())
+        if ct is None:
+            raise InputError("choose a CT layer (open a scan first: File > Open or a sample)")
+        findings, methods = self.findings(), self.methods()
+        if not findings:
+            raise InputError("check at least one finding")
+        if not methods:
+            raise InputError("check at least one method")
+        model = self.model_combo.currentText().strip() or "demo"
+        image = np.asarray(ct.data, dtype=np.float32)
+        affine = layer_affine(ct)
+        organ_layer = self._layer(self.organs_combo.currentText())
+        organs = names = organs_affine = None
+        if organ_layer is not None:
+            organs = np.asarray(organ_layer.data)
+            names = organ_names(organ_layer)
+            organs_affine = layer_affine(organ_layer)
+        cancel, emitter, models = self._cancel, self._emitter, self._models
+
+        def progress(stage: str, fraction: float) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            emitter.progress.emit(str(stage), float(fraction))
+
+        def job() -> ExplainResult | None:
+            try:
+                return _explain(
+                    image, affine, model, findings, methods, organs, organs_affine, names,
+                    progress, models,
+                )
+            except Cancelled:
+                return None  # not an error: no notification
+
+        return job
+
+    def _layer(self, name: str) -> Any:
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def _on_progress(self, stage: str, fraction: float) -> None:
+        self.progress_bar.setValue(int(round(100 * min(max(fraction, 0.0), 1.0))))
+        if not self._cancel.is_set():
+            self.status.setText(stage)
+
+    def _on_returned(self, result: ExplainResult | None) -> None:
+        if result is None or self._cancel.is_set():
+            self.status.setText("cancelled")
+            self.progress_bar.setValue(0)
+            return
+        self.result = result
+        ct = self._layer(self.ct_combo.currentText())
+        self.show_result(result, ct)
+        self.progress_bar.setValue(100)
+        note = "; ".join(result.warnings)
+        self.status.setText("done" + (f" ({note})" if note else ""))
+
+    def _on_errored(self, err: Exception) -> None:
+        # napari has already shown the error as a notification.
+        text = str(err) if isinstance(err, HiResCAMError) else f"{type(err).__name__}: {err}"
+        self.status.setText(f"error: {text}")
+        self.progress_bar.setValue(0)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _show_error(self, text: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"error: {text}")
+        show_error(text)
+
+    # -- results --------------------------------------------------------------------------
+    def show_result(self, result: ExplainResult, ct: Any) -> None:
+        """Add/update one layer per map, fill the tables, jump to the most attended slice."""
+        geometry = {"scale": tuple(ct.scale), "translate": tuple(ct.translate)}
+        rotate = np.asarray(ct.rotate)
+        if not np.allclose(rotate, np.eye(rotate.shape[0])):
+            geometry["rotate"] = rotate
+        source = _layers.layer_source(ct.metadata)
+        for (finding, method), volume in result.maps.items():
+            entry = dict(source) if source else _geometry_entry(ct)
+            entry.update(kind="explanation", finding=finding, method=method)
+            name = _layers.layer_name(finding, method)
+            kwargs = _layers.explanation_kwargs(name, geometry, {_layers.META: entry})
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(self.viewer.layers[name])
+            self.viewer.add_image(volume, **kwargs)
+        self._fill_tables(result)
+        self.grid_box.setEnabled(self._grid_pair() is not None)
+        self.jump_to_max(result, ct)
+
+    def _fill_tables(self, result: ExplainResult) -> None:
+        explained = {finding for finding, _ in result.maps}
+        rows = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
+        self.prob_table.setRowCount(len(rows))
+        for r, (finding, p) in enumerate(rows):
+            label = finding + (" *" if finding in explained else "")
+            self.prob_table.setItem(r, 0, QTableWidgetItem(label))
+            self.prob_table.setItem(r, 1, QTableWidgetItem(f"{p:.3f}"))
+        keys = [k for k in result.maps if k in result.fractions]
+        organs: list[str] = []
+        for key in keys:
+            organs += [o for o in result.fractions[key] if o not in organs]
+        self.organ_table.clear()
+        self.organ_table.setColumnCount(1 + len(keys))
+        self.organ_table.setHorizontalHeaderLabels(
+            ["Organ", *(_layers.layer_name(*k) for k in keys)]
+        )
+        self.organ_table.setRowCount(len(organs))
+        for r, organ in enumerate(organs):
+            self.organ_table.setItem(r, 0, QTableWidgetItem(organ))
+            for c, key in enumerate(keys, start=1):
+                value = result.fractions[key].get(organ, 0.0)
+                self.organ_table.setItem(r, c, QTableWidgetItem(f"{100 * value:.1f} %"))
+
+    def jump_to_max(self, result: ExplainResult, ct: Any) -> int:
+        """Move the slider to the axial slice with the most attention; returns its index."""
+        keys = list(result.maps)
+        key = next((k for k in keys if k[1] == "hirescam"), keys[0])
+        volume = result.maps[key]
+        index = int(np.argmax(volume.reshape(volume.shape[0], -1).sum(axis=1)))
+        center = [index, (volume.shape[1] - 1) / 2, (volume.shape[2] - 1) / 2]
+        world = np.asarray(ct.data_to_world(center))
+        self.viewer.dims.set_point(0, float(world[0]))
+        return index
+
+    # -- grid mode ------------------------------------------------------------------------
+    def _grid_pair(self) -> list[Any] | None:
+        """The map layers of the first finding, in GRID_ORDER, if at least two exist."""
+        if self.result is None or not self.result.maps:
+            return None
+        finding = next(iter(self.result.maps))[0]
+        names = [_layers.layer_name(finding, m) for m in GRID_ORDER]
+        layers = [self.viewer.layers[n] for n in names if n in self.viewer.layers]
+        return layers if len(layers) >= 2 else None
+
+    def set_grid(self, on: bool) -> None:
+        """Grid mode: each map of the first finding over its own copy of the CT."""
+        grid = _grid(self.viewer)
+        if self.grid_box.isChecked() != on:
+            self.grid_box.blockSignals(True)
+            self.grid_box.setChecked(on)
+            self.grid_box.blockSignals(False)
+        if not on:
+            was_on = grid.enabled
+            for layer in self._grid_backdrops:
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+            for layer in self._hidden_for_grid:
+                if layer in self.viewer.layers:
+                    layer.visible = True
+            self._grid_backdrops, self._hidden_for_grid = [], []
+            grid.stride = 1
+            grid.enabled = False
+            if was_on:
+                self.viewer.reset_view()
+            return
+        maps = self._grid_pair()
+        ct = self._layer(self.ct_combo.currentText())
+        if maps is None or ct is None or self._grid_backdrops:
+            return
+        self._hidden_for_grid = [ly for ly in self.viewer.layers if ly.visible]
+        for layer in self._hidden_for_grid:
+            layer.visible = False
+        # Build pairs (CT copy, map) at the top of the layer list; the last pair added is
+        # the top one, which a stride of -2 puts in the first (left) viewbox.
+        for layer in reversed(maps):
+            backdrop = self.viewer.add_image(
+                ct.data,
+                name=f"{ct.name} [{layer.name}]",
+                scale=ct.scale,
+                translate=ct.translate,
+                rotate=ct.rotate,
+                colormap="gray",
+                contrast_limits=ct.contrast_limits,
+                metadata={_layers.META: {"kind": "grid_backdrop"}},
+            )
+            self._grid_backdrops.append(backdrop)
+            self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+            layer.visible = True
+        grid.stride = -2
+        grid.enabled = True
+        self.viewer.reset_view()
+
+
+# -- helpers (no widget state) ----------------------------------------------------------------
+def _table(headers: list[str]) -> QTableWidget:
+    table = QTableWidget(0, len(headers))
+    table.setHorizontalHeaderLabels(headers)
+    table.verticalHeader().setVisible(False)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    table.setMaximumHeight(180)
+    return table
+
+
+def _fill(combo: QComboBox, names: list[str]) -> None:
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(names)
+    if current in names:
+        combo.setCurrentText(current)
+    combo.blockSignals(False)
+
+
+def _kind(layer: Any) -> str | None:
+    entry = _layers.layer_source(getattr(layer, "metadata", None))
+    return None if entry is None else entry.get("kind")
+
+
+def _is_ct(layer: Any) -> bool:
+    from napari.layers import Image
+
+    return (
+        isinstance(layer, Image)
+        and layer.ndim == 3
+        and not layer.rgb
+        and _kind(layer) not in ("explanation", "grid_backdrop")
+    )
+
+
+def _is_labels(layer: Any) -> bool:
+    from napari.layers import Labels
+
+    return isinstance(layer, Labels) and layer.ndim == 3
+
+
+def _grid(viewer: Any) -> Any:
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def _class_names(model: str) -> list[str]:
+    """Class names of a zoo model or bundle folder without loading weights ([] if unknown)."""
+    from .. import zoo
+
+    if model in zoo.ENTRIES:
+        return list(zoo.ENTRIES[model].class_names)
+    meta = Path(model) / "configs" / "metadata.json"
+    try:
+        return [str(n) for n in json.loads(meta.read_text())["hirescam3d"]["class_names"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def layer_affine(layer: Any) -> np.ndarray:
+    """Voxel -> RAS affine of a layer's (SPL display) data: from metadata, else its geometry."""
+    entry = _layers.layer_source(layer.metadata)
+    if entry is not None and "display_affine" in entry:
+        return np.asarray(entry["display_affine"], dtype=np.float64)
+    return _layers.affine_from_geometry(layer.scale, layer.translate, layer.rotate)
+
+
+def _geometry_entry(layer: Any) -> dict[str, Any]:
+    """Metadata entry for a layer opened without this plugin: its display grid is the source."""
+    affine = layer_affine(layer)
+    return {
+        "affine": affine,
+        "shape": tuple(layer.data.shape),
+        "display_affine": affine,
+        "header": None,
+        "path": None,
+    }
+
+
+def organ_names(layer: Any) -> dict[int, str]:
+    """``{label: name}`` from a Labels layer's features (``index`` and ``name`` columns)."""
+    features = layer.features
+    if "name" not in features:
+        entry = _layers.layer_source(layer.metadata) or {}
+        return {int(k): str(v) for k, v in (entry.get("names") or {}).items()}
+    index = features["index"] if "index" in features else range(len(features))
+    return {
+        int(i): str(n) for i, n in zip(index, features["name"], strict=False) if int(i) != 0
+    }
+
+
+def _explain(
+    image: np.ndarray,
+    affine: np.ndarray,
+    model: str,
+    findings: list[str],
+    methods: list[str],
+    organs: np.ndarray | None,
+    organs_affine: np.ndarray | None,
+    names: dict[int, str] | None,
+    progress: Any,
+    models: dict[str, Any],
+) -> ExplainResult:
+    """The worker's job (no Qt): load the model (cached), align organs, explain."""
+    from .. import zoo
+    from ..organs import align_organs
+    from ..pipeline import explain_image
+
+    progress("loading model", 0.0)
+    if model not in models:
+        models[model] = zoo.load(model)
+    notes: list[str] = []
+    if organs is not None:
+        organs, note = align_organs(organs, organs_affine, image.shape, affine, "organ layer")
+        if note:
+            notes.append(note)
+    result = explain_image(
+        image, affine, model=models[model], findings=findings, methods=methods,
+        organs=organs, organ_names=names, device="auto", progress=progress,
+    )
+    fractions: dict[tuple[str, str], dict[str, float]] = {}
+    for (finding, method) in result.maps:
+        entry = result.report.get("organs", {}).get(finding, {}).get(method)
+        if entry:
+            fractions[(finding, method)] = {
+                **entry["by_label"], OUTSIDE: entry["outside_labels"]
+            }
+    progress("done", 1.0)
+    return ExplainResult(
+        maps=dict(result.maps),
+        probabilities=dict(result.probabilities),
+        fractions=fractions,
+        warnings=notes + list(result.warnings),
+    )

@@ -1,0 +1,166 @@
+"""MONAI dictionary transforms that add explanation maps to a data dict.
+
+Place them after preprocessing and before ``Invertd``::
+
+    Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd(...), ...,
+             HiResCAMd("image", model=net, target_layer="to_volume", findings=["nodule"]),
+             Invertd(["nodule_hirescam"], transform=pre, orig_keys="image",
+                     nearest_interp=False),
+             SaveImaged(["nodule_hirescam"], ...)])
+
+Each map is a ``(1, *spatial)`` MetaTensor in [0, 1] that carries a copy of the image's
+metadata and applied operations, so ``Invertd`` maps it back to the scan's grid. The
+transforms switch gradients on themselves, so they also work under ``torch.no_grad()``
+or ``torch.inference_mode()`` (MONAI evaluators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from torch import nn
+
+from .errors import HiResCAMError, LayerError
+from .explainer import Explainer
+from .methods import get_method
+
+
+class Explaind(MapTransform):
+    """Add explanation maps of ``findings`` by ``methods`` to the data dict.
+
+    Args:
+        keys: image keys; each value is a channel-first ``(C, *spatial)`` model input
+            (one item, no batch axis).
+        model: the network; put it on the device it should run on.
+        target_layer: layer to explain; default ``info.target_layer`` or the network's
+            ``default_layer`` attribute.
+        findings: class names or indices to explain; None explains every named class.
+        methods: registered method names; all come from one forward pass per item.
+        output_key_template: key of each map, formatted with ``key``, ``finding``, ``method``.
+        class_names: names of the model's classes (default ``info`` or ``model.class_names``).
+        scores_key: if set (formatted with ``key``), the logits ``(C,)`` are stored there.
+        info: a :class:`hirescam3d.bundle.ModelInfo` supplying layer and class names.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str] = "image",
+        model: nn.Module | None = None,
+        target_layer: str | None = None,
+        findings: Sequence[str | int] | None = None,
+        methods: Sequence[str] | None = None,
+        output_key_template: str = "{finding}_{method}",
+        class_names: Sequence[str] | None = None,
+        scores_key: str | None = None,
+        info: Any = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not isinstance(model, nn.Module):
+            raise HiResCAMError(f"{type(self).__name__} needs model=<torch.nn.Module>")
+        if len(self.keys) > 1 and "{key}" not in output_key_template:
+            raise HiResCAMError(
+                "with several keys, output_key_template must contain '{key}' so maps of "
+                "different images get different keys"
+            )
+        layer = target_layer or getattr(info, "target_layer", None)
+        layer = layer or getattr(model, "default_layer", None)
+        if layer is None:
+            raise LayerError(
+                f"{type(self).__name__}: give target_layer= (the model has no default layer)"
+            )
+        if class_names is None and info is not None:
+            class_names = info.class_names
+        self.methods = [get_method(m).name for m in (methods or ("hirescam",))]
+        self.explainer = Explainer(model, layer, method=self.methods[0], class_names=class_names)
+        self.findings = None if findings is None else list(findings)
+        if self.findings is None and self.explainer.class_names is None:
+            raise HiResCAMError(
+                f"{type(self).__name__}: the model has no class names; pass findings= "
+                "(class indices) or class_names="
+            )
+        self.output_key_template = output_key_template
+        self.scores_key = scores_key
+
+    def _targets(self) -> list[str | int]:
+        return list(self.findings if self.findings is not None else self.explainer.class_names)
+
+    def _name(self, target: str | int) -> str:
+        names = self.explainer.class_names
+        return names[target] if isinstance(target, int) and names else str(target)
+
+    def output_keys(self, key: str = "image") -> list[str]:
+        """The keys this transform writes for image ``key``, findings-major order."""
+        return [
+            self.output_key_template.format(key=key, finding=self._name(t), method=m)
+            for t in self._targets()
+            for m in self.methods
+        ]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            # Inference tensors cannot enter autograd: copy the input outside inference mode.
+            with torch.inference_mode(False), torch.enable_grad():
+                x = plain.detach().clone().float().unsqueeze(0)
+                results = self.explainer.explain(x, self._targets(), self.methods)
+            names = [self._name(t) for t in self._targets()]
+            for method in self.methods:
+                maps = results[method].maps[0].detach().to(plain.device)
+                for k, finding in enumerate(names):
+                    out_key = self.output_key_template.format(
+                        key=key, finding=finding, method=method
+                    )
+                    d[out_key] = self._like(image, maps[k : k + 1])
+            if self.scores_key is not None:
+                scores = results[self.methods[0]].scores[0].detach().cpu()
+                d[self.scores_key.format(key=key)] = scores
+        return d
+
+    @staticmethod
+    def _like(image: Any, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as a MetaTensor with a copy of ``image``'s meta and applied operations."""
+        if not isinstance(image, MetaTensor):
+            return values
+        return MetaTensor(
+            values,
+            meta=deepcopy(image.meta),
+            applied_operations=deepcopy(image.applied_operations),
+        )
+
+
+class HiResCAMd(Explaind):
+    """HiResCAM maps (``sum_f G_f * A_f``, element-wise); see :class:`Explaind`."""
+
+    def __init__(self, keys: str | Sequence[str] = "image", model: nn.Module | None = None,
+                 target_layer: str | None = None, findings: Sequence[str | int] | None = None,
+                 output_key_template: str = "{finding}_{method}", **kwargs: Any) -> None:
+        super().__init__(keys, model, target_layer, findings, ("hirescam",),
+                         output_key_template, **kwargs)
+
+
+class GradCAMd(Explaind):
+    """Grad-CAM maps (spatially averaged gradients as feature weights); see :class:`Explaind`."""
+
+    def __init__(self, keys: str | Sequence[str] = "image", model: nn.Module | None = None,
+                 target_layer: str | None = None, findings: Sequence[str | int] | None = None,
+                 output_key_template: str = "{finding}_{method}", **kwargs: Any) -> None:
+        super().__init__(keys, model, target_layer, findings, ("gradcam",),
+                         output_key_template, **kwargs)
+
+
+class CAMd(Explaind):
+    """CAM maps (global-average-pooling + linear networks); see :class:`Explaind`."""
+
+    def __init__(self, keys: str | Sequence[str] = "image", model: nn.Module | None = None,
+                 target_layer: str | None = None, findings: Sequence[str | int] | None = None,
+                 output_key_template: str = "{finding}_{method}", **kwargs: Any) -> None:
+        super().__init__(keys, model, target_layer, findings, ("cam",),
+                         output_key_template, **kwargs)

@@ -1,0 +1,199 @@
+"""Zoo architectures: shapes, AxialNet's triplet layout and fc, structural guarantees."""
+
+import pytest
+import torch
+from torch import nn
+
+from hirescam3d import Explainer
+from hirescam3d.errors import InputError
+from hirescam3d.models import (
+    AxialNet,
+    CAMNet,
+    LayerInfo,
+    VOCNet,
+    axialnet_tiny,
+    explanation_layers,
+    is_linear,
+)
+from hirescam3d.zoo import CHEST_FINDINGS
+
+NAMES = list(CHEST_FINDINGS)
+
+
+def capture(net: nn.Module, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, output of layer)`` for one eval forward pass."""
+    seen = {}
+    handle = dict(net.named_modules())[layer].register_forward_hook(
+        lambda _m, _i, out: seen.setdefault("out", out.detach().clone())
+    )
+    try:
+        with torch.no_grad():
+            logits = net.eval()(x)
+    finally:
+        handle.remove()
+    return logits, seen["out"]
+
+
+def seeded(factory, seed=0):
+    torch.manual_seed(seed)
+    return factory()
+
+
+def test_axialnet_tiny_shapes():
+    net = seeded(lambda: axialnet_tiny(NAMES))
+    x = torch.randn(2, 1, 96, 128, 128)
+    logits, vol = capture(net, "to_volume", x)
+    assert logits.shape == (2, 5)
+    assert net.grid == (32, 8, 8)
+    assert vol.shape == (2, 16, 32, 8, 8)
+
+
+def test_axialnet_full_config_grid():
+    net = seeded(lambda: AxialNet(NAMES))
+    assert net.grid == (135, 6, 6)
+    assert net.fc.kernel_size == (1, 6, 6) and net.fc.stride == (1, 6, 6)
+    # One triplet of full-size slices is enough to check the trunk arithmetic: 512 x 14 x 14.
+    x = torch.randn(1, 1, 3, 420, 420)
+    _, trunk = capture(net, "trunk", x)
+    logits, vol = capture(net, "to_volume", x)
+    assert trunk.shape == (1, 512, 14, 14)
+    assert vol.shape == (1, 16, 1, 6, 6) and logits.shape == (1, 5)
+
+
+def test_axialnet_triplets_are_consecutive_slices():
+    net = seeded(lambda: axialnet_tiny(NAMES))
+    x = torch.randn(2, 1, 12, 128, 128)
+    seen = {}
+    handle = net.trunk.stem.conv.register_forward_pre_hook(
+        lambda _m, inp: seen.setdefault("x", inp[0].clone())
+    )
+    with torch.no_grad():
+        net.eval()(x)
+    handle.remove()
+    triplets = seen["x"]
+    assert triplets.shape == (2 * 4, 3, 128, 128)
+    for b in range(2):
+        for t in range(4):
+            assert torch.equal(triplets[b * 4 + t], x[b, 0, 3 * t : 3 * t + 3])
+
+
+def test_to_volume_is_last_relu_in_volume_layout():
+    net = seeded(lambda: axialnet_tiny(NAMES))
+    x = torch.randn(2, 1, 15, 128, 128)
+    _, per_triplet = capture(net, "reduce.relu4", x)
+    _, vol = capture(net, "to_volume", x)
+    assert per_triplet.shape == (10, 16, 8, 8) and vol.shape == (2, 16, 5, 8, 8)
+    for b in range(2):
+        for t in range(5):
+            assert torch.equal(vol[b, :, t], per_triplet[b * 5 + t])
+
+
+def test_conv3d_fc_equals_per_triplet_conv2d_and_linear():
+    net = seeded(lambda: axialnet_tiny(NAMES))
+    x = torch.randn(2, 1, 9, 128, 128)
+    logits, per_triplet = capture(net, "reduce.relu4", x)
+    f, n = per_triplet.shape[1], len(NAMES)
+    # The authors' form: Conv2d(F, n, kernel=(h, w), stride=(h, w)) on each triplet.
+    conv2d = nn.Conv2d(f, n, kernel_size=(8, 8), stride=(8, 8))
+    conv2d.weight.data = net.fc.weight.data[:, :, 0].clone()
+    conv2d.bias.data = net.fc.bias.data.clone()
+    # ... which is one fully connected layer on the flattened triplet features.
+    linear = nn.Linear(f * 64, n)
+    linear.weight.data = net.fc.weight.data.reshape(n, -1).clone()
+    linear.bias.data = net.fc.bias.data.clone()
+    with torch.no_grad():
+        by_conv = conv2d(per_triplet).reshape(2, 3, n).mean(1)
+        by_linear = linear(per_triplet.flatten(1)).reshape(2, 3, n).mean(1)
+    torch.testing.assert_close(logits, by_conv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, by_linear, rtol=1e-5, atol=1e-5)
+
+
+def test_hirescam_at_to_volume_sums_to_logit_minus_bias():
+    net = seeded(lambda: axialnet_tiny(NAMES)).eval()
+    x = torch.rand(2, 1, 96, 128, 128)
+    res = Explainer(net, "to_volume", method="hirescam")(x, targets=list(range(5)))
+    assert res.raw.shape == (2, 5, 32, 8, 8)
+    total = res.raw.flatten(2).sum(-1)
+    torch.testing.assert_close(total + net.fc.bias, res.scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone,params", [("resnet34", 21_284_672), ("densenet121", 6_953_856)])
+def test_voc_nets_shapes(backbone, params):
+    net = seeded(lambda: VOCNet(backbone))
+    n_features = sum(p.numel() for p in net.features.parameters())
+    assert n_features == params  # the standard ResNet-34 / DenseNet-121 conv layers
+    logits, head = capture(net, "head", torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 20)
+    assert head.shape == (2, 512, 6, 6) and net.grid == (6, 6)
+    assert net.fc.in_features == 512 * 6 * 6
+    assert not any(isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd) for m in net.modules())
+
+
+@pytest.mark.parametrize(
+    "backbone,dims,shape,layer,feat",
+    [
+        ("resnet18", 3, (1, 1, 64, 64, 64), "features.layer4", (512, 2, 2, 2)),
+        ("resnet18", 2, (2, 3, 96, 96), "features.layer4", (512, 3, 3)),
+        ("densenet121", 3, (1, 1, 64, 64, 64), "features.relu5", (1024, 2, 2, 2)),
+        ("densenet121", 2, (2, 3, 64, 64), "features.relu5", (1024, 2, 2)),
+    ],
+)
+def test_cam_baselines_shapes(backbone, dims, shape, layer, feat):
+    net = seeded(lambda: CAMNet(["a", "b", "c"], backbone, dims, shape[1]))
+    assert net.default_layer == layer
+    logits, out = capture(net, layer, torch.randn(*shape))
+    assert logits.shape == (shape[0], 3)
+    assert out.shape == (shape[0], *feat)
+    # CAM architecture: the logits are the linear layer applied to the pooled features.
+    pooled = out.flatten(2).mean(-1)
+    torch.testing.assert_close(net.fc(pooled), logits, rtol=1e-5, atol=1e-5)
+
+
+def guaranteed_names(layers: list[LayerInfo]) -> set[str]:
+    return {info.name for info in layers if info.guaranteed}
+
+
+def test_structural_guarantees():
+    axial = explanation_layers(seeded(lambda: axialnet_tiny(NAMES)))
+    assert guaranteed_names(axial) == {"reduce.relu4", "to_volume"}
+    assert [i.name for i in axial if i.default] == ["to_volume"]
+    assert all(i.guaranteed is False for i in axial if i.name == "reduce.conv4")
+
+    voc = explanation_layers(seeded(lambda: VOCNet("resnet34")))
+    assert guaranteed_names(voc) == {"features.layer4", "head"}
+    assert [i.name for i in voc if i.default] == ["head"]
+    dense = explanation_layers(seeded(lambda: VOCNet("densenet121")))
+    assert guaranteed_names(dense) == {"features.relu5", "head"}
+    assert {i.name for i in dense} >= {"features.norm5", "features.denseblock4"}
+
+    cam = explanation_layers(seeded(lambda: CAMNet(["a"], "resnet18", 3, 1)))
+    assert guaranteed_names(cam) == {"features.layer4"}
+    assert all(i.name not in ("pool", "flatten", "fc") for i in cam)
+
+
+def test_guarantee_rule_and_unknown_networks():
+    assert is_linear(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(1, 1)))
+    assert not is_linear(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
+    assert not is_linear(nn.BatchNorm2d(3)) and not is_linear(nn.MaxPool2d(2))
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    layers = explanation_layers(plain)
+    assert [(i.name, i.guaranteed) for i in layers] == [("0", None)]
+
+
+def test_no_inplace_activations():
+    for net in (axialnet_tiny(NAMES), VOCNet("densenet121"), CAMNet(["a"], "resnet18", 2, 3)):
+        assert not any(getattr(m, "inplace", False) for m in net.modules())
+
+
+def test_input_errors():
+    net = seeded(lambda: axialnet_tiny(NAMES)).eval()
+    with pytest.raises(InputError, match="divisible by 3"):
+        net(torch.zeros(1, 1, 10, 128, 128))
+    with pytest.raises(InputError, match="128 x 128"):
+        net(torch.zeros(1, 1, 9, 64, 64))
+    with pytest.raises(InputError, match=r"\(B, 1, S, H, W\)"):
+        net(torch.zeros(1, 9, 128, 128))
+    with pytest.raises(InputError, match="224"):
+        VOCNet("resnet34").eval()(torch.zeros(1, 3, 200, 200))
+    with pytest.raises(ValueError, match="divisible by 3"):
+        AxialNet(NAMES, input_size=(10, 128, 128))
