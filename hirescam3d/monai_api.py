@@ -47,15 +47,17 @@ class _CAMBase:
         target_layers: str | Sequence[str],
         upsampler: Callable = default_upsampler,
         postprocessing: Callable = default_normalizer,
-        fc_layers: str | None = None,
+        register_backward: bool = True,
     ) -> None:
+        """``register_backward`` is accepted for MONAI compatibility; no hooks outlive a call."""
         self.nn_module = nn_module
-        layers = [target_layers] if isinstance(target_layers, str) else list(target_layers)
-        self._explainers = [
-            Explainer(nn_module, layer, method=self.method, fc_layer=fc_layers) for layer in layers
-        ]
+        self.target_layers = [target_layers] if isinstance(target_layers, str) else target_layers
         self.upsampler = upsampler
         self.postprocessing = postprocessing
+        self._explainers = [self._explainer(layer) for layer in self.target_layers]
+
+    def _explainer(self, layer: str) -> Explainer:
+        return Explainer(self.nn_module, layer, method=self.method)
 
     def compute_map(
         self,
@@ -102,31 +104,11 @@ class HiResCAM(_CAMBase):
 
     method = "hirescam"
 
-    def __init__(
-        self,
-        nn_module,
-        target_layers,
-        upsampler=default_upsampler,
-        postprocessing=default_normalizer,
-        register_backward: bool = True,
-    ) -> None:
-        super().__init__(nn_module, target_layers, upsampler, postprocessing)
-
 
 class GradCAM(_CAMBase):
     """Grad-CAM (spatially averaged gradients as feature weights)."""
 
     method = "gradcam"
-
-    def __init__(
-        self,
-        nn_module,
-        target_layers,
-        upsampler=default_upsampler,
-        postprocessing=default_normalizer,
-        register_backward: bool = True,
-    ) -> None:
-        super().__init__(nn_module, target_layers, upsampler, postprocessing)
 
 
 class CAM(_CAMBase):
@@ -137,10 +119,14 @@ class CAM(_CAMBase):
 
     def __init__(
         self,
-        nn_module,
-        target_layers,
+        nn_module: nn.Module,
+        target_layers: str | Sequence[str],
         fc_layers: str = "fc",
-        upsampler=default_upsampler,
-        postprocessing=default_normalizer,
+        upsampler: Callable = default_upsampler,
+        postprocessing: Callable = default_normalizer,
     ) -> None:
-        super().__init__(nn_module, target_layers, upsampler, postprocessing, fc_layers=fc_layers)
+        self.fc_layers = fc_layers
+        super().__init__(nn_module, target_layers, upsampler, postprocessing)
+
+    def _explainer(self, layer: str) -> Explainer:
+        return Explainer(self.nn_module, layer, method=self.method, fc_layer=self.fc_layers)

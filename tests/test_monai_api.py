@@ -9,6 +9,10 @@ from monai.visualize import GradCAM as MonaiGradCAM
 
 from hirescam3d.monai_api import CAM, GradCAM, HiResCAM
 
+# MONAI's GradCAM leaves its backward hooks on the network; they fire (and warn) when we
+# differentiate the same network afterwards.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
 
 def identity(x):
     return x

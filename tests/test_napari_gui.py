@@ -121,6 +121,7 @@ def test_explain_widget_end_to_end(make_napari_viewer, plugin, qtbot, sample, tm
     elapsed = time.perf_counter() - start
     gaps = np.diff([start, *ticks])
     assert widget.status.text().startswith("done"), widget.status.text()
+    print(f"worker {elapsed:.1f} s, {len(ticks)} timer ticks, longest gap {gaps.max():.2f} s")
     assert len(ticks) > 10 and gaps.max() < 2.0, (elapsed, len(ticks), gaps.max())
 
     for method in ("hirescam", "gradcam"):
