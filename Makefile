@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 gui-deps:
 	@bash .ci/install-gui-deps.sh
 
+# The main job on the bundled sample CT with the bundled demo model.
 demo: $(STAMP)
-	$(BIN)/python -m hirescam3d.demo
+	$(BIN)/hirescam3d explain sample_data/sample_chest_ct.nii.gz --finding atelectasis \
+		--method hirescam --method gradcam --organs sample_data/sample_chest_organs.nii.gz \
+		--out out/demo --png --force
+	@echo "demo outputs: $(CURDIR)/out/demo (open sample_data/sample_chest_ct.nii.gz with the" \
+		"*_atelectasis_*.nii.gz maps as overlays, or run: $(BIN)/hirescam3d view" \
+		"sample_data/sample_chest_ct.nii.gz -e out/demo/sample_chest_atelectasis_hirescam.nii.gz)"
 
 # GUI tests need a real (virtual) X display: napari canvases need OpenGL, which
 # Qt's offscreen platform lacks. Without xvfb-run they skip themselves.

@@ -34,7 +34,7 @@ VOCNET = "hirescam3d.models.voc.VOCNet"
 CAMNET = "hirescam3d.models.baselines.CAMNet"
 
 # Synthetic phantoms: axis 0 -> superior, 1 -> posterior, 2 -> patient left.
-CT_TINY = InputSpec(3, 1, (96, 128, 128), "SPL", (3.0, 2.5, 2.5), (-1000.0, 200.0))
+CT_TINY = InputSpec(3, 1, (96, 128, 128), "SPL", (3.0, 2.5, 2.5), (-400.0, 200.0))
 CT_FULL = InputSpec(3, 1, (405, 420, 420), "SPL", (0.8, 0.8, 0.8), (-1000.0, 800.0))
 PHOTO = InputSpec(2, 3, (224, 224), None, None, (0.0, 255.0), "photograph", "resize")
 

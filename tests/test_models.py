@@ -197,3 +197,34 @@ def test_input_errors():
         VOCNet("resnet34").eval()(torch.zeros(1, 3, 200, 200))
     with pytest.raises(ValueError, match="divisible by 3"):
         AxialNet(NAMES, input_size=(10, 128, 128))
+
+
+def test_grid_geometry_matches_receptive_field_centres():
+    # Valid reduce convolutions (the original design) push the grid inwards by 4 cells.
+    assert AxialNet(NAMES).grid_geometry() == ((1.0, 3.0), (128.0, 32.0), (128.0, 32.0))
+    torch.manual_seed(0)
+    net = AxialNet(
+        ["a"], input_size=(3, 160, 160), trunk_widths=(8, 8), trunk_blocks=(1, 1),
+        trunk_strides=(1, 2), reduce_channels=(4, 4, 4, 4),
+    ).eval()  # fmt: skip
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 0.01)
+    (_, (first, step), _) = net.grid_geometry()
+    assert net.grid == (1, 12, 12) and (first, step) == (32.0, 8.0)
+    x = torch.rand(1, 1, 3, 160, 160, requires_grad=True)
+    seen = {}
+    net.to_volume.register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    net(x)
+    for i in (0, 5, 11):
+        (grad,) = torch.autograd.grad(seen["out"][0, :, 0, i, i].sum(), x, retain_graph=True)
+        rows = grad.abs()[0, 0].sum(dim=(0, 2))
+        centroid = float((rows * torch.arange(160)).sum() / rows.sum())
+        assert abs(centroid - (first + i * step)) < step / 2, (i, centroid)
+
+
+def test_tiny_grid_tiles_the_slice():
+    net = axialnet_tiny(NAMES)
+    (t0, t_step), (first, step), _ = net.grid_geometry()
+    assert (t0, t_step) == (1.0, 3.0)
+    assert step * net.grid[1] == 128 and 0 <= first < step

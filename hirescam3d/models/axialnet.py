@@ -16,6 +16,18 @@ Data path for an input ``(B, 1, S, H, W)``:
 
 Steps 4-6 are linear, so HiResCAM at ``to_volume`` (or the last ReLU, its alias in
 per-triplet layout) is exactly each location's contribution to the logit.
+
+Geometry: with valid reduce convolutions the ``h x w`` grid covers only the centre of
+the slice (cell ``i`` sits over trunk cell ``i + 4``); :meth:`AxialNet.grid_geometry`
+says where each cell lies, for placing maps on the scan.
+
+``axialnet_tiny`` (the demo model) keeps the design but is sized for a CPU and for local
+evidence: a 3-stage trunk of total stride 16 (128 -> 8 x 8) that downsamples with 2 x 2
+max-pools, so the grid tiles the slice exactly, and 1 x 1 reduce convolutions with batch
+norm, so each grid cell's evidence comes from a receptive field of about 130 pixels
+instead of the whole slice. (With 3 x 3 reduce convolutions the trained model spread lung
+and heart evidence across whole slices; with strided convolutions the grid sat half a
+cell off the pixels it was drawn on.)
 """
 
 from __future__ import annotations
@@ -79,23 +91,33 @@ def make_trunk(
     strides: Sequence[int],
     stem_stride: int,
     stem_pool: bool,
+    stem_kernel: int = 7,
+    end_pool: bool = False,
+    pool_downsample: bool = False,
     in_channels: int = SLICES_PER_TRIPLET,
 ) -> nn.Sequential:
     """A 2D ResNet trunk (MONAI ``ResNetBlock``s) without pooling head or classifier.
 
-    Children: ``stem`` (7x7 conv, BN, ReLU, optional 3x3/2 max-pool), ``layer1`` .. ``layerN``.
+    Children: ``stem`` (conv, BN, ReLU, optional max-pool), ``layer1`` .. ``layerN``.
+    With ``pool_downsample`` every stride-2 step is a 2x2/2 max-pool (stages then run at
+    stride 1), so grid cells stay centred on the input pixels they summarise.
     """
+    pad = (stem_kernel - 1) // 2
     stem: list[tuple[str, nn.Module]] = [
-        ("conv", nn.Conv2d(in_channels, widths[0], 7, stride=stem_stride, padding=3, bias=False)),
+        ("conv", nn.Conv2d(in_channels, widths[0], stem_kernel, stem_stride, pad, bias=False)),
         ("bn", nn.BatchNorm2d(widths[0])),
         ("relu", nn.ReLU()),
     ]
     if stem_pool:
-        stem.append(("pool", nn.MaxPool2d(3, stride=2, padding=1)))
+        pool = nn.MaxPool2d(2, 2) if pool_downsample else nn.MaxPool2d(3, stride=2, padding=1)
+        stem.append(("pool", pool))
     layers: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(OrderedDict(stem)))]
     in_planes = widths[0]
     for i, (width, n_blocks, stride) in enumerate(zip(widths, blocks, strides, strict=True)):
-        stage = []
+        stage: list[nn.Module] = []
+        if pool_downsample and stride != 1:
+            stage.append(nn.MaxPool2d(stride, stride))
+            stride = 1
         for j in range(n_blocks):
             s = stride if j == 0 else 1
             down = None
@@ -106,6 +128,8 @@ def make_trunk(
             stage.append(ResNetBlock(in_planes, width, spatial_dims=2, stride=s, downsample=down))
             in_planes = width
         layers.append((f"layer{i + 1}", nn.Sequential(*stage)))
+    if end_pool:
+        layers.append(("pool", nn.MaxPool2d(2, stride=2)))
     trunk = nn.Sequential(OrderedDict(layers))
     for m in trunk.modules():
         if isinstance(m, nn.Conv2d):
@@ -113,14 +137,23 @@ def make_trunk(
     return no_inplace(trunk)
 
 
-def trunk_out(n: int, strides: Sequence[int], stem_stride: int, stem_pool: bool) -> int:
-    """Trunk output length along one axis for input length ``n``."""
-    n = conv_out(n, 7, stem_stride, 3)
-    if stem_pool:
-        n = conv_out(n, 3, 2, 1)
-    for s in strides:
-        n = conv_out(n, 3, s, 1)
-    return n
+def trunk_ops(cfg: dict) -> list[tuple[int, int, int]]:
+    """``(kernel, stride, padding)`` of the ops that set size and alignment, input to grid.
+
+    Stride-1 3x3 convolutions with padding 1 change neither, so they are left out.
+    """
+    k = cfg["stem_kernel"]
+    pooled = cfg.get("pool_downsample", False)
+    ops = [(k, cfg["stem_stride"], (k - 1) // 2)]
+    if cfg["stem_pool"]:
+        ops.append((2, 2, 0) if pooled else (3, 2, 1))
+    for s in cfg["trunk_strides"]:
+        if s != 1:
+            ops.append((s, s, 0) if pooled else (3, s, 1))
+    if cfg["trunk_pool"]:
+        ops.append((2, 2, 0))
+    ops += [(cfg["reduce_kernel"], 1, cfg["reduce_padding"])] * len(cfg["reduce_channels"])
+    return ops
 
 
 class AxialNet(nn.Module):
@@ -132,13 +165,21 @@ class AxialNet(nn.Module):
             ``S`` may vary but must be divisible by 3.
         trunk_widths, trunk_blocks, trunk_strides: per ResNet stage.
         stem_stride, stem_pool: stem conv stride and whether a 3x3/2 max-pool follows.
-        reduce_channels: output channels of the four valid 3x3 convolutions.
+        reduce_channels: output channels of the reduce convolutions (four in the paper).
         reduce_norm: batch-normalise each of them before its ReLU (the last ReLU still
             comes last, so the guarantee at ``to_volume`` is unchanged).
         reduce_padding: zero padding of those convolutions. 0 is the original design:
             the valid convolutions shrink the grid (14 -> 6), and grid cell ``i`` sits over
             trunk cell ``i + 4``, i.e. the grid covers only the central part of the slice.
             1 keeps the trunk's grid, so the cells tile the whole slice.
+        reduce_kernel: kernel size of those convolutions (3 originally; 1 keeps each grid
+            cell's evidence local, adding nothing to the receptive field).
+        stem_kernel: kernel size of the stem convolution (7 in ResNet).
+        trunk_pool: end the trunk with a 2x2/2 max-pool (doubles the stride, keeps the
+            receptive field small).
+        pool_downsample: make every stride-2 step a 2x2/2 max-pool, so that grid cell
+            ``i`` is centred on the middle of the input pixels it covers (strided 3x3
+            convolutions centre it on the block's first pixel instead).
 
     The defaults are the full model (ResNet-18 trunk, 405 x 420 x 420 -> grid 135 x 6 x 6).
     """
@@ -158,6 +199,10 @@ class AxialNet(nn.Module):
         reduce_channels: Sequence[int] = (64, 32, 16, 16),
         reduce_norm: bool = False,
         reduce_padding: int = 0,
+        reduce_kernel: int = 3,
+        stem_kernel: int = 7,
+        trunk_pool: bool = False,
+        pool_downsample: bool = False,
     ) -> None:
         super().__init__()
         if len(input_size) != 3 or input_size[0] % SLICES_PER_TRIPLET:
@@ -179,12 +224,21 @@ class AxialNet(nn.Module):
             "reduce_channels": [int(n) for n in reduce_channels],
             "reduce_norm": bool(reduce_norm),
             "reduce_padding": int(reduce_padding),
+            "reduce_kernel": int(reduce_kernel),
+            "stem_kernel": int(stem_kernel),
+            "trunk_pool": bool(trunk_pool),
+            "pool_downsample": bool(pool_downsample),
         }
-        self.trunk = make_trunk(trunk_widths, trunk_blocks, trunk_strides, stem_stride, stem_pool)
+        self.trunk = make_trunk(
+            trunk_widths, trunk_blocks, trunk_strides, stem_stride, stem_pool, stem_kernel,
+            trunk_pool, pool_downsample,
+        )  # fmt: skip
         convs: list[tuple[str, nn.Module]] = []
         in_ch = trunk_widths[-1]
         for i, out_ch in enumerate(reduce_channels):
-            conv = nn.Conv2d(in_ch, out_ch, 3, padding=reduce_padding, bias=not reduce_norm)
+            conv = nn.Conv2d(
+                in_ch, out_ch, reduce_kernel, padding=reduce_padding, bias=not reduce_norm
+            )
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             convs.append((f"conv{i + 1}", conv))
             if reduce_norm:
@@ -192,11 +246,9 @@ class AxialNet(nn.Module):
             convs.append((f"relu{i + 1}", nn.ReLU()))
             in_ch = out_ch
         self.reduce = nn.Sequential(OrderedDict(convs))
-        h, w = (
-            trunk_out(n, trunk_strides, stem_stride, stem_pool)
-            - 2 * (1 - reduce_padding) * len(reduce_channels)
-            for n in self.input_size[1:]
-        )
+        h, w = self.input_size[1:]
+        for k, st, p in trunk_ops(self.config):
+            h, w = conv_out(h, k, st, p), conv_out(w, k, st, p)
         if h < 1 or w < 1:
             raise ValueError(f"input_size {input_size} is too small for this trunk")
         self.grid = (self.input_size[0] // SLICES_PER_TRIPLET, h, w)
@@ -209,6 +261,21 @@ class AxialNet(nn.Module):
         names = ["trunk." + n for n, _ in self.trunk.named_children()]
         names += ["reduce." + n for n, _ in self.reduce.named_children()]
         return names + ["to_volume", "fc", "pool"]
+
+    def grid_geometry(self) -> tuple[tuple[float, float], ...]:
+        """Where the explanation grid lies in the input: ``(first_centre, step)`` per axis.
+
+        In input voxels along (S, H, W): grid cell ``i`` is centred on voxel
+        ``first_centre + i * step``. Along S a cell is one triplet (step 3). In-plane the
+        step is the trunk stride; with valid reduce convolutions (the original design)
+        the first cell sits ``4 * stride`` voxels in, so the grid does not span the slice.
+        """
+        step, centre = 1.0, 0.0
+        for k, st, p in trunk_ops(self.config):
+            # Output j of (k, st, p) reads inputs j*st - p .. j*st - p + k - 1.
+            centre += step * ((k - 1) / 2 - p)
+            step *= st
+        return ((1.0, 3.0), (centre, step), (centre, step))
 
     def layer_notes(self) -> dict[str, str]:
         notes = {n: "per-triplet layout (B*T, F, h, w)" for n in self.spine()[:-3]}
@@ -238,17 +305,26 @@ class AxialNet(nn.Module):
 
 
 def axialnet_tiny(class_names: Sequence[str]) -> AxialNet:
-    """AxialNet scaled for CPU: 96 x 128 x 128 input, explanation grid (32, 8, 8)."""
+    """AxialNet scaled for CPU: 96 x 128 x 128 input, explanation grid (32, 8, 8).
+
+    Trunk widths 16/32/64 (one basic block each, total stride 16; a 4 x 4 stride-2 stem
+    and 2 x 2 max-pools do all downsampling, so grid cell ``i`` is centred on input pixels
+    ``16 i .. 16 i + 15``), then four 1 x 1 reduce convolutions with batch norm
+    (32 -> 16 -> 16 -> 16 channels).
+    """
     return AxialNet(class_names, **TINY_KWARGS)
 
 
 TINY_KWARGS: dict = {
     "input_size": (96, 128, 128),
-    "trunk_widths": (16, 32, 48, 64),
-    "trunk_blocks": (1, 1, 1, 1),
-    "trunk_strides": (1, 2, 1, 1),
+    "trunk_widths": (16, 32, 64),
+    "trunk_blocks": (1, 1, 1),
+    "trunk_strides": (1, 2, 2),
     "stem_stride": 2,
     "stem_pool": True,
+    "stem_kernel": 4,
     "reduce_channels": (32, 16, 16, 16),
     "reduce_norm": True,
+    "reduce_kernel": 1,
+    "pool_downsample": True,
 }

@@ -75,12 +75,16 @@ def train(
     device: str = "cpu",
     l1: float = 0.0,
     head_lr_mult: float = 1.0,
+    deadline: float | None = None,
+    class_weights: list[float] | None = None,
 ) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
     ``l1`` weights a penalty on the mean absolute activation of the explanation layer
     (``to_volume``): features stay zero where they carry no evidence, and the class
     baseline goes to the ``fc`` bias instead of being spread over background cells.
+    Past ``deadline`` (a ``time.time()`` value) training stops after the current step.
+    ``class_weights`` scale each finding's BCE term (the small, rare ones learn slowest).
     """
     from hirescam3d.bundle import apply_window
 
@@ -98,7 +102,8 @@ def train(
         opt,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
     )
-    loss_fn = nn.BCEWithLogitsLoss()
+    weight = None if class_weights is None else torch.tensor(class_weights, device=device)
+    loss_fn = nn.BCEWithLogitsLoss(weight=weight)
     seen: dict[str, torch.Tensor] = {}
     hook = network.to_volume.register_forward_hook(lambda _m, _i, out: seen.update(out=out))
     history = []
@@ -119,6 +124,12 @@ def train(
             sched.step()
             total += loss.item() * len(idx)
             count += len(idx)
+            if deadline is not None and time.time() > deadline:
+                log(f"deadline reached: stopping in epoch {epoch + 1} after step {i + 1}")
+                history.append(total / count)
+                hook.remove()
+                network.eval()
+                return history
             if (i + 1) % 25 == 0:
                 log(
                     f"epoch {epoch + 1} step {i + 1}/{n // batch_size} loss "
@@ -134,11 +145,22 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("hirescam3d/bundles/demo"))
-    parser.add_argument("--n-train", type=int, default=640)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--n-train", type=int, default=1600)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--l1", type=float, default=0.05, help="activation penalty weight")
+    parser.add_argument(
+        "--class-weights",
+        type=float,
+        nargs="+",
+        default=[1.0, 1.0, 1.0, 3.0, 2.0],
+        help="BCE weight per finding, in FINDINGS order",
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, default=29.0, help="stop training early past this wall time"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -160,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     network = entry.build(args.seed)
     history = train(
         network, cts, labels, entry.input.window, args.epochs, args.batch_size, args.lr,
-        args.weight_decay, args.seed, args.device,
+        args.weight_decay, args.seed, args.device, args.l1,
+        deadline=start + 60 * args.max_minutes, class_weights=args.class_weights,
     )  # fmt: skip
     network.cpu().eval()
     wall = time.time() - start
@@ -172,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
+        "l1": args.l1,
+        "class_weights": args.class_weights,
+        "epochs_completed": len(history),
         "seed": args.seed,
         "epoch_losses": [round(v, 5) for v in history],
         "phantom_generation_s": round(gen_s, 1),

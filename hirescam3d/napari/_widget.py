@@ -77,6 +77,7 @@ class ExplainWidget(QWidget):
         self.result: ExplainResult | None = None
         self._cancel = threading.Event()
         self._models: dict[str, Any] = {}
+        self._ct_layer: Any = None  # the CT layer of the running / last run
         self._grid_backdrops: list[Any] = []
         self._hidden_for_grid: list[Any] = []
         self._emitter = _Emitter()
@@ -216,7 +217,7 @@ class ExplainWidget(QWidget):
         if self.worker is not None:
             return self.worker
         try:
-            job = self._job()
+            job, self._ct_layer = self._job()
         except HiResCAMError as err:
             self._show_error(str(err))
             return None
@@ -247,19 +248,21 @@ class ExplainWidget(QWidget):
             self._cancel.set()
             self.status.setText("cancelling...")
 
-    def _job(self):
-        """Collect the inputs in the GUI thread; return the function the worker runs."""
+    def _job(self) -> tuple[Any, Any]:
+        """Collect the inputs in the GUI thread: ``(function the worker runs, CT layer)``."""
         from ..errors import InputError
 
         ct = self._layer(self.ct_combo.currentText())
         if ct is None:
             raise InputError("choose a CT layer (open a scan first: File > Open or a sample)")
+        model = self.model_combo.currentText().strip() or "demo"
+        if not _class_names(model):
+            raise _model_error(model)
         findings, methods = self.findings(), self.methods()
         if not findings:
             raise InputError("check at least one finding")
         if not methods:
             raise InputError("check at least one method")
-        model = self.model_combo.currentText().strip() or "demo"
         image = np.asarray(ct.data, dtype=np.float32)
         affine = layer_affine(ct)
         organ_layer = self._layer(self.organs_combo.currentText())
@@ -284,7 +287,7 @@ class ExplainWidget(QWidget):
             except Cancelled:
                 return None  # not an error: no notification
 
-        return job
+        return job, ct
 
     def _layer(self, name: str) -> Any:
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
@@ -300,8 +303,7 @@ class ExplainWidget(QWidget):
             self.progress_bar.setValue(0)
             return
         self.result = result
-        ct = self._layer(self.ct_combo.currentText())
-        self.show_result(result, ct)
+        self.show_result(result, self._ct_layer)
         self.progress_bar.setValue(100)
         note = "; ".join(result.warnings)
         self.status.setText("done" + (f" ({note})" if note else ""))
@@ -410,7 +412,7 @@ class ExplainWidget(QWidget):
                 self.viewer.reset_view()
             return
         maps = self._grid_pair()
-        ct = self._layer(self.ct_combo.currentText())
+        ct = self._ct_layer
         if maps is None or ct is None or self._grid_backdrops:
             return
         self._hidden_for_grid = [ly for ly in self.viewer.layers if ly.visible]
@@ -496,6 +498,23 @@ def _class_names(model: str) -> list[str]:
         return [str(n) for n in json.loads(meta.read_text())["hirescam3d"]["class_names"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def _model_error(model: str) -> Exception:
+    """Why ``model`` is neither a zoo name nor a bundle folder."""
+    from .. import zoo
+    from ..errors import ModelError
+
+    if "/" in model or "\\" in model or Path(model).exists():
+        return ModelError(
+            f"{model}: not a model bundle folder (no readable configs/metadata.json); "
+            "choose a zoo name or a bundle folder"
+        )
+    try:
+        zoo.entry(model)
+    except ModelError as err:
+        return err
+    return ModelError(f"model {model!r} has no class names")
 
 
 def layer_affine(layer: Any) -> np.ndarray:
