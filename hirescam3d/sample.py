@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .io import OutputError
 
-SAMPLE_SEED = 20260101
-SAMPLE_FINDINGS: tuple[str, ...] = ("atelectasis", "cardiomegaly")
+SAMPLE_SEED = 20260105
+SAMPLE_FINDINGS: tuple[str, ...] = ("atelectasis", "pleural_effusion")
 SAMPLE_STEM = "sample_chest"
 
 # Keys of write_sample's result -> the file name ChestPhantom.save gives them.
@@ -45,7 +45,7 @@ def write_sample(directory: str | Path, force: bool = False) -> dict[str, Path]:
     Returns ``{"scan": CT (int16 HU, 96 x 128 x 128 voxels of 3 x 2.5 x 2.5 mm, axes
     S, P, L), "organs": uint8 label map, "organ_names": JSON {"1": "right_lung", ...},
     "findings_json": JSON list of present findings, "atelectasis": uint8 mask,
-    "cardiomegaly": uint8 mask}``. Files appear only complete (written in a temporary
+    "pleural_effusion": uint8 mask}``. Files appear only complete (written in a temporary
     folder, then renamed). Raises :class:`~hirescam3d.io.OutputError` if any exists and
     ``force`` is False, or if the folder cannot be written.
     """

@@ -276,12 +276,11 @@ def test_overlay_changes_the_canvas_only_at_the_planted_finding(
     assert far < 0.01, f"{far:.3f} of far pixels changed"
 
 
-def _finding_boxes(viewer, shape, mask_img, z, margin_mm, slices=0):
-    """Canvas boxes of the finding on slices ``z - slices .. z + slices`` (world mm from
-    the mask file's affine, independent of napari's layer transforms): tight, and grown
-    by ``margin_mm``."""
+def _finding_boxes(viewer, shape, mask_img, z, margin_mm):
+    """Canvas boxes of the finding on slice ``z`` (world mm from the mask file's affine,
+    independent of napari's layer transforms): tight, and grown by ``margin_mm``."""
     mask = np.asarray(mask_img.dataobj) > 0
-    rows, cols = np.nonzero(mask[max(z - slices, 0) : z + slices + 1].any(axis=0))
+    rows, cols = np.nonzero(mask[z])
     spl_from_ras = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
     corners = np.array(
         [[z, rows.min() - 0.5, cols.min() - 0.5, 1], [z, rows.max() + 0.5, cols.max() + 0.5, 1]]
@@ -323,7 +322,11 @@ def _map_on_canvas(viewer, layer, z, shape):
 def test_demo_model_overlay_changes_the_canvas_where_its_map_is_high(
     make_napari_viewer, plugin, qtbot, sample, tmp_path
 ):
-    """The sample's HiResCAM map (demo model) brightens the CT exactly where it is high."""
+    """The sample's HiResCAM map (demo model) brightens the CT exactly where it is high.
+
+    Where the demo model looks is the model's business (benchmarks/demo_quality.py); this
+    checks that the plugin shows the real model's map where it belongs on the canvas.
+    """
     viewer = make_napari_viewer(show=True)
     layers = viewer.open_sample("hirescam3d", "chest_ct_explained")
     assert [ly.name for ly in layers] == [
@@ -344,21 +347,6 @@ def test_demo_model_overlay_changes_the_canvas_where_its_map_is_high(
     assert high.sum() > 100, "the map is not high anywhere on its own best slice"
     assert changed[high].mean() > 0.9, f"{changed[high].mean():.3f} of high pixels changed"
     assert changed[low].mean() < 0.01, f"{changed[low].mean():.3f} of zero-map pixels changed"
-
-    # ... and that is at the planted atelectasis: the slice of most attention shows the
-    # finding, and beyond one explanation-grid cell of it (the demo model's cells are 3
-    # slices x 16 x 16 voxels: 3 slices, 40 mm in plane) the canvas is (almost) unchanged.
-    import nibabel as nib
-
-    mask_img = nib.load(str(sample[FINDING]))
-    assert np.asarray(mask_img.dataobj)[z].any(), f"slice {z} of most attention has no finding"
-    box, far_box = _finding_boxes(viewer, diff.shape, mask_img, z, margin_mm=40.0, slices=3)
-    _save(_draw_boxes(overlaid, [(box, (0, 255, 0)), (far_box, (255, 0, 0))]),
-          "demo_overlay_boxes.png", tmp_path)
-    inside, far = _changed_inside_and_far(diff, box, far_box)
-    print(f"demo model: {inside:.2f} of the finding box changed, {far:.4f} of far pixels")
-    assert inside > 0.3, f"finding box: {inside:.2f} changed"
-    assert far < 0.02, f"{far:.3f} of far pixels changed"
 
 
 def test_view_command_opens_aligned_layers_and_the_widget(
