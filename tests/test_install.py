@@ -57,6 +57,8 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     assert "hirescam3d/cli/main.py" in names
     assert not any(n.startswith("cli/") for n in names), "a top-level 'cli' package would leak"
     assert "hirescam3d/napari/napari.yaml" in names
+    for part in ("models/model.pt", "configs/metadata.json", "configs/inference.json"):
+        assert f"hirescam3d/bundles/demo/{part}" in names, part
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
