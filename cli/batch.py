@@ -62,12 +62,9 @@ def _is_dicom_file(path: Path) -> bool:
         return True
     if path.suffix:
         return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    from hirescam3d.io import looks_like_dicom
+
+    return looks_like_dicom(path)
 
 
 def _is_image_file(path: Path) -> bool:

@@ -177,7 +177,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
     return arr, affine, files
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
+    """True when ``path`` carries the DICOM signature (b"DICM" at byte 128)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -255,7 +256,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, Any, list[Path
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
         arr, affine, header = _read_nifti(path)
-    elif suffix in ITK_SUFFIXES or _looks_like_dicom(path):
+    elif suffix in ITK_SUFFIXES or looks_like_dicom(path):
         arr, affine = _read_itk_file(path)
     else:
         raise ScanError(
