@@ -23,7 +23,7 @@ demo: $(STAMP)
 		--out out/demo --png --force
 	@echo "demo outputs: $(CURDIR)/out/demo (open sample_data/sample_chest_ct.nii.gz with the" \
 		"*_atelectasis_*.nii.gz maps as overlays, or run: $(BIN)/hirescam3d view" \
-		"sample_data/sample_chest_ct.nii.gz -e out/demo/sample_chest_atelectasis_hirescam.nii.gz)"
+		"sample_data/sample_chest_ct.nii.gz -e out/demo/sample_chest_ct_atelectasis_hirescam.nii.gz)"
 
 # GUI tests need a real (virtual) X display: napari canvases need OpenGL, which
 # Qt's offscreen platform lacks. Without xvfb-run they skip themselves.
@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py --out benchmarks/results.json
-	$(BIN)/python benchmarks/demo_quality.py --first-seed 0 --count 200 --json-out benchmarks/demo_quality.json
+	$(BIN)/python benchmarks/demo_quality.py --first-seed 0 --count 200 --results benchmarks/results.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

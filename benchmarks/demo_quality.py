@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,12 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--results", type=Path, default=None,
+        help="also store the result under 'demo_quality' in this JSON file (e.g. "
+        "benchmarks/results.json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.first_seed < 0 or args.count < 1 or args.first_seed + args.count > 100_000:
         parser.error("seeds must lie in 0..99999 (training uses seeds >= 100000)")
     torch.set_num_threads(args.threads)
     seeds = list(range(args.first_seed, args.first_seed + args.count))
-    print(json.dumps(evaluate(args.model, seeds, args.batch, args.workers)))
+    result = evaluate(args.model, seeds, args.batch, args.workers)
+    result["seeds"] = [seeds[0], seeds[-1]]
+    if args.results is not None:
+        stored = json.loads(args.results.read_text()) if args.results.exists() else {}
+        stored["demo_quality"] = result
+        args.results.write_text(json.dumps(stored, indent=2) + "\n")
+    print(json.dumps(result))
     return 0
 
 
