@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -53,3 +57,12 @@ def make_input(dims: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def dims(request: pytest.FixtureRequest) -> int:
     return request.param
+
+
+def installed_console_script() -> Path | None:
+    """The installed ``hirescam3d`` command (this interpreter's first), or None."""
+    beside = Path(sys.executable).parent / "hirescam3d"
+    if beside.exists():
+        return beside
+    found = shutil.which("hirescam3d")
+    return Path(found) if found else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 
 import nibabel as nib
 import pytest
+from conftest import installed_console_script
 from typer.testing import CliRunner
 
 import hirescam3d
@@ -48,14 +48,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(cli_main.app, [str(a) for a in args], catch_exceptions=False)
-
-
-def installed_script() -> Path | None:
-    found = shutil.which("hirescam3d")
-    if found:
-        return Path(found)
-    beside = Path(sys.executable).parent / "hirescam3d"
-    return beside if beside.exists() else None
 
 
 def log_records(out: Path) -> list[dict]:
@@ -374,7 +366,7 @@ def free_port() -> int:
 def test_torchrun_two_cpu_ranks_do_every_item_once(tmp_path):
     small_scans(tmp_path / "scans", 4)
     out = tmp_path / "out"
-    if installed_script() is not None:
+    if installed_console_script() is not None:
         target = ["-m", "hirescam3d.cli.main"]
     else:  # source checkout: import the cli/ folder as hirescam3d.cli by hand
         shim = tmp_path / "run_cli.py"

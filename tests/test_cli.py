@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import installed_console_script
 from typer.testing import CliRunner
 
 import hirescam3d
@@ -44,14 +43,6 @@ runner = CliRunner()
 
 def invoke(*args: str):
     return runner.invoke(cli_main.app, [str(a) for a in args], catch_exceptions=False)
-
-
-def console_script() -> Path | None:
-    found = shutil.which("hirescam3d")
-    if found:
-        return Path(found)
-    beside = Path(sys.executable).parent / "hirescam3d"
-    return beside if beside.exists() else None
 
 
 def assert_one_line_error(result, *fragments: str, code: int) -> str:
@@ -613,7 +604,7 @@ def test_sample_writes_the_files_and_suggests_the_next_command(tmp_path, monkeyp
 
 # -- the installed console script ---------------------------------------------------------
 def _run_script(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    script = console_script()
+    script = installed_console_script()
     if script is None:
         pytest.skip("the hirescam3d console script is not installed (pip install -e .)")
     return subprocess.run(

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import installed_console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 
 
 def _console_script() -> str:
-    local = Path(sys.executable).parent / "hirescam3d"
-    script = str(local) if local.exists() else shutil.which("hirescam3d")
+    script = installed_console_script()
     if script is None:
         pytest.skip("hirescam3d is not pip-installed in this environment (make test installs it)")
-    return script
+    return str(script)
 
 
 @pytest.mark.slow

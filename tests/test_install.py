@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,17 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import installed_console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _console_script() -> str | None:
-    local = Path(sys.executable).parent / "hirescam3d"
-    return str(local) if local.exists() else shutil.which("hirescam3d")
-
-
 def test_editable_install_console_script(tmp_path):
-    script = _console_script()
+    script = installed_console_script()
     if script is None:
         pytest.skip("hirescam3d is not pip-installed in this environment (make test installs it)")
     out = subprocess.run(
