@@ -228,3 +228,47 @@ def test_tiny_grid_tiles_the_slice():
     (t0, t_step), (first, step), _ = net.grid_geometry()
     assert (t0, t_step) == (1.0, 3.0)
     assert step * net.grid[1] == 128 and 0 <= first < step
+
+
+def test_triplet_labels_mark_triplets_the_mask_touches():
+    import numpy as np
+
+    from hirescam3d.models.train_demo import triplet_labels
+
+    mask = np.zeros((12, 4, 4), dtype=bool)
+    mask[5:7, 1, 2] = True  # slices 5 and 6: triplets 1 (3-5) and 2 (6-8)
+    out = triplet_labels({"nodule": mask}, ("atelectasis", "nodule"), 12)
+    assert out.dtype == np.float32 and out.shape == (2, 4)
+    np.testing.assert_array_equal(out, [[0, 0, 0, 0], [0, 1, 1, 0]])
+
+
+def test_triplet_term_adds_bce_of_each_triplets_own_logit():
+    """The first step's loss grows by exactly the BCE of the per-triplet fc outputs."""
+    import numpy as np
+
+    from hirescam3d.bundle import apply_window
+    from hirescam3d.models import axialnet_tiny
+    from hirescam3d.models.train_demo import train
+
+    rng = np.random.default_rng(0)
+    cts = rng.integers(-1000, 200, size=(4, 6, 128, 128)).astype(np.int16)
+    labels = np.array([[1.0], [0.0], [0.0], [1.0]], dtype=np.float32)
+    trip = np.array([[[1, 0]], [[0, 0]], [[0, 0]], [[0, 1]]], dtype=np.float32)
+    x = apply_window(cts, (-400, 200)).unsqueeze(1)
+
+    def first_loss(weight: float) -> float:
+        torch.manual_seed(0)
+        net = axialnet_tiny(["finding"])
+        (loss,) = train(net, cts, labels, (-400, 200), 1, 4, 1e-3, 0.0, 0, l1=0.0,
+                        triplets=trip, triplet_weight=weight)  # fmt: skip
+        return loss
+
+    torch.manual_seed(0)
+    net = axialnet_tiny(["finding"]).train()
+    net.to_volume.n_triplets = 2
+    with torch.no_grad():
+        per_triplet = net.fc(net.to_volume(net.reduce(net.trunk(x.reshape(8, 3, 128, 128)))))
+    expected = nn.functional.binary_cross_entropy_with_logits(
+        per_triplet.reshape(4, 1, 2), torch.from_numpy(trip)
+    )
+    assert first_loss(2.0) - first_loss(0.0) == pytest.approx(2.0 * float(expected), rel=1e-4)
