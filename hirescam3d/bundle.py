@@ -419,6 +419,15 @@ def check_state_dict(network: nn.Module, state: dict[str, torch.Tensor], source:
             )
 
 
+def read_class_names(path: str | Path) -> tuple[str, ...]:
+    """Class names recorded in a bundle's metadata, without reading network or weights."""
+    meta_path = Path(path) / METADATA
+    names = _get(_read_json(meta_path), "hirescam3d.class_names", meta_path)
+    if not isinstance(names, list):
+        raise ModelError(f"{meta_path}: hirescam3d.class_names must be a list")
+    return tuple(str(n) for n in names)
+
+
 def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     """Load a bundle folder: ``(network in eval mode, info)``; ModelError on any problem."""
     root = Path(path)

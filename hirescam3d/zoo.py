@@ -186,7 +186,8 @@ def entry(name: str) -> ZooEntry:
     raise ModelError(f"unknown model {name!r}.{hint} Valid names: {', '.join(ENTRIES)}")
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """True when ``text`` names a bundle folder rather than a zoo entry."""
     return "/" in text or "\\" in text or text.startswith(".") or Path(text).exists()
 
 
@@ -200,7 +201,7 @@ def load(name_or_path: str | Path | None = None, seed: int = 0) -> tuple[nn.Modu
         name_or_path = "demo"
     text = str(name_or_path)
     # Zoo names win over same-named folders; anything path-like is a bundle folder.
-    if isinstance(name_or_path, Path) or (text not in ENTRIES and _looks_like_path(text)):
+    if isinstance(name_or_path, Path) or (text not in ENTRIES and looks_like_path(text)):
         return load_bundle(name_or_path)
     zoo_entry = entry(text)
     if zoo_entry.bundle is not None:

@@ -320,3 +320,16 @@ def test_demo_bundle_copy_loads(tmp_path):
     shutil.copytree(zoo.DEMO_BUNDLE, tmp_path / "demo_copy")
     _, info = zoo.load(tmp_path / "demo_copy")
     assert info.bundle_path == (tmp_path / "demo_copy").resolve()
+
+
+def test_read_class_names_without_weights(tmp_path):
+    from hirescam3d.bundle import read_class_names
+
+    assert read_class_names(zoo.ENTRIES["demo"].bundle) == zoo.ENTRIES["demo"].class_names
+    meta = tmp_path / "configs" / "metadata.json"
+    meta.parent.mkdir()
+    meta.write_text('{"hirescam3d": {"class_names": "atelectasis"}}')
+    with pytest.raises(ModelError, match="class_names must be a list"):
+        read_class_names(tmp_path)
+    with pytest.raises(ModelError, match="is missing"):
+        read_class_names(tmp_path / "nowhere")

@@ -7,10 +7,8 @@ Each (finding, method) becomes an Image layer ``"<finding> · <method>"`` on the
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -490,13 +488,14 @@ def _grid(viewer: Any) -> Any:
 def _class_names(model: str) -> list[str]:
     """Class names of a zoo model or bundle folder without loading weights ([] if unknown)."""
     from .. import zoo
+    from ..bundle import read_class_names
+    from ..errors import ModelError
 
     if model in zoo.ENTRIES:
         return list(zoo.ENTRIES[model].class_names)
-    meta = Path(model) / "configs" / "metadata.json"
     try:
-        return [str(n) for n in json.loads(meta.read_text())["hirescam3d"]["class_names"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return list(read_class_names(model))
+    except ModelError:
         return []
 
 
@@ -505,7 +504,7 @@ def _model_error(model: str) -> Exception:
     from .. import zoo
     from ..errors import ModelError
 
-    if "/" in model or "\\" in model or Path(model).exists():
+    if zoo.looks_like_path(model):
         return ModelError(
             f"{model}: not a model bundle folder (no readable configs/metadata.json); "
             "choose a zoo name or a bundle folder"
