@@ -272,3 +272,6 @@ def test_triplet_term_adds_bce_of_each_triplets_own_logit():
         per_triplet.reshape(4, 1, 2), torch.from_numpy(trip)
     )
     assert first_loss(2.0) - first_loss(0.0) == pytest.approx(2.0 * float(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="triplet_weight > 0 needs triplets"):
+        train(axialnet_tiny(["finding"]), cts, labels, (-400, 200), 1, 4, 1e-3, 0.0, 0,
+              triplet_weight=1.0)  # fmt: skip

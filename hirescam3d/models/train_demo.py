@@ -116,6 +116,8 @@ def train(
     """
     from hirescam3d.bundle import apply_window
 
+    if triplet_weight > 0 and triplets is None:
+        raise ValueError("triplet_weight > 0 needs triplets: the third array of make_dataset")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     network.to(device).train()
