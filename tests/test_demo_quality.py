@@ -57,10 +57,10 @@ def test_benchmark_small_run():
     assert "16/16 phantoms" in proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["auroc"]) == set(FINDINGS) == set(result["organ_fraction"])
-    aurocs = [v for v in result["auroc"].values() if v is not None]
-    fractions = [v for v in result["organ_fraction"].values() if v is not None]
+    aurocs, fractions = list(result["auroc"].values()), list(result["organ_fraction"].values())
+    assert None not in aurocs + fractions  # seeds 0-15 hold every finding, each detected
     assert all(0.0 <= v <= 1.0 for v in aurocs + fractions)
-    assert len(aurocs) >= 4 and len(fractions) >= 3
-    # Loose floors for 16 phantoms (the 200-phantom numbers are in the report).
-    assert sorted(aurocs)[-3] >= 0.8
-    assert float(np.mean(fractions)) >= 0.4
+    # Floors for 16 phantoms, below the 200-phantom targets (AUROC 0.95, fraction 0.8):
+    # a 16-phantom AUROC moves in steps of 1/(positives x negatives).
+    assert sorted(aurocs)[1] >= 0.95 and min(aurocs) >= 0.7
+    assert min(fractions) >= 0.8

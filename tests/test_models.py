@@ -242,36 +242,66 @@ def test_triplet_labels_mark_triplets_the_mask_touches():
     np.testing.assert_array_equal(out, [[0, 0, 0, 0], [0, 1, 1, 0]])
 
 
-def test_triplet_term_adds_bce_of_each_triplets_own_logit():
-    """The first step's loss grows by exactly the BCE of the per-triplet fc outputs."""
+def test_balanced_triplets_draw_half_positives():
+    import numpy as np
+
+    from hirescam3d.models.train_demo import balanced_triplets
+
+    present = np.zeros((5, 4), dtype=np.float32)
+    present[2, 1] = present[4, 3] = 1
+    pairs, y = balanced_triplets(present, 10, np.random.default_rng(0))
+    assert pairs.shape == (10, 2) and y.dtype == np.float32
+    np.testing.assert_array_equal(y, [1] * 5 + [0] * 5)
+    np.testing.assert_array_equal(present[pairs[:, 0], pairs[:, 1]], y)
+    # No positive triplet at all: every draw is negative instead of failing.
+    pairs, y = balanced_triplets(np.zeros((3, 4)), 6, np.random.default_rng(0))
+    assert len(pairs) == 6 and not y.any()
+
+
+def test_triplet_logits_are_each_triplets_own_fc_output():
     import numpy as np
 
     from hirescam3d.bundle import apply_window
     from hirescam3d.models import axialnet_tiny
-    from hirescam3d.models.train_demo import train
-
-    rng = np.random.default_rng(0)
-    cts = rng.integers(-1000, 200, size=(4, 6, 128, 128)).astype(np.int16)
-    labels = np.array([[1.0], [0.0], [0.0], [1.0]], dtype=np.float32)
-    trip = np.array([[[1, 0]], [[0, 0]], [[0, 0]], [[0, 1]]], dtype=np.float32)
-    x = apply_window(cts, (-400, 200)).unsqueeze(1)
-
-    def first_loss(weight: float) -> float:
-        torch.manual_seed(0)
-        net = axialnet_tiny(["finding"])
-        (loss,) = train(net, cts, labels, (-400, 200), 1, 4, 1e-3, 0.0, 0, l1=0.0,
-                        triplets=trip, triplet_weight=weight)  # fmt: skip
-        return loss
+    from hirescam3d.models.train_demo import triplet_logits
 
     torch.manual_seed(0)
-    net = axialnet_tiny(["finding"]).train()
-    net.to_volume.n_triplets = 2
+    net = axialnet_tiny(NAMES).eval()
+    cts = np.random.default_rng(0).integers(-1000, 200, size=(2, 9, 128, 128)).astype(np.int16)
+    seen = {}
+    net.fc.register_forward_hook(lambda _m, _i, out: seen.update(fc=out))
     with torch.no_grad():
-        per_triplet = net.fc(net.to_volume(net.reduce(net.trunk(x.reshape(8, 3, 128, 128)))))
-    expected = nn.functional.binary_cross_entropy_with_logits(
-        per_triplet.reshape(4, 1, 2), torch.from_numpy(trip)
-    )
-    assert first_loss(2.0) - first_loss(0.0) == pytest.approx(2.0 * float(expected), rel=1e-4)
-    with pytest.raises(ValueError, match="triplet_weight > 0 needs triplets"):
-        train(axialnet_tiny(["finding"]), cts, labels, (-400, 200), 1, 4, 1e-3, 0.0, 0,
-              triplet_weight=1.0)  # fmt: skip
+        net(apply_window(cts, (-400, 200)).unsqueeze(1))
+        full = seen["fc"].flatten(2)  # (B, n, T)
+        pairs = np.array([[1, 2], [0, 0], [1, 1]])
+        own = triplet_logits(net, cts, pairs, (-400, 200))
+    assert own.shape == (3, len(NAMES))
+    for row, (v, t) in zip(own, pairs, strict=True):
+        torch.testing.assert_close(row, full[v, :, t], atol=1e-5, rtol=1e-5)
+
+
+def test_both_training_stages_keep_the_chosen_fc_rows_nonnegative():
+    import numpy as np
+
+    from hirescam3d.models import axialnet_tiny
+    from hirescam3d.models.train_demo import pretrain_triplets, train
+
+    torch.manual_seed(0)
+    net = axialnet_tiny(["a", "b"])
+    cts = np.random.default_rng(0).integers(-1000, 200, size=(4, 6, 128, 128)).astype(np.int16)
+    trip = np.zeros((4, 2, 2), dtype=np.float32)
+    trip[1, 1, 0] = 1
+    with torch.no_grad():
+        net.fc.weight.fill_(-0.5)
+    history = pretrain_triplets(net, cts, trip, [1], (-400, 200), 2, 4, 1e-3, 0.0, 0)
+    assert history == [] and not net.training  # fewer than 100 steps: no block mean yet
+    assert (net.fc.weight[1] >= 0).all()
+    assert (net.fc.weight[0] < 0).all()  # other findings are left free
+
+    labels = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    with torch.no_grad():
+        net.fc.weight.fill_(-0.5)
+    (loss,) = train(net, cts, labels, (-400, 200), 1, 2, 1e-3, 0.0, 0, nonnegative=[0])
+    assert loss > 0 and not net.training
+    assert (net.fc.weight[0] >= 0).all()
+    assert (net.fc.weight[1] < 0).all()
