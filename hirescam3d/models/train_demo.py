@@ -4,9 +4,10 @@ Exact command (2-core CPU; seeded and reproducible)::
 
     python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo
 
-Measured on the 2-core development machine: 24.2 min wall time (2.2 min generating
-1600 phantoms, 3.6 min pretraining on triplets, 18.4 min for 8 epochs = 3200 steps of 4
-volumes); writes a 0.4 MB bundle.
+Measured on the 2-core development machine: 21.7 min wall time, with 2.4 min of
+pretraining on triplets and 8 epochs = 3200 steps of 4 volumes; writes a 0.4 MB bundle.
+That rerun reproduced the shipped weights bit for bit. The shipped bundle records 24.2 min:
+other work shared the CPU during its pretraining.
 
 Training phantoms use seeds ``TRAIN_SEED0 + i`` (100000 and up): the quality benchmark
 (``benchmarks/demo_quality.py``) uses held-out seeds 0..999, which training never sees.
