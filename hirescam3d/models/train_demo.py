@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .axialnet import SLICES_PER_TRIPLET
+
 TRAIN_SEED0 = 100_000
 HELD_OUT_SEEDS = range(0, 100_000)  # benchmark territory: never used for training
 
@@ -68,10 +70,10 @@ def triplet_labels(
     findings: dict[str, np.ndarray], names: tuple[str, ...], slices: int
 ) -> np.ndarray:
     """Float32 ``(len(names), slices // 3)``: 1 where a finding's mask touches the triplet."""
-    out = np.zeros((len(names), slices // 3), dtype=np.float32)
+    out = np.zeros((len(names), slices // SLICES_PER_TRIPLET), dtype=np.float32)
     for k, name in enumerate(names):
         if name in findings:
-            out[k] = findings[name].reshape(slices // 3, -1).any(axis=1)
+            out[k] = findings[name].reshape(slices // SLICES_PER_TRIPLET, -1).any(axis=1)
     return out
 
 
@@ -124,7 +126,8 @@ def triplet_logits(
     from hirescam3d.bundle import apply_window
 
     device = next(network.parameters()).device
-    x = np.stack([cts[v, 3 * t : 3 * t + 3] for v, t in pairs])
+    n = SLICES_PER_TRIPLET
+    x = np.stack([cts[v, n * t : n * t + n] for v, t in pairs])
     return network(apply_window(x, window).unsqueeze(1).to(device))
 
 
