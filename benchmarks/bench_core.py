@@ -5,7 +5,10 @@ on CPU (2 threads) and on CUDA when present, measures:
   - time of ``Explainer.explain`` (HiResCAM, 1 and 20 targets) / no-grad inference time;
   - peak memory of explain(20 targets) / peak memory of no-grad inference;
   - time of ``monai.visualize.GradCAM`` for the same work (20 targets = 20 calls)
-    against our Grad-CAM for those targets.
+    against our Grad-CAM for those targets;
+  - time of placing 20 raw maps on the input by the layer's traced geometry (ReLU,
+    placement, divide by max) against the stretching upsampler it replaced (ReLU,
+    ``F.interpolate(align_corners=False)``, min-max).
 Memory on CPU is the peak resident-set increase over a warmed-up baseline, each
 measurement in a fresh process (Linux ``/proc/self/clear_refs`` resets the peak);
 on CUDA it is ``max_memory_allocated`` over the baseline allocation.
@@ -43,8 +46,19 @@ def _ops(net, x):
 
     from hirescam3d import Explainer
 
+    import torch.nn.functional as F
+
+    from hirescam3d import postprocess
+
     ex = Explainer(net, "layer4")
     targets20 = list(range(N_CLASSES))
+    raw20 = ex.explain(x, targets=targets20, methods=["hirescam"], maps=False)["hirescam"].raw
+    geometry = ex.geometry(x)
+    size = tuple(x.shape[2:])
+
+    def stretch_maps():  # the upsampling used before placement by geometry
+        up = F.interpolate(raw20.clamp_min(0), size=size, mode="trilinear", align_corners=False)
+        return postprocess.normalize(up, spatial_dims=3)
 
     def infer():
         with torch.no_grad():
@@ -67,6 +81,8 @@ def _ops(net, x):
         "gradcam_20": lambda: ex.explain(x, targets=targets20, methods=["gradcam"]),
         "monai_gradcam_1": lambda: monai_gradcam([3]),
         "monai_gradcam_20": lambda: monai_gradcam(targets20),
+        "stretch_maps_20": stretch_maps,
+        "place_maps_20": lambda: postprocess.unit_maps(raw20, geometry, size),
     }
 
 
@@ -143,7 +159,8 @@ def peak_cuda(size, name) -> int:
 def run(device: str, threads: int, repeats: int, sizes: list[str], skip_monai20: bool) -> dict:
     if device == "cpu":
         torch.set_num_threads(threads)
-    names = ["inference", "explain_1", "explain_20", "gradcam_1", "gradcam_20", "monai_gradcam_1"]
+    names = ["inference", "explain_1", "explain_20", "gradcam_1", "gradcam_20", "monai_gradcam_1",
+             "stretch_maps_20", "place_maps_20"]
     if not skip_monai20:
         names.append("monai_gradcam_20")
     results = {}
@@ -159,6 +176,7 @@ def run(device: str, threads: int, repeats: int, sizes: list[str], skip_monai20:
             "explain_20_time_over_inference": t["explain_20"] / t["inference"],
             "explain_20_peak_memory_over_inference": mem["explain_20"] / mem["inference"],
             "gradcam_1_time_over_monai_gradcam_1": t["gradcam_1"] / t["monai_gradcam_1"],
+            "placement_time_over_stretch_upsampling": t["place_maps_20"] / t["stretch_maps_20"],
         }
         if "monai_gradcam_20" in t:
             monai20 = t["monai_gradcam_20"]
@@ -169,6 +187,7 @@ def run(device: str, threads: int, repeats: int, sizes: list[str], skip_monai20:
             "explain_20_peak_memory_over_inference": 1.2,
             "gradcam_1_time_over_monai_gradcam_1": 0.5,
             "gradcam_20_time_over_monai_gradcam_20": 0.05,
+            "placement_time_over_stretch_upsampling": 1.0,
         }
         results[label] = {
             "seconds": t,

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from hirescam3d import zoo
 from hirescam3d.bundle import apply_window
 from hirescam3d.explainer import Explainer
+from hirescam3d.handle import ModelHandle
 from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
 
 ORGAN_LABEL = {name: label for label, name in ORGAN_NAMES.items()}
@@ -64,7 +64,7 @@ def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 
 
 def evaluate(model: str, seeds: list[int], batch: int, workers: int) -> dict:
-    network, info = zoo.load(model)
+    network, info = ModelHandle.resolve(model).load()
     if tuple(info.class_names) != FINDINGS:
         raise SystemExit(f"model {model!r} does not predict the phantom findings {FINDINGS}")
     if info.input.window is None:

@@ -38,7 +38,7 @@ from typing import Any
 from .console import items_progress, out_console
 from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
 from .explain import ExplainOptions, check_options, run_pipeline
-from .models import check_layer, load_model
+from .models import load_checked
 
 DONE_MARKER = "batch_done.json"
 LOG_NAME = "batch_log.jsonl"
@@ -491,8 +491,7 @@ def batch_command(
     explain = explain or run_pipeline
     items = assign_ids(collect_inputs(inputs))
     opts = check_options(opts)
-    loaded = load_model(opts.model)
-    check_layer(opts.layer, loaded[0])
+    loaded = load_checked(opts.handle, opts.layer)
     # New weights under the same model name make earlier outputs stale.
     signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}
     out = Path(out)

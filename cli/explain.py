@@ -16,7 +16,7 @@ from typing import Any
 
 from .console import note, out_console, stage_progress
 from .errors import CLIUsageError, print_warning, warnings_to_stderr
-from .models import check_findings, check_layer, check_model, class_names_of, load_model
+from .models import check_findings, load_checked, model_text, resolve_handle
 
 
 @dataclass
@@ -33,6 +33,9 @@ class ExplainOptions:
     png: bool = False
     device: str = "auto"
     force: bool = False
+    values: str = "unit"
+    # The resolved model (hirescam3d.handle.ModelHandle), set by check_options.
+    handle: Any = field(default=None, repr=False, compare=False)
 
     def signature(self) -> dict[str, Any]:
         """The options that change the outputs (recorded in batch done-markers)."""
@@ -45,6 +48,7 @@ class ExplainOptions:
             "organs": None if self.organs is None else os.path.abspath(self.organs),
             "organ_names": None if self.organ_names is None else os.path.abspath(self.organ_names),
             "png": self.png,
+            "values": self.values,
         }
 
 
@@ -55,7 +59,9 @@ def require_path(path: Path | None, what: str) -> None:
 
 
 def check_options(opts: ExplainOptions) -> ExplainOptions:
-    """Validate everything that can be checked without reading a scan; fills ``model``.
+    """Validate everything that can be checked without reading a scan or loading weights;
+    fills ``model`` (zoo name or absolute bundle folder), ``handle`` and ``findings`` (as
+    the model spells them).
 
     Raises CLIUsageError for conflicting flags, missing paths, unknown model/findings.
     """
@@ -68,8 +74,9 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
     if not opts.methods:
         opts.methods = ["hirescam"]
     opts.methods = list(dict.fromkeys(m.lower() for m in opts.methods))
-    opts.model = check_model(opts.model)
-    opts.findings = check_findings(opts.findings, class_names_of(opts.model))
+    opts.handle = resolve_handle(opts.model)
+    opts.model = model_text(opts.handle)
+    opts.findings = check_findings(opts.handle, opts.findings)
     if opts.device == "cuda":
         import torch
 
@@ -116,6 +123,7 @@ def run_pipeline(
         device=opts.device,
         force=opts.force,
         progress=progress,
+        values=opts.values,
     )
 
 
@@ -170,8 +178,7 @@ def explain_command(
         )
     with warnings_to_stderr(debug) as shown, stage_progress(not quiet) as progress:
         progress("loading model", 0.0)
-        loaded = load_model(opts.model)
-        check_layer(opts.layer, loaded[0])
+        loaded = load_checked(opts.handle, opts.layer)
         result, paths = run_pipeline(scan, out, opts, loaded, progress)
     for text in result.warnings:
         if text not in shown:

@@ -1,4 +1,9 @@
-"""``hirescam3d models``, ``findings`` and ``layers``: what the zoo and a model offer."""
+"""``hirescam3d models``, ``findings`` and ``layers``: what the zoo and a model offer.
+
+``models`` and ``findings`` read the zoo's cards and bundle metadata only: no
+architecture is imported, no network built, no weights read. ``layers`` loads the model
+and runs the audit (:meth:`hirescam3d.handle.ModelHandle.layers`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import sys
 from typing import Any
 
 from .console import out_console
-from .models import DEFAULT_MODEL, bundle_metadata, check_model, is_zoo_name, load_model
+from .models import DEFAULT_MODEL, resolve_handle
 
 
 def _input_text(spec: Any) -> str:
@@ -15,32 +20,30 @@ def _input_text(spec: Any) -> str:
     return f"{spec.spatial_dims}D {spec.modality} {size}"
 
 
-def _trained(entry: Any) -> str:
+def _trained(handle: Any) -> str:
     """``yes``, ``no`` or ``not installed`` (a bundled model whose folder is missing)."""
-    if entry.bundle is None:
-        return "no"
-    section = bundle_metadata(entry.bundle)
-    if section is None:
+    if not handle.installed:
         return "not installed"
-    return "yes" if section.get("trained", True) else "no"
+    return "yes" if handle.trained else "no"
 
 
 def model_rows() -> list[dict[str, Any]]:
-    """One dict per zoo model: name, description, trained, input, layer, guarantee."""
+    """One dict per zoo model: name, description, trained, input, layer, cached guarantee."""
     from hirescam3d import zoo
+    from hirescam3d.handle import ModelHandle
 
     rows = []
     for name in zoo.names():
-        entry = zoo.entry(name)
+        handle = ModelHandle.resolve(name)
         rows.append(
             {
                 "name": name,
-                "description": entry.description,
-                "trained": _trained(entry),
-                "input": _input_text(entry.input),
-                "findings": list(entry.class_names),
-                "default_layer": entry.target_layer,
-                "guaranteed": entry.guaranteed,
+                "description": handle.description,
+                "trained": _trained(handle),
+                "input": _input_text(handle.input),
+                "findings": list(handle.class_names),
+                "default_layer": handle.default_layer,
+                "guaranteed": handle.declared_guaranteed,
                 "default": name == DEFAULT_MODEL,
             }
         )
@@ -73,77 +76,66 @@ def models_command(json_out: bool = False) -> None:
     )
 
 
-def findings_of(model: str) -> tuple[str, ...]:
-    """Class names of a zoo model (no weights loaded) or of a bundle folder (loaded)."""
-    from hirescam3d import zoo
-
-    if is_zoo_name(model):
-        return zoo.entry(model).class_names
-    return tuple(load_model(model)[1].class_names)
-
-
 def findings_command(model: str | None, json_out: bool = False) -> None:
-    model = check_model(model)
-    names = findings_of(model)
+    names = resolve_handle(model).class_names
     if json_out:
         sys.stdout.write(json.dumps(list(names)) + "\n")
     else:
         sys.stdout.write("".join(f"{n}\n" for n in names))
 
 
-def layer_rows(model: str) -> tuple[list[dict[str, Any]], str]:
-    """Candidate explanation layers of ``model`` and its default layer.
-
-    Zoo models are built without weights (the guarantee is structural); bundle folders
-    are loaded, so a corrupt bundle fails here.
-    """
-    from hirescam3d import zoo
-    from hirescam3d.models import explanation_layers
-
-    if is_zoo_name(model):
-        entry = zoo.entry(model)
-        network, default = entry.build(), entry.target_layer
-    else:
-        network, info = load_model(model)
-        default = info.target_layer
+def layer_rows(model: str | None) -> tuple[list[dict[str, Any]], str]:
+    """The layers explain accepts for ``model``'s input, each with its computed verdict,
+    and the default layer. Loads the model, so a corrupt bundle fails here (exit 1)."""
+    handle = resolve_handle(model)
     rows = []
-    for layer in explanation_layers(network):
+    for verdict in handle.layers():
         rows.append(
             {
-                "name": layer.name,
-                "module": layer.module,
-                "guaranteed": layer.guaranteed,
-                "default": layer.name == default,
-                "note": layer.note,
+                "name": verdict.layer,
+                "module": verdict.module,
+                "guaranteed": verdict.guaranteed,
+                "default": verdict.default,
+                "reason": verdict.reason,
+                "first_nonlinear": verdict.first_nonlinear,
+                "nonlinear_module": verdict.nonlinear_module,
+                "aliases": list(getattr(verdict, "aliases", ()) or ()),
             }
         )
-    if default not in {r["name"] for r in rows}:
-        rows.append(
-            {"name": default, "module": "", "guaranteed": None, "default": True, "note": ""}
-        )
-    return rows, default
+    return rows, handle.default_layer
+
+
+def _why(row: dict[str, Any]) -> str:
+    """The verdict's reason, short (``--json`` has it in full)."""
+    if row["guaranteed"]:
+        return "only linear operations follow"
+    if row["first_nonlinear"]:
+        return f"then {row['first_nonlinear']} ({row['nonlinear_module']})"
+    return row["reason"]
 
 
 def layers_command(model: str | None, json_out: bool = False) -> None:
-    model = check_model(model)
     rows, default = layer_rows(model)
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     from rich.table import Table
 
-    faithful = {True: "yes", False: "no", None: "unknown"}
-    table = Table(title=f"Explanation layers of {model} (default: {default})", title_justify="left")
-    table.add_column("layer", no_wrap=True)
+    name = model or DEFAULT_MODEL
+    table = Table(title=f"Explanation layers of {name} (default: {default})", title_justify="left")
+    table.add_column("layer", overflow="fold")
     table.add_column("module")
     table.add_column("HiResCAM faithful", justify="center")
-    table.add_column("note", overflow="fold")
+    table.add_column("why", overflow="fold")
     for row in rows:
-        name = row["name"] + (" (default)" if row["default"] else "")
-        table.add_row(name, row["module"], faithful[row["guaranteed"]], row["note"])
+        label = row["name"] + (" (default)" if row["default"] else "")
+        if row["aliases"]:
+            label += f"\n= {', '.join(row['aliases'])}"
+        table.add_row(label, row["module"], "yes" if row["guaranteed"] else "no", _why(row))
     console = out_console()
     console.print(table)
     console.print(
-        "faithful = only linear operations follow the layer, so HiResCAM shows exactly the "
-        "locations the score is made of; choose a layer with --layer."
+        "faithful = the audit found only linear operations between the layer and the scores "
+        "(traced, and checked numerically), so HiResCAM shows exactly the locations the "
+        "score is made of; choose a layer with --layer."
     )

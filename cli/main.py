@@ -25,6 +25,11 @@ def _method_choices() -> type[enum.Enum]:
 MethodChoice = _method_choices()
 
 
+class ValuesChoice(str, enum.Enum):
+    unit = "unit"
+    logit = "logit"
+
+
 class DeviceChoice(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -119,6 +124,15 @@ OrganNames = Annotated[
     ),
 ]
 Png = Annotated[bool, typer.Option("--png", help="Also save a PNG montage per map.")]
+Values = Annotated[
+    ValuesChoice,
+    typer.Option(
+        "--values",
+        case_sensitive=False,
+        help="unit: [0, 1] display maps; logit: signed HiResCAM contributions in logits per "
+        "voxel (only where the audit proves the guarantee).",
+    ),
+]
 Device = Annotated[
     DeviceChoice, typer.Option("--device", case_sensitive=False, help="Where the model runs.")
 ]
@@ -128,7 +142,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, ta
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
 
 
-def _options(finding, all_findings, method, model, layer, organs, organ_names, png, device, force):  # noqa: ANN001, ANN202 - plain pass-through of the typed options above
+def _options(finding, all_findings, method, model, layer, organs, organ_names, png, device, force,  # noqa: ANN001, ANN202, E501 - plain pass-through of the typed options above
+             values=ValuesChoice.unit):
     from .explain import ExplainOptions
 
     return ExplainOptions(
@@ -142,6 +157,7 @@ def _options(finding, all_findings, method, model, layer, organs, organ_names, p
         png=png,
         device=device.value,
         force=force,
+        values=values.value,
     )
 
 
@@ -170,6 +186,7 @@ def explain(
         ),
     ] = None,
     png: Png = False,
+    values: Values = ValuesChoice.unit,
     device: Device = DeviceChoice.auto,
     force: Force = False,
     json_out: Json = False,
@@ -180,7 +197,8 @@ def explain(
     from .explain import explain_command
 
     opts = _options(
-        finding, all_findings, method, model, layer, organs, organ_names, png, device, force
+        finding, all_findings, method, model, layer, organs, organ_names, png, device, force,
+        values,
     )
     with reported_errors(debug):
         explain_command(scan, out, opts, json_out=json_out, quiet=quiet, debug=debug)
@@ -212,6 +230,7 @@ def batch(
     png: Png = False,
     device: Device = DeviceChoice.auto,
     force: Annotated[bool, typer.Option("--force", help="Redo items already done.")] = False,
+    values: Values = ValuesChoice.unit,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -220,7 +239,8 @@ def batch(
     from .batch import batch_command
 
     opts = _options(
-        finding, all_findings, method, model, layer, organs, organ_names, png, device, force
+        finding, all_findings, method, model, layer, organs, organ_names, png, device, force,
+        values,
     )
     with reported_errors(debug):
         code = batch_command(inputs, out, opts, json_out=json_out, quiet=quiet, debug=debug)
@@ -252,6 +272,38 @@ def layers(model: Model = None, json_out: Json = False, debug: Debug = False) ->
 
     with reported_errors(debug):
         layers_command(model, json_out=json_out)
+
+
+@app.command()
+def audit(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Zoo name, bundle folder, or module:callable returning your nn.Module. "
+            "Default: demo.",
+            show_default=False,
+        ),
+    ] = None,
+    layer: Layer = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="One input's shape without batch, e.g. 1x96x128x128 (C x spatial); needed "
+            "for module:callable.",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Compute whether HiResCAM is guaranteed faithful at a layer (exit 0 yes, 3 no)."""
+    from .audit import audit_command
+
+    with reported_errors(debug):
+        code = audit_command(model, layer, input_shape, json_out=json_out)
+    raise typer.Exit(code)
 
 
 @app.command()

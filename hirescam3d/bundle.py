@@ -8,8 +8,14 @@ Layout::
     docs/README.md, LICENSE
 
 Loading is safe by construction: the network is built only from the allow-list in
-:data:`hirescam3d.models.ARCHITECTURES` (a bundle's ``_target_`` is never imported or
-executed) and weights load only with ``torch.load(..., weights_only=True)``.
+:data:`hirescam3d.models.ARCHITECTURE_TARGETS` (a bundle's ``_target_`` is never imported
+or executed) and weights load only with ``torch.load(..., weights_only=True)``.
+
+This module is persistence only: the metadata record (:class:`ModelInfo`, with its
+:class:`InputSpec`), reading it without weights (:func:`read_info`,
+:func:`read_class_names`), and saving and loading folders. Resolving names, checking
+findings and layers, and the HiResCAM audit live in :mod:`hirescam3d.handle`; the
+``guaranteed`` flag stored here is only a cache of that audit, checked on load there.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import torch
 from torch import nn
@@ -171,7 +176,13 @@ def apply_window(image: np.ndarray | torch.Tensor, window: tuple[float, float]) 
 
 @dataclass
 class ModelInfo:
-    """What :func:`hirescam3d.zoo.load` knows about the network it returns."""
+    """What is recorded about a model: a bundle's metadata, or a zoo entry's card.
+
+    ``guaranteed`` is the cached HiResCAM verdict at ``target_layer``
+    (:meth:`hirescam3d.handle.ModelHandle.load` checks it against the computed audit).
+    ``weights_sha256`` is the checksum of the loaded weights (after :func:`load_bundle`)
+    or the one the metadata records (after :func:`read_info`).
+    """
 
     name: str
     description: str
@@ -198,6 +209,8 @@ def sha256_of(path: Path) -> str:
 
 # -- saving -------------------------------------------------------------------------------
 def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
+    import monai
+
     spec = info.input
     spatial = list(spec.spatial_size)
     return {
@@ -428,28 +441,35 @@ def read_class_names(path: str | Path) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
-def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
-    """Load a bundle folder: ``(network in eval mode, info)``; ModelError on any problem."""
+def _bundle_root(path: str | Path) -> Path:
     root = Path(path)
     if not root.is_dir():
         raise ModelError(f"bundle folder {root} does not exist")
+    return root
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """A bundle's :class:`ModelInfo` from its configs only: no network built, no weights read.
+
+    ``weights_sha256`` is the checksum the metadata records. ModelError naming the file
+    for anything missing or malformed.
+    """
+    root = _bundle_root(path)
     meta_path, inf_path = root / METADATA, root / INFERENCE
     meta = _read_json(meta_path)
-    inference = _read_json(inf_path)
     section = _get(meta, "hirescam3d", meta_path)
-    class_names = tuple(str(n) for n in _get(section, "class_names", meta_path))
+    if not isinstance(section, dict):
+        raise ModelError(f"{meta_path}: 'hirescam3d' must be an object")
+    names = _get(section, "class_names", meta_path)
+    if not isinstance(names, list):
+        raise ModelError(f"{meta_path}: hirescam3d.class_names must be a list")
     target_layer = str(_get(section, "target_layer", meta_path))
     task = str(_get(section, "task", meta_path))
     if task not in TASKS:
         raise ModelError(f"{meta_path}: task {task!r} is not one of {', '.join(TASKS)}")
     spec = InputSpec.from_dict(_get(section, "input", meta_path), f"{meta_path} hirescam3d.input")
-
-    net_def = _get(inference, "network_def", inf_path)
-    if not isinstance(net_def, dict) or not isinstance(net_def.get("_target_"), str):
-        raise ModelError(f"{inf_path}: network_def must be an object with a '_target_' string")
-    kwargs = {k: v for k, v in net_def.items() if k != "_target_"}
-    network = build_network(net_def["_target_"], kwargs, f"{inf_path} network_def")
-    transforms = _get(inference, "preprocessing.transforms", inf_path)
+    guaranteed = _get(section, "guaranteed", meta_path)
+    transforms = _get(_read_json(inf_path), "preprocessing.transforms", inf_path)
     if not isinstance(transforms, list) or not all(
         isinstance(t, dict) and t.get("_target_") in PREPROCESSING_TRANSFORMS for t in transforms
     ):
@@ -457,11 +477,48 @@ def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
             f"{inf_path}: preprocessing.transforms must be a list of "
             f"{', '.join(PREPROCESSING_TRANSFORMS)} specs"
         )
+    return ModelInfo(
+        name=str(section.get("name", meta.get("name", root.name))),
+        description=str(meta.get("description", "")),
+        class_names=tuple(str(n) for n in names),
+        target_layer=target_layer,
+        input=spec,
+        preprocessing=transforms,
+        task=task,
+        guaranteed=bool(guaranteed),
+        trained=bool(section.get("trained", True)),
+        weights_sha256=section.get("weights_sha256") or None,
+        bundle_path=root.resolve(),
+        version=str(meta.get("version", "")),
+        training=dict(section.get("training") or {}),
+    )
+
+
+def read_network_def(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(_target_, kwargs)`` of a bundle's ``network_def`` (nothing imported or built)."""
+    inf_path = _bundle_root(path) / INFERENCE
+    net_def = _get(_read_json(inf_path), "network_def", inf_path)
+    if not isinstance(net_def, dict) or not isinstance(net_def.get("_target_"), str):
+        raise ModelError(f"{inf_path}: network_def must be an object with a '_target_' string")
+    return net_def["_target_"], {k: v for k, v in net_def.items() if k != "_target_"}
+
+
+def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
+    """Load a bundle folder: ``(network in eval mode, info)``; ModelError on any problem.
+
+    Persistence only: the recorded ``guaranteed`` flag is returned as stored (use
+    :meth:`hirescam3d.handle.ModelHandle.load` to have it checked against the audit).
+    """
+    root = _bundle_root(path)
+    meta_path, inf_path = root / METADATA, root / INFERENCE
+    info = read_info(root)
+    target, kwargs = read_network_def(root)
+    network = build_network(target, kwargs, f"{inf_path} network_def")
 
     weights_path = root / WEIGHTS
     state = load_weights(weights_path)
     sha = sha256_of(weights_path)
-    recorded = section.get("weights_sha256")
+    recorded = info.weights_sha256
     if recorded and recorded != sha:
         raise ModelError(
             f"{weights_path}: sha256 {sha[:12]}... differs from {recorded[:12]}... recorded in "
@@ -471,25 +528,11 @@ def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     network.load_state_dict(state)
     network.eval()
 
-    if target_layer not in dict(network.named_modules()):
+    if info.target_layer not in dict(network.named_modules()):
         raise ModelError(
-            f"{meta_path}: target_layer {target_layer!r} is not a layer of the network"
+            f"{meta_path}: target_layer {info.target_layer!r} is not a layer of the network"
         )
-    if tuple(getattr(network, "class_names", class_names)) != class_names:
+    if tuple(getattr(network, "class_names", info.class_names)) != info.class_names:
         raise ModelError(f"{meta_path}: class_names differ from the network's in {inf_path}")
-    info = ModelInfo(
-        name=str(section.get("name", meta.get("name", root.name))),
-        description=str(meta.get("description", "")),
-        class_names=class_names,
-        target_layer=target_layer,
-        input=spec,
-        preprocessing=transforms,
-        task=task,
-        guaranteed=bool(_get(section, "guaranteed", meta_path)),
-        trained=bool(section.get("trained", True)),
-        weights_sha256=sha,
-        bundle_path=root.resolve(),
-        version=str(meta.get("version", "")),
-        training=dict(section.get("training") or {}),
-    )
+    info.weights_sha256 = sha
     return network, info

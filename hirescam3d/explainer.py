@@ -1,7 +1,8 @@
 """Explainer: model + layer + method(s) -> explanation maps, in one forward pass.
 
 Data path: validate input -> forward with the layer captured -> class scores ->
-K target gradients from one graph -> pure method functions -> post-process.
+K target gradients from one graph -> pure method functions -> place on the input by the
+layer's traced geometry -> post-process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from . import postprocess
 from .capture import LayerCapture, model_state_restored, resolve_layer
 from .errors import InputError, LayerError, TargetError
 from .methods import get_method
+from .trace import LayerGeometry, TraceResult, probe_geometry, trace
+
+PostProcessing = Callable[[torch.Tensor, LayerGeometry, Sequence[int]], torch.Tensor]
 
 Targets = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | torch.Tensor | None
 
@@ -25,19 +29,23 @@ Targets = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | torc
 class ExplanationResult:
     """Explanations of K targets for a batch of B inputs.
 
-    ``raw``: ``(B, K, *feature_spatial)`` float32, straight from the method.
-    ``maps``: ``(B, K, *input_spatial)`` float32 in [0, 1] (ReLU, upsample, min-max).
-    ``scores``: ``(B, C)`` logits; ``targets``: ``(B, K)`` class indices.
+    ``raw``: ``(B, K, *feature_spatial)`` float32, straight from the method (for
+    HiResCAM at a guaranteed layer: each cell's contribution to the logit).
+    ``maps``: ``(B, K, *input_spatial)`` from the explainer's post-processing, by default
+    float32 in [0, 1] placed by ``geometry`` (:func:`hirescam3d.postprocess.unit_maps`);
+    None when maps were not requested. ``scores``: ``(B, C)`` logits; ``targets``:
+    ``(B, K)`` class indices. ``geometry``: where the raw cells lie in the input.
     """
 
     raw: torch.Tensor
-    maps: torch.Tensor
+    maps: torch.Tensor | None
     scores: torch.Tensor
     targets: torch.Tensor
     method: str
     layer: str
     class_names: tuple[str, ...] | None = None
     activation_shape: tuple[int, ...] = field(default=())
+    geometry: LayerGeometry | None = None
 
     def target_names(self) -> list[list[str]]:
         """Class names of ``targets`` (indices as strings when the model has no names)."""
@@ -70,6 +78,10 @@ class Explainer:
         output_selector: maps the model's output (tuple, dict) to ``(B, C)`` logits.
         fc_layer: for CAM, the linear layer after global pooling (name or module);
             defaults to the last ``nn.Linear`` whose input size matches the layer's F.
+        postprocessing: ``f(raw, geometry, input_size) -> maps``, what ``result.maps``
+            holds; default :func:`hirescam3d.postprocess.unit_maps` (ReLU, placed by the
+            layer's geometry, divided by the maximum). Use
+            :func:`hirescam3d.postprocess.density` for maps in the raw map's units.
 
     The model is run in eval mode and every module's mode, ``requires_grad`` flag
     and hook set is restored afterwards, also when the forward pass raises.
@@ -83,6 +95,7 @@ class Explainer:
         class_names: Sequence[str] | None = None,
         output_selector: Callable[[object], torch.Tensor] | None = None,
         fc_layer: str | nn.Module | None = None,
+        postprocessing: PostProcessing = postprocess.unit_maps,
     ):
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, target_layer)
@@ -91,6 +104,8 @@ class Explainer:
         self.class_names = tuple(names) if names is not None else None
         self.output_selector = output_selector
         self.fc_layer = fc_layer
+        self.postprocessing = postprocessing
+        self._geometries: dict[tuple, LayerGeometry] = {}
 
     # -- input and targets -------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,17 +258,57 @@ class Explainer:
         return fc.weight.detach()[tgt.T]
 
     # -- public API -----------------------------------------------------------------------
+    def geometry(self, x: torch.Tensor) -> LayerGeometry:
+        """Where the layer's cells lie in an input shaped like ``x`` ``(B, C, *spatial)``.
+
+        Traced from the network itself (convolutions, pooling, strides, padding,
+        dilation, reshapes; :mod:`hirescam3d.trace`) on one item of ``x``, once per input
+        shape; where the trace cannot follow an axis, a gradient probe measures it.
+        :meth:`explain` traces during its own forward pass, at no extra pass.
+        """
+        key = tuple(x.shape[1:])
+        if key not in self._geometries:
+            x = self._check_input(x)[:1]
+            with model_state_restored(self.model):
+                result = trace(self.model, x, self.output_selector, stop_at=self.layer_name)
+            self._remember(key, result, x)
+        return self._geometries[key]
+
+    def _remember(self, key: tuple, result: TraceResult, x: torch.Tensor) -> None:
+        try:
+            self._geometries[key] = result.layer_geometry(self.layer_name)
+        except LayerError:
+            self._geometries[key] = probe_geometry(self.model, self.layer, x[:1])
+
     def explain(
-        self, x: torch.Tensor, targets: Targets = None, methods: Sequence[str] | None = None
+        self,
+        x: torch.Tensor,
+        targets: Targets = None,
+        methods: Sequence[str] | None = None,
+        maps: bool = True,
     ) -> dict[str, ExplanationResult]:
         """Explain ``x`` ``(B, C_in, *spatial)`` for K targets with several methods.
 
         All methods and targets share ONE forward pass and one backward graph.
+        ``maps=False`` skips placing maps on the input (``result.maps`` is None).
         """
         methods = [get_method(m) for m in (methods or [self.method])]
         x = self._check_input(x)
+        key = tuple(x.shape[1:])
         with model_state_restored(self.model):
-            acts, scores = self._forward(x)
+            if maps and key not in self._geometries:
+                # First input of this shape: trace the geometry during the forward pass.
+                held: dict[str, torch.Tensor] = {}
+
+                def forward(t: torch.Tensor) -> torch.Tensor:
+                    held["acts"], held["scores"] = self._forward(t)
+                    return held["scores"]
+
+                self._remember(key, trace(self.model, x, forward=forward), x)
+                acts, scores = held["acts"], held["scores"]
+            else:
+                acts, scores = self._forward(x)
+            geometry = self._geometries[key] if maps else None
             tgt = self._target_matrix(targets, scores.detach())
             grads = None
             if any(m.needs == "gradients" for m in methods):
@@ -263,16 +318,21 @@ class Explainer:
                 with torch.no_grad():
                     other = grads if m.needs == "gradients" else self._class_weights(acts, tgt)
                     raw = m.fn(acts.detach(), other).movedim(0, 1).float().contiguous()
-                    maps = postprocess.to_unit_maps(raw, x.shape[2:])
+                    placed = (
+                        None
+                        if geometry is None
+                        else self.postprocessing(raw, geometry, tuple(x.shape[2:]))
+                    )
                 results[m.name] = ExplanationResult(
                     raw=raw,
-                    maps=maps,
+                    maps=placed,
                     scores=scores.detach(),
                     targets=tgt,
                     method=m.name,
                     layer=self.layer_name,
                     class_names=self.class_names,
                     activation_shape=tuple(acts.shape),
+                    geometry=geometry,
                 )
         return results
 

@@ -30,7 +30,9 @@ def save_montage(
 ) -> Path:
     """Save the ``n_slices`` most-attended axial slices of ``ct`` with the heat overlay.
 
-    ``ct`` (HU) and ``explanation`` ([0, 1]) are ``(I, J, K)`` on the same grid. With
+    ``ct`` (HU) and ``explanation`` are ``(I, J, K)`` on the same grid; the explanation is
+    a [0, 1] display map (sequential colormap), or, when it has negative values, a signed
+    contribution map in logits per voxel (diverging colormap centred on 0). With
     ``affine`` (voxel -> RAS mm) both are first reoriented to S, P, L axes; without it
     they must already be in that order (axis 0 toward superior, rows anterior to
     posterior, columns patient right to left). Slices are shown in radiological
@@ -53,6 +55,9 @@ def save_montage(
         explanation, _ = io.reorient(explanation, affine, "SPL")
         z_mm = [float((spl @ np.array([i, 0, 0, 1.0]))[2]) for i in range(ct.shape[0])]
     slices = most_attended_slices(explanation, n_slices)[::-1]  # superior first
+    signed = bool((explanation < 0).any())
+    top = float(np.abs(explanation).max()) or 1.0
+    limits = (-top, top) if signed else (0.0, 1.0)
 
     def draw(tmp: Path) -> None:
         # The object API needs no pyplot and leaves the process's backend (napari: Qt) alone.
@@ -69,8 +74,10 @@ def save_montage(
             ax = fig.add_subplot(grid[i // cols, i % cols])
             ax.imshow(ct[s], cmap="gray", vmin=window[0], vmax=window[1],
                       interpolation="nearest")
-            overlay = np.ma.masked_less(explanation[s], 0.05)
-            heat = ax.imshow(overlay, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55,
+            overlay = np.ma.masked_where(np.abs(explanation[s]) < 0.05 * limits[1],
+                                         explanation[s])
+            heat = ax.imshow(overlay, cmap="RdBu_r" if signed else "inferno",
+                             vmin=limits[0], vmax=limits[1], alpha=0.55,
                              interpolation="bilinear")
             label = f"S {z_mm[s]:.0f} mm" if z_mm is not None else f"slice {s}"
             ax.set_title(label, fontsize=9)
@@ -82,7 +89,10 @@ def save_montage(
             ax.set_yticks([])
         if heat is not None:
             cbar = fig.colorbar(heat, cax=fig.add_subplot(grid[:, cols]))
-            cbar.set_label("explanation (0 = none, 1 = strongest)")
+            cbar.set_label(
+                "contribution (logit per voxel)" if signed
+                else "explanation (0 = none, 1 = strongest)"
+            )
         if title:
             fig.suptitle(title, fontsize=11)
         fig.savefig(tmp, format="png")

@@ -7,9 +7,13 @@ Switch with an import change::
 
 Signatures follow ``monai.visualize`` (``nn_module``, ``target_layers``,
 ``upsampler``, ``postprocessing``; ``__call__(x, class_idx, layer_idx,
-retain_graph)`` returning ``(B, 1, *spatial)``). One difference on purpose:
-MONAI's ``default_normalizer`` maps the maximum to 0 (an inverted heatmap);
-the default here maps the minimum to 0 and the maximum to 1.
+retain_graph)`` returning ``(B, 1, *spatial)``). Two differences on purpose:
+MONAI's ``default_normalizer`` maps the maximum to 0 (an inverted heatmap), the default
+here maps the minimum to 0 and the maximum to 1; and the default upsampling places each
+cell on the input voxel its receptive field is centred on (the layer's traced geometry,
+see :mod:`hirescam3d.postprocess`) instead of stretching the grid over the input, which
+is only right where the grid tiles the input exactly. A custom ``upsampler`` is used as
+MONAI uses it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,19 @@ from .explainer import Explainer
 def default_upsampler(
     spatial_size: Sequence[int], align_corners: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return ``f(maps)`` resizing ``(B, 1, *S)`` to ``spatial_size`` (n-D linear)."""
+    """Return ``f(maps)`` stretching ``(B, 1, *S)`` evenly over ``spatial_size``.
+
+    Used as is only when called directly: the CAM classes recognise this default and
+    place maps by the explained layer's geometry instead.
+    """
     if align_corners:
         raise ValueError("hirescam3d upsamples with align_corners=False only")
-    return lambda maps: postprocess.upsample(maps, spatial_size)
+
+    def stretch(maps: torch.Tensor) -> torch.Tensor:
+        grid = maps.shape[2:]
+        return postprocess.place(maps, postprocess.stretch_geometry(grid, spatial_size))
+
+    return stretch
 
 
 def default_normalizer(maps: torch.Tensor) -> torch.Tensor:
@@ -74,7 +87,8 @@ class _CAMBase:
             class_idx = int(class_idx)
         if class_idx is not None and not isinstance(class_idx, int):
             class_idx = [[int(c)] for c in class_idx]
-        result = self._explainers[layer_idx](x, targets=class_idx)
+        explainer = self._explainers[layer_idx]
+        result = explainer.explain(x, targets=class_idx, maps=False)[explainer.method]
         return postprocess.relu(result.raw) if self.apply_relu else result.raw
 
     def feature_map_size(
@@ -96,7 +110,12 @@ class _CAMBase:
         ``retain_graph`` is accepted for signature compatibility; no graph outlives the call.
         """
         acti_map = self.compute_map(x, class_idx=class_idx, layer_idx=layer_idx)
-        return self.postprocessing(self.upsampler(x.shape[2:])(acti_map))
+        if self.upsampler is default_upsampler:
+            geometry = self._explainers[layer_idx].geometry(x)
+            placed = postprocess.place(acti_map, geometry, x.shape[2:])
+        else:
+            placed = self.upsampler(x.shape[2:])(acti_map)
+        return self.postprocessing(placed)
 
 
 class HiResCAM(_CAMBase):

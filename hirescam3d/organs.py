@@ -139,7 +139,8 @@ def align_organs(
 
     Same shape and affine (within 1e-3 mm): returned as is. Otherwise resampled with
     nearest-neighbour interpolation (MONAI ``SpatialResample``) and a warning text is
-    returned. Raises :class:`ScanError` if no label lands inside the scan.
+    returned that names what differs (shape, spacing, origin, direction) with the values.
+    Raises :class:`ScanError` if no label lands inside the scan.
     """
     import torch
     from monai.data import MetaTensor
@@ -158,22 +159,23 @@ def align_organs(
     )
     aligned = np.rint(out.as_tensor()[0].numpy()).astype(labels.dtype)
 
-    def describe(shape: Sequence[int], affine: np.ndarray) -> str:
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        return f"shape {tuple(shape)}, spacing {' x '.join(f'{s:.3g}' for s in spacing)} mm"
+    from .io import affine_distance_mm, grid_differences
 
+    differences = grid_differences(labels.shape, labels_affine, scan_shape, scan_affine)
+    if not differences:  # each part within tolerance, the affines as a whole not
+        off = affine_distance_mm(labels_affine, scan_affine, labels.shape)
+        differences = [f"voxel positions up to {off:.3g} mm apart"]
+    differ = "; ".join(differences)
     if not aligned.any():
         raise ScanError(
-            f"{source} does not overlap the scan ({describe(labels.shape, labels_affine)} vs "
-            f"the scan's {describe(scan_shape, scan_affine)}): no labelled voxel lies inside "
+            f"{source} does not overlap the scan ({differ}): no labelled voxel lies inside "
             "the scan; check that the organ map was made from this scan"
         )
     voxel_mm3 = [abs(np.linalg.det(a[:3, :3])) for a in (scan_affine, labels_affine)]
     inside = (aligned > 0).sum() * voxel_mm3[0] / ((labels > 0).sum() * voxel_mm3[1])
     warning = (
-        f"{source} is on a different grid ({describe(labels.shape, labels_affine)}) than the "
-        f"scan ({describe(scan_shape, scan_affine)}); resampled to the scan's grid with "
-        "nearest-neighbour interpolation"
+        f"{source} is on a different grid than the scan ({differ}); resampled to the scan's "
+        "grid with nearest-neighbour interpolation"
     )
     if inside < 0.9:
         warning += f"; only about {min(inside, 1.0):.0%} of the labelled volume is inside it"

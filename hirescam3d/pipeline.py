@@ -1,15 +1,16 @@
 """Scan -> MONAI preprocessing -> one explained forward pass -> Invertd -> scan-grid maps.
 
 The CLI and the napari plugin are thin shells over :func:`explain_image` (arrays in
-memory) and :func:`explain_scan` (a file in; NIfTI maps and ``report.json`` out). Every
-step is a MONAI dictionary transform: :func:`preprocess_transforms` builds the model's
-input, :class:`hirescam3d.transforms.Explaind` adds the maps, ``Invertd`` brings them
-back to the scan's grid with linear interpolation.
+memory) and :func:`explain_scan` (a file in; NIfTI maps and ``report.json`` out).
+:func:`preprocess_transforms` builds the model's input with MONAI dictionary transforms;
+the :class:`~hirescam3d.explainer.Explainer` gives the raw maps; contributions and organ
+shares are computed on the explanation grid (:mod:`hirescam3d.attribution`); the maps
+are placed on the model's grid by the layer's traced geometry and brought back to the
+scan's grid with ``Invertd`` (linear interpolation).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import platform
@@ -25,11 +26,12 @@ import torch
 from torch import nn
 
 from .bundle import PREPROCESSING_TRANSFORMS, ModelInfo, preprocessing_transforms
-from .errors import HiResCAMError, InputError, ModelError, TargetError
+from .errors import HiResCAMError, InputError, LayerError, ModelError, TargetError
+from .handle import ModelHandle, match_findings
 from .methods import get_method
 
 Progress = Callable[[str, float], None]
-ModelArg = str | Path | tuple[nn.Module, ModelInfo] | None
+ModelArg = str | Path | tuple[nn.Module, ModelInfo] | ModelHandle | None
 
 PROBABILITY_THRESHOLD = 0.5
 # Intensity transforms touch images only; spatial ones also move label maps (nearest).
@@ -42,7 +44,8 @@ _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 class ScanExplanation:
     """Explanations of one scan.
 
-    ``maps``: ``{(finding, method): float32 (I, J, K) in [0, 1]}`` on the scan's grid.
+    ``maps``: ``{(finding, method): float32 (I, J, K)}`` on the scan's grid: in [0, 1]
+    (``values == "unit"``) or logits per voxel (``values == "logit"``).
     ``probabilities`` / ``logits``: ``{finding: value}`` for every class of the model.
     ``report``: JSON-ready dict (what ``report.json`` holds).
     ``warnings``: texts of everything worth telling the user (also in the report).
@@ -58,6 +61,7 @@ class ScanExplanation:
     model_grid_maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     organs: np.ndarray | None = None
     organ_names: dict[int, str] | None = None
+    values: str = "unit"
 
     @property
     def findings(self) -> list[str]:
@@ -85,31 +89,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_model(model: ModelArg) -> tuple[nn.Module, ModelInfo]:
-    """A zoo name, bundle folder or ``(network, info)`` pair -> ``(network, info)``."""
+    """A zoo name, bundle folder, handle or ``(network, info)`` pair -> ``(network, info)``.
+
+    A thin wrapper over :meth:`hirescam3d.handle.ModelHandle.resolve` and ``load()``;
+    pairs are returned as given.
+    """
     if isinstance(model, tuple):
         if len(model) != 2 or not isinstance(model[0], nn.Module):
             raise ModelError("model must be a zoo name, a bundle folder or (network, info)")
         return model
-    from . import zoo
-
-    return zoo.load(model)
+    return ModelHandle.resolve(model).load()
 
 
 def check_findings(findings: Sequence[str] | None, class_names: Sequence[str]) -> list[str] | None:
-    """Validate finding names against the model's classes (TargetError lists valid ones)."""
+    """Finding names as the model spells them (case-insensitive, spaces as underscores,
+    duplicates removed); TargetError lists the valid ones. ``None`` stays None."""
     if findings is None:
         return None
-    findings = list(dict.fromkeys(findings))
-    if not findings:
+    if not list(findings):
         raise TargetError(f"no finding given; valid findings: {', '.join(class_names)}")
-    for name in findings:
-        if name not in class_names:
-            close = difflib.get_close_matches(name, class_names, n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise TargetError(
-                f"unknown finding {name!r}.{hint} Valid findings: {', '.join(class_names)}"
-            )
-    return findings
+    return match_findings(findings, class_names)
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -121,15 +120,12 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 
 
 def layer_guarantee(network: nn.Module, info: ModelInfo, layer: str) -> bool | None:
-    """Whether HiResCAM is guaranteed faithful at ``layer`` (None: unknown)."""
-    if layer == info.target_layer:
-        return bool(info.guaranteed)
-    from .models import explanation_layers
-
-    for candidate in explanation_layers(network):
-        if candidate.name == layer:
-            return candidate.guaranteed
-    return None
+    """Whether HiResCAM is guaranteed faithful at ``layer``, computed by the audit (cached
+    per network's handle); None when explain cannot use the layer or the input is unknown."""
+    try:
+        return ModelHandle.of(network, info).audit(layer).guaranteed
+    except (LayerError, ModelError):
+        return None
 
 
 def software_versions() -> dict[str, str]:
@@ -236,11 +232,13 @@ def invert_maps(
     model_grid: dict[tuple[str, str], torch.Tensor],
     shape: tuple[int, ...],
     affine: np.ndarray,
+    clip: bool = True,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Map ``(1, *model_grid)`` maps back to the scan's grid with ``Invertd`` (linear).
 
     ``pre`` is the preprocessing applied to ``image`` (the preprocessed MetaTensor whose
-    applied operations are undone). Returns float32 ``shape`` volumes clipped to [0, 1].
+    applied operations are undone). Returns float32 ``shape`` volumes, clipped to [0, 1]
+    with ``clip`` (display maps), else as resampled (signed values).
     """
     from monai.data import MetaTensor
     from monai.transforms import Invertd
@@ -262,25 +260,25 @@ def invert_maps(
             f"internal error: the inverted maps (shape {back.shape[1:]}) are not on the "
             f"scan's grid (shape {tuple(shape)})"
         )
-    return {p: np.clip(back[i], 0.0, 1.0).astype(np.float32) for i, p in enumerate(model_grid)}
+    if clip:
+        back = np.clip(back, 0.0, 1.0)
+    return {p: back[i].astype(np.float32) for i, p in enumerate(model_grid)}
 
 
-def _organ_report(
-    maps: dict[tuple[str, str], np.ndarray], organs: np.ndarray, names: dict[int, str] | None
-) -> dict[str, Any]:
-    """``{finding: {method: {by_label, by_group, outside_labels}}}`` mass fractions."""
-    from .organs import group_fractions, organ_fractions
+VALUES = ("unit", "logit")
 
-    names = names or {int(v): f"label_{int(v)}" for v in np.unique(organs) if v}
-    out: dict[str, Any] = {}
-    for (finding, method), vol in maps.items():
-        by_label = organ_fractions(vol, organs, names)
-        out.setdefault(finding, {})[method] = {
-            "by_label": by_label,
-            "by_group": group_fractions(by_label),
-            "outside_labels": max(0.0, 1.0 - sum(by_label.values())),
-        }
-    return out
+
+def _model_grid_maps(
+    raw: torch.Tensor, geometry: Any, values: str, size: Sequence[int]
+) -> torch.Tensor:
+    """``(1, *size)`` on the model's input grid: a [0, 1] display map (``unit``) or the
+    contribution density in logits per model voxel (``logit``)."""
+    from . import postprocess
+
+    grid = raw[None, None].float()
+    if values == "logit":
+        return postprocess.density(grid, geometry, size)[0]
+    return postprocess.unit_maps(grid, geometry, size)[0]
 
 
 def explain_image(
@@ -294,21 +292,32 @@ def explain_image(
     organ_names: dict[int, str] | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    values: str = "unit",
 ) -> ScanExplanation:
     """Explain a scan on its own grid.
 
     ``image``: ``(I, J, K)`` intensities (HU for CT); ``affine``: voxel -> RAS mm.
     ``findings=None``: every finding with probability >= 0.5 (none -> no maps, a warning).
-    All findings and methods come from one forward pass at the model grid; the maps are
-    mapped back with MONAI ``Invertd`` (linear interpolation) to ``(I, J, K)`` in [0, 1].
-    ``organs``: integer labels ``(I, J, K)`` on the same grid, named by ``organ_names``;
-    the report then holds each map's fraction of positive mass per organ.
+    All findings and methods come from one forward pass at the model grid. Each raw map
+    is placed on the model's grid by the layer's traced geometry and mapped back with
+    MONAI ``Invertd`` (linear interpolation) to ``(I, J, K)``:
+
+    - ``values="unit"``: display maps in [0, 1] (ReLU, divided by the maximum);
+    - ``values="logit"``: signed contribution density in logits per scan voxel, summing
+      (over the scan) to the part of the contributions inside the scan. Only for
+      HiResCAM at a layer where the audit proves the guarantee (ModelError otherwise).
+
+    The report holds, per finding and method, the logit contributions (HiResCAM at a
+    guaranteed layer: total, bias, outside the scan and per organ) and, with ``organs``
+    (integer labels ``(I, J, K)`` on the same grid, named by ``organ_names``), each map's
+    shares of positive evidence per organ, all computed on the explanation grid.
     ``progress(stage, fraction)`` is called as stages start. The network is moved to
     ``device`` ("auto": CUDA if available) and left there.
     """
     from monai.data import MetaTensor
 
-    from .transforms import Explaind
+    from . import attribution
+    from .explainer import Explainer
 
     def step(stage: str, fraction: float) -> None:
         if progress is not None:
@@ -319,14 +328,17 @@ def explain_image(
     if image.ndim != 3:
         raise InputError(f"image must be a 3D (I, J, K) volume; got shape {image.shape}")
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise InputError(f"affine must be a finite 4x4 matrix; got shape {affine.shape}")
+        bad = "not finite" if affine.shape == (4, 4) else f"of shape {affine.shape}"
+        raise InputError(f"the scan's affine is {bad}; it must be a finite 4x4 matrix")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError("affine is singular (a zero or collinear voxel axis)")
+        raise InputError("the scan's affine is singular (a zero or collinear voxel axis)")
     if organs is not None and organs.shape != image.shape:
         raise InputError(
             f"organ labels {organs.shape} are not on the scan's grid {image.shape}; "
             "align them first with hirescam3d.organs.align_organs"
         )
+    if values not in VALUES:
+        raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
     network, info = resolve_model(model)
     class_names = list(info.class_names)
     requested = check_findings(findings, class_names)
@@ -337,11 +349,35 @@ def explain_image(
     timings: dict[str, float] = {}
     notes: list[str] = []
 
+    step("audit", 0.05)
+    t = time.perf_counter()
+    verdict = _verdict(network, info, layer)
+    if values == "logit" and (methods != ["hirescam"] or not verdict.guaranteed):
+        why = (
+            f"methods {', '.join(m for m in methods if m != 'hirescam')} have no units"
+            if methods != ["hirescam"]
+            else verdict.text()
+        )
+        raise ModelError(
+            f"logit values need HiResCAM at a layer where its guarantee holds ({why}); "
+            "use the default unit values, or --method hirescam at a guaranteed layer "
+            "(see `hirescam3d audit`)"
+        )
+    timings["audit_s"] = time.perf_counter() - t
+
     step("preprocess", 0.1)
     t = time.perf_counter()
-    pre = preprocess_transforms(info, "image", from_array=True)
+    # The region map rides along the spatial steps (nearest): 0 outside the scan (padding),
+    # 1 inside, label + 1 inside organ ``label``.
+    support = np.ones(image.shape, np.int16) if organs is None else organs.astype(np.int16) + 1
+    pre = preprocess_transforms(info, "image", label_keys="support", from_array=True)
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    data = pre({"image": MetaTensor(volume, affine=torch.as_tensor(affine))})
+    data = pre(
+        {
+            "image": MetaTensor(volume, affine=torch.as_tensor(affine)),
+            "support": MetaTensor(torch.from_numpy(support), affine=torch.as_tensor(affine)),
+        }
+    )
     crop = _crop_warning(data["image"], info)
     if crop:
         notes.append(crop)
@@ -349,19 +385,12 @@ def explain_image(
 
     step("explain", 0.3)
     t = time.perf_counter()
-    explain = Explaind(
-        "image",
-        model=network,
-        target_layer=layer,
-        findings=requested or class_names,  # all classes when choosing by probability
-        methods=methods,
-        output_key_template="{finding}|{method}",
-        class_names=class_names,
-        scores_key="scores",
-    )
-    data["image"] = data["image"].to(dev)
-    data = explain(data)
-    logits = data.pop("scores").float()
+    x = data["image"].as_tensor()[None].to(dev)
+    explainer = Explainer(network, layer, methods[0], class_names=class_names)
+    targets = requested or class_names  # all classes when choosing by probability
+    results = explainer.explain(x, targets, methods, maps=False)
+    geometry = explainer.geometry(x)
+    logits = results[methods[0]].scores[0].detach().float().cpu()
     probs = _probabilities(logits, info.task)
     logit_of = {n: float(v) for n, v in zip(class_names, logits.tolist(), strict=True)}
     prob_of = {n: float(v) for n, v in zip(class_names, probs.tolist(), strict=True)}
@@ -375,23 +404,50 @@ def explain_image(
             )
     else:
         chosen, selection = requested, "requested"
+    raw = {
+        (f, m): results[m].raw[0, targets.index(f)].detach().cpu()
+        for f in chosen
+        for m in methods
+    }
     timings["explain_s"] = time.perf_counter() - t
+
+    step("attribute", 0.45)
+    t = time.perf_counter()
+    regions = attribution.cell_regions(data["support"].as_tensor()[0].cpu(), geometry, organ_names)
+    coverage = float((data["support"].as_tensor() > 0).float().mean())
+    if coverage < 0.5:
+        notes.append(
+            f"the scan covers only {coverage:.0%} of the model's field of view (the rest is "
+            "padding the model sees as air); explanations of such a scan say little"
+        )
+    units = verdict.guaranteed and verdict.bias is not None
+    contributions: dict[str, Any] = {}
+    shares: dict[str, Any] = {}
+    for (finding, method), cells in raw.items():
+        if method == "hirescam" and units:
+            bias = verdict.bias[class_names.index(finding)]
+            contributions.setdefault(finding, {})[method] = attribution.contributions(
+                cells, regions, logit_of[finding], bias
+            )
+        shares.setdefault(finding, {})[method] = attribution.positive_shares(cells, regions)
+    if raw and all(entry["no_positive_evidence"] for m in shares.values() for entry in m.values()):
+        notes.append("no explained map has positive evidence (every map is 0 or negative)")
+    timings["attribute_s"] = time.perf_counter() - t
 
     step("invert", 0.6)
     t = time.perf_counter()
-    pairs = [(f, m) for f in chosen for m in methods]
-    model_grid = {p: data[f"{p[0]}|{p[1]}"] for p in pairs}
-    maps = invert_maps(pre, data["image"], model_grid, image.shape, affine)
+    size = tuple(x.shape[2:])
+    model_grid = {p: _model_grid_maps(cells, geometry, values, size) for p, cells in raw.items()}
+    maps = invert_maps(pre, data["image"], model_grid, image.shape, affine, clip=values == "unit")
+    if values == "logit":  # logits per model voxel -> logits per scan voxel
+        model_voxel = abs(np.linalg.det(np.asarray(data["image"].affine)[:3, :3]))
+        ratio = abs(np.linalg.det(affine[:3, :3])) / model_voxel
+        inside = (data["support"].as_tensor()[0] > 0).cpu()
+        for p in maps:
+            maps[p], factors = _conserve(maps[p] * ratio, model_grid[p][0].cpu(), inside)
+            contributions[p[0]][p[1]]["resampling_correction"] = factors
     timings["invert_s"] = time.perf_counter() - t
 
-    organ_report: dict[str, Any] = {}
-    if organs is not None:
-        step("organs", 0.8)
-        t = time.perf_counter()
-        organ_report = _organ_report(maps, organs, organ_names)
-        timings["organs_s"] = time.perf_counter() - t
-
-    guaranteed = layer_guarantee(network, info, layer)
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
@@ -405,10 +461,13 @@ def explain_image(
         "image": {
             "shape": list(image.shape),
             "affine": affine.tolist(),
-            "model_grid_shape": list(data["image"].shape[1:]),
+            "model_grid_shape": list(size),
+            "model_field_of_view_covered": coverage,
         },
         "layer": layer,
-        "hirescam_guaranteed_faithful": guaranteed,
+        "hirescam_guaranteed_faithful": verdict.guaranteed,
+        "audit": verdict.to_dict(),
+        "values": values,
         "methods": methods,
         "finding_selection": selection,
         "findings": {
@@ -416,13 +475,14 @@ def explain_image(
             for n in class_names
         },
         "explained": chosen,
+        "contributions": contributions,
         "device": str(dev),
         "timings_s": timings,
         "versions": software_versions(),
         "warnings": notes,
     }
     if organs is not None:
-        report["organs"] = organ_report
+        report["organs"] = shares
     return ScanExplanation(
         maps=maps,
         probabilities=prob_of,
@@ -432,7 +492,37 @@ def explain_image(
         model_grid_maps={p: m[0].detach().cpu().numpy() for p, m in model_grid.items()},
         organs=organs,
         organ_names=organ_names,
+        values=values,
     )
+
+
+def _conserve(
+    resampled: np.ndarray, density: torch.Tensor, inside: torch.Tensor
+) -> tuple[np.ndarray, list[float]]:
+    """Logits per scan voxel from a resampled density, summing exactly to the model-grid
+    contributions inside the scan.
+
+    Linear resampling of a density that is constant on each cell's tile is not mass
+    preserving where tiles are only a few scan voxels across (sampling error, a few
+    percent for a focal map). The positive and the negative parts are therefore each
+    scaled to their model-grid totals; the two factors are reported.
+    """
+    out = resampled.astype(np.float64)
+    density = density.double() * inside
+    factors = []
+    for sign in (1.0, -1.0):
+        part = np.clip(sign * out, 0.0, None)
+        target = float((sign * density).clamp_min(0).sum())
+        have = float(part.sum())
+        factor = target / have if have > 0 else 0.0
+        out = np.where(sign * out > 0, out * factor, out)
+        factors.append(factor)
+    return out.astype(np.float32), factors
+
+
+def _verdict(network: nn.Module, info: ModelInfo, layer: str) -> Any:
+    """The audit's verdict at ``layer`` for this model's input (cached per network)."""
+    return ModelHandle.of(network, info).audit(layer)
 
 
 # -- files in, files out ------------------------------------------------------------------
@@ -482,6 +572,7 @@ def explain_scan(
     force: bool = False,
     progress: Progress | None = None,
     report_name: str = "report.json",
+    values: str = "unit",
 ) -> tuple[ScanExplanation, dict[str, Path]]:
     """Explain a scan file and write the results into ``out_dir``.
 
@@ -526,7 +617,7 @@ def explain_scan(
 
     result = explain_image(
         scan.array, scan.affine, (network, info), requested, methods, layer, organs,
-        organ_names, device, progress,
+        organ_names, device, progress, values,
     )
     result.warnings[:0] = notes
     paths = output_paths(out_dir, stem, result.findings, methods, png, report_name)
@@ -538,7 +629,7 @@ def explain_scan(
     for (finding, method), volume in result.maps.items():
         key = f"{finding}/{method}"
         written[key] = io.write_explanation(
-            paths[key], volume, scan.affine, method, scan.header, force=force
+            paths[key], volume, scan.affine, method, scan.header, force=force, values=values
         )
         if png:
             from .figures import save_montage

@@ -8,8 +8,12 @@ Place them after preprocessing and before ``Invertd``::
                      nearest_interp=False),
              SaveImaged(["nodule_hirescam"], ...)])
 
-Each map is a ``(1, *spatial)`` MetaTensor in [0, 1] that carries a copy of the image's
-metadata and applied operations, so ``Invertd`` maps it back to the scan's grid. The
+Each map is a ``(1, *spatial)`` MetaTensor that carries a copy of the image's metadata
+and applied operations, so ``Invertd`` maps it back to the scan's grid. Maps are placed
+on the image by the explained layer's traced geometry: ``values="unit"`` (default) gives
+[0, 1] display maps, ``values="density"`` each cell's raw value spread evenly over its
+tile (for HiResCAM at a guaranteed layer: logit contributions per voxel, summing to the
+logit minus the final bias over the image and its padding). The
 transforms switch gradients on themselves, so they also work under ``torch.no_grad()``
 or ``torch.inference_mode()`` (MONAI evaluators).
 """
@@ -25,6 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from torch import nn
 
+from . import postprocess
 from .errors import HiResCAMError, LayerError
 from .explainer import Explainer
 from .methods import get_method
@@ -45,6 +50,7 @@ class Explaind(MapTransform):
         class_names: names of the model's classes (default ``info`` or ``model.class_names``).
         scores_key: if set (formatted with ``key``), the logits ``(C,)`` are stored there.
         info: a :class:`hirescam3d.bundle.ModelInfo` supplying layer and class names.
+        values: ``"unit"`` ([0, 1] display maps) or ``"density"`` (raw units per voxel).
     """
 
     def __init__(
@@ -59,8 +65,11 @@ class Explaind(MapTransform):
         scores_key: str | None = None,
         info: Any = None,
         allow_missing_keys: bool = False,
+        values: str = "unit",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if values not in ("unit", "density"):
+            raise HiResCAMError(f"values must be 'unit' or 'density', not {values!r}")
         if not isinstance(model, nn.Module):
             raise HiResCAMError(f"{type(self).__name__} needs model=<torch.nn.Module>")
         if len(self.keys) > 1 and "{key}" not in output_key_template:
@@ -77,7 +86,10 @@ class Explaind(MapTransform):
         if class_names is None and info is not None:
             class_names = info.class_names
         self.methods = [get_method(m).name for m in (methods or ("hirescam",))]
-        self.explainer = Explainer(model, layer, method=self.methods[0], class_names=class_names)
+        post = postprocess.density if values == "density" else postprocess.unit_maps
+        self.explainer = Explainer(
+            model, layer, method=self.methods[0], class_names=class_names, postprocessing=post
+        )
         self.findings = None if findings is None else list(findings)
         if self.findings is None and self.explainer.class_names is None:
             raise HiResCAMError(

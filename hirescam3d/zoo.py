@@ -1,24 +1,30 @@
-"""The model zoo: named architectures with their input, preprocessing and explanation layer.
+"""The model zoo: named models as data, listed without importing any architecture.
 
-``load()`` returns the shipped demo model (AxialNet-tiny trained on synthetic chest CT
-phantoms); ``load("resnet34v")`` an untrained, seeded network; ``load("path/to/bundle")``
-any bundle saved with :func:`hirescam3d.bundle.save_bundle`.
+Each entry is what a bundle folder also records: a :class:`~hirescam3d.bundle.ModelInfo`
+card (classes, input, preprocessing, default layer, the cached HiResCAM verdict) and an
+allow-listed network definition (``_target_`` and keyword arguments). ``demo`` also
+names the bundle that holds its trained weights.
+
+Resolve, load, check findings and layers through :class:`hirescam3d.handle.ModelHandle`;
+``load()`` here is a shortcut: ``load()`` returns the shipped demo model (AxialNet-tiny
+trained on synthetic chest CT phantoms), ``load("resnet34v")`` an untrained, seeded
+network, ``load("path/to/bundle")`` any bundle saved with
+:func:`hirescam3d.bundle.save_bundle`.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from .bundle import InputSpec, ModelInfo, load_bundle, preprocessing_transforms
+from .bundle import InputSpec, ModelInfo, preprocessing_transforms
 from .errors import ModelError
-from .models import VOC_CLASSES, build_network
-from .models.axialnet import TINY_KWARGS
+from .models import TINY_KWARGS, VOC_CLASSES
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from torch import nn
 
 CHEST_FINDINGS = (
     "atelectasis",
@@ -41,47 +47,45 @@ PHOTO = InputSpec(2, 3, (224, 224), None, None, (0.0, 255.0), "photograph", "res
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One named model: architecture, classes, input, default layer and guarantee."""
+    """One named model: its card and the allow-listed network it builds.
 
-    name: str
-    description: str
+    ``info`` is what a bundle's metadata would hold (``bundle_path``: the folder with its
+    trained weights, None for untrained entries); ``architecture`` and ``kwargs`` are
+    the ``network_def`` of a bundle's inference config.
+    """
+
+    info: ModelInfo
     architecture: str
     kwargs: dict[str, Any]
-    target_layer: str
-    input: InputSpec
-    task: str = "multilabel"
-    guaranteed: bool = True
-    bundle: Path | None = None
-    training: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.kwargs["class_names"])
+    def name(self) -> str:
+        return self.info.name
 
-    def preprocessing(self) -> list[dict[str, Any]]:
-        """MONAI dictionary-transform specs, see :func:`preprocessing_transforms`."""
-        return preprocessing_transforms(self.input)
 
-    def build(self, seed: int = 0) -> nn.Module:
-        """A freshly initialised network (seeded; the global RNG state is left as it was)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            network = build_network(self.architecture, dict(self.kwargs), f"zoo entry {self.name}")
-        return network
-
-    def info(self, trained: bool = False) -> ModelInfo:
-        return ModelInfo(
-            name=self.name,
-            description=self.description,
-            class_names=self.class_names,
-            target_layer=self.target_layer,
-            input=self.input,
-            preprocessing=self.preprocessing(),
-            task=self.task,
-            guaranteed=self.guaranteed,
-            trained=trained,
-            training=dict(self.training),
-        )
+def _entry(
+    name: str,
+    description: str,
+    architecture: str,
+    kwargs: dict[str, Any],
+    target_layer: str,
+    spec: InputSpec,
+    guaranteed: bool = True,
+    bundle: Path | None = None,
+) -> ZooEntry:
+    info = ModelInfo(
+        name=name,
+        description=description,
+        class_names=tuple(kwargs["class_names"]),
+        target_layer=target_layer,
+        input=spec,
+        preprocessing=preprocessing_transforms(spec),
+        task="multilabel",
+        guaranteed=guaranteed,
+        trained=bundle is not None,
+        bundle_path=bundle,
+    )
+    return ZooEntry(info, architecture, kwargs)
 
 
 def _entries() -> dict[str, ZooEntry]:
@@ -92,7 +96,7 @@ def _entries() -> dict[str, ZooEntry]:
     full = {"class_names": list(CHEST_FINDINGS)}
     voc = list(VOC_CLASSES)
     entries = [
-        ZooEntry(
+        _entry(
             "demo",
             "AxialNet-tiny trained on synthetic chest CT phantoms to detect 5 findings "
             "(shipped weights; research and teaching only)",
@@ -102,7 +106,7 @@ def _entries() -> dict[str, ZooEntry]:
             CT_TINY,
             bundle=DEMO_BUNDLE,
         ),
-        ZooEntry(
+        _entry(
             "axialnet_tiny",
             "AxialNet scaled for CPU (96 x 128 x 128 CT, explanation grid 32 x 8 x 8); untrained",
             AXIALNET,
@@ -110,7 +114,7 @@ def _entries() -> dict[str, ZooEntry]:
             "to_volume",
             CT_TINY,
         ),
-        ZooEntry(
+        _entry(
             "axialnet",
             "AxialNet (Draelos & Carin, RAD-ChestCT): ResNet-18 trunk over slice triplets of a "
             "405 x 420 x 420 CT, explanation grid 135 x 6 x 6; untrained",
@@ -119,7 +123,7 @@ def _entries() -> dict[str, ZooEntry]:
             "to_volume",
             CT_FULL,
         ),
-        ZooEntry(
+        _entry(
             "resnet34v",
             "ResNet-34v (HiResCAM paper, PASCAL VOC): ResNet-34 features, 2x2 conv to 512, one "
             "linear layer; no global pooling; untrained",
@@ -128,7 +132,7 @@ def _entries() -> dict[str, ZooEntry]:
             "head",
             PHOTO,
         ),
-        ZooEntry(
+        _entry(
             "densenet121v",
             "DenseNet-121v (HiResCAM paper, PASCAL VOC): DenseNet-121 features, 2x2 conv to "
             "512, one linear layer; no global pooling; untrained",
@@ -140,7 +144,7 @@ def _entries() -> dict[str, ZooEntry]:
     ]
     for backbone, layer in (("resnet18", "features.layer4"), ("densenet121", "features.relu5")):
         entries.append(
-            ZooEntry(
+            _entry(
                 f"{backbone}_cam_3d",
                 f"CAM architecture: 3D {backbone} features, global average pooling, one linear "
                 "layer; chest CT findings; untrained",
@@ -156,7 +160,7 @@ def _entries() -> dict[str, ZooEntry]:
             )
         )
         entries.append(
-            ZooEntry(
+            _entry(
                 f"{backbone}_cam_2d",
                 f"CAM architecture: 2D {backbone} features, global average pooling, one linear "
                 "layer; PASCAL VOC classes; untrained",
@@ -177,42 +181,27 @@ def names() -> list[str]:
     return list(ENTRIES)
 
 
+def unknown_model_message(name: str) -> str:
+    """``unknown model 'x'. Did you mean ...? Valid names: ...`` for a name not in the zoo."""
+    close = difflib.get_close_matches(name, ENTRIES, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"unknown model {name!r}.{hint} Valid names: {', '.join(ENTRIES)}"
+
+
 def entry(name: str) -> ZooEntry:
     """The zoo entry ``name``; ModelError listing valid names and close matches if unknown."""
     if name in ENTRIES:
         return ENTRIES[name]
-    close = difflib.get_close_matches(name, ENTRIES, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ModelError(f"unknown model {name!r}.{hint} Valid names: {', '.join(ENTRIES)}")
-
-
-def looks_like_path(text: str) -> bool:
-    """True when ``text`` names a bundle folder rather than a zoo entry."""
-    return "/" in text or "\\" in text or text.startswith(".") or Path(text).exists()
+    raise ModelError(unknown_model_message(name))
 
 
 def load(name_or_path: str | Path | None = None, seed: int = 0) -> tuple[nn.Module, ModelInfo]:
     """``(network in eval mode, info)`` for a zoo name or a bundle folder.
 
-    ``None`` or ``"demo"`` -> the shipped demo bundle. Zoo names without weights give a
-    randomly initialised network (seeded by ``seed``) with ``info.trained == False``.
+    A shortcut for ``ModelHandle.resolve(name_or_path, seed=seed).load()``: ``None`` or
+    ``"demo"`` -> the shipped demo bundle; zoo names without weights give a randomly
+    initialised network (seeded by ``seed``) with ``info.trained == False``.
     """
-    if name_or_path is None:
-        name_or_path = "demo"
-    text = str(name_or_path)
-    # Zoo names win over same-named folders; anything path-like is a bundle folder.
-    if isinstance(name_or_path, Path) or (text not in ENTRIES and looks_like_path(text)):
-        return load_bundle(name_or_path)
-    zoo_entry = entry(text)
-    if zoo_entry.bundle is not None:
-        if not zoo_entry.bundle.is_dir():
-            raise ModelError(
-                f"the {zoo_entry.name} bundle is not installed at {zoo_entry.bundle}; build it "
-                "with `python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo`"
-            )
-        network, info = load_bundle(zoo_entry.bundle)
-        info.name = zoo_entry.name
-        return network, info
-    network = zoo_entry.build(seed)
-    network.eval()
-    return network, zoo_entry.info(trained=False)
+    from .handle import ModelHandle
+
+    return ModelHandle.resolve(name_or_path, seed=seed).load()

@@ -188,12 +188,67 @@ def test_layers_marks_the_default_and_the_guarantee():
     result = invoke("layers", "--model", MODEL, "--json")
     assert result.exit_code == 0
     rows = {r["name"]: r for r in json.loads(result.stdout)}
+    # Only layers explain accepts: AxialNet's per-triplet layers ((B*T, F, h, w)) are not.
+    assert list(rows) == ["to_volume", "fc"]
     assert [n for n, r in rows.items() if r["default"]] == ["to_volume"]
-    assert rows["to_volume"]["guaranteed"] is True
-    assert rows["reduce.conv1"]["guaranteed"] is False
+    assert rows["to_volume"]["guaranteed"] is True and rows["to_volume"]["module"] == "ToVolume"
+    assert rows["to_volume"]["reason"].startswith("only linear operations follow it")
     table = invoke("layers", "--model", MODEL).stdout
     assert "to_volume (default)" in table
     assert "faithful" in table
+
+
+def test_layers_give_the_first_nonlinear_operation():
+    rows = json.loads(invoke("layers", "--model", "resnet18_cam_2d", "--json").stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows if r["default"]] == ["features.layer4"]
+    assert by_name["features.layer4"]["guaranteed"] is True
+    conv1 = by_name["features.conv1"]
+    assert conv1["guaranteed"] is False
+    assert (conv1["first_nonlinear"], conv1["nonlinear_module"]) == ("relu", "features.act")
+    assert "relu (features.act)" in conv1["reason"]
+
+
+def _run_listing(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``hirescam3d ARGS`` in a fresh interpreter; also return the modules it imported."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hirescam3d.cli.main import main\n"
+        f"sys.argv = ['hirescam3d', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n')\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("MODULES ")][-1]
+    return proc, line.split()[1:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("models",), ("models", "--json"), ("findings",), ("findings", "--model", "resnet34v")],
+)
+def test_listings_read_metadata_only(args):
+    """`models` and `findings` import no architecture (so no MONAI) and read no weights."""
+    proc, modules = _run_listing(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "hirescam3d.models.axialnet" not in modules
+    assert not any(m.startswith(("hirescam3d.models.voc", "hirescam3d.audit")) for m in modules)
+    assert "monai" not in modules
+    assert proc.stdout.strip()
+
+
+def test_findings_of_a_bundle_read_metadata_only(corrupt_bundle):
+    proc, modules = _run_listing("findings", "--model", str(corrupt_bundle), "--json")
+    assert proc.returncode == 0, proc.stderr
+    from hirescam3d.zoo import CHEST_FINDINGS
+
+    assert json.loads(proc.stdout) == list(CHEST_FINDINGS)
+    assert "hirescam3d.models.axialnet" not in modules and "monai" not in modules
 
 
 def test_unknown_model_is_a_usage_error_listing_valid_names(scan, tmp_path):
@@ -209,6 +264,17 @@ def test_unknown_model_is_a_usage_error_listing_valid_names(scan, tmp_path):
         invoke("layers", "--model", str(tmp_path / "no_bundle")), "no such bundle folder", code=2
     )
     assert not (tmp_path / "o").exists()
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    line = assert_one_line_error(
+        invoke("findings", "--model", tmp_path / "weights.pt"), "is a file", code=2
+    )
+    assert "pass a bundle folder" in line and "axialnet_tiny" in line
+    assert_one_line_error(
+        invoke("findings", "--model", tmp_path),
+        "not a model bundle",
+        "configs/metadata.json",
+        code=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +444,7 @@ def test_unknown_finding_lists_the_valid_ones(scan, tmp_path):
     line = assert_one_line_error(result, "unknown finding 'atelectsis'", code=2)
     for name in ("atelectasis", "pleural_effusion", "cardiomegaly", "nodule"):
         assert name in line
-    assert "did you mean" in line
+    assert "Did you mean 'atelectasis'?" in line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -399,12 +465,25 @@ def test_layer_option(scan, tmp_path):
         "unknown layer 'fc7'",
         code=2,
     )
-    assert "to_volume" in line and "reduce.relu4" in line
+    assert "Candidate layers of axialnet_tiny: to_volume, fc" in line
+    # A layer of the network that explain cannot use (per-triplet layout) is refused too.
+    assert_one_line_error(
+        invoke("explain", scan, "--model", MODEL, "-f", "nodule", "--layer", "reduce.relu4"),
+        "reduce.relu4",
+        "hirescam3d layers",
+        code=2,
+    )
+    assert not (tmp_path / "o").exists()
+    # Findings match case-insensitively with spaces as underscores, duplicates dropped.
     result = invoke(
         "explain",
         scan,
         "--model",
         MODEL,
+        "-f",
+        "Pleural Effusion",
+        "-f",
+        "NODULE",
         "-f",
         "nodule",
         "--layer",
@@ -415,6 +494,7 @@ def test_layer_option(scan, tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
+    assert report["explained"] == ["pleural_effusion", "nodule"]
     assert report["layer"] == "to_volume" and report["hirescam_guaranteed_faithful"] is True
 
 

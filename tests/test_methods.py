@@ -68,21 +68,18 @@ def test_normalize_is_not_inverted_and_handles_constant_maps():
     assert not torch.isnan(postprocess.normalize(torch.zeros(1, 1, 3), 1)).any()
 
 
-@pytest.mark.parametrize("size", [(16,), (16, 12), (8, 16, 12)])
-def test_upsample_nd_keeps_range(size):
-    maps = torch.rand(2, 3, *[4] * len(size))
-    up = postprocess.upsample(maps, size)
-    assert up.shape == (2, 3, *size)
-    assert up.min() >= maps.min() - 1e-6 and up.max() <= maps.max() + 1e-6
-
-
-def test_upsample_align_corners_false_block_average():
-    # A 2-cell map upsampled x2 with align_corners=False: edges keep the cell values.
-    up = postprocess.upsample(torch.tensor([[[0.0, 1.0]]]), (4,))
-    assert torch.allclose(up, torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
-
-
-def test_relu_then_unit_maps():
+def test_relu_then_unit_maps_keep_zero_at_zero():
+    # Divided by the maximum, not min-max: 0.5 stays half of the maximum 2.0.
     raw = torch.tensor([[[[-1.0, 2.0], [0.5, 1.0]]]])
-    out = postprocess.to_unit_maps(raw, (2, 2))
+    geometry = postprocess.stretch_geometry((2, 2), (2, 2))
+    out = postprocess.unit_maps(raw, geometry)
     assert torch.allclose(out, torch.tensor([[[[0.0, 1.0], [0.25, 0.5]]]]))
+    positive = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    assert torch.allclose(postprocess.unit_maps(positive, geometry), positive / 4)
+
+
+def test_unit_maps_of_negative_or_constant_maps_are_zero_not_nan():
+    geometry = postprocess.stretch_geometry((3,), (6,))
+    for raw in (-torch.rand(1, 1, 3) - 0.1, torch.zeros(1, 1, 3)):
+        out = postprocess.unit_maps(raw, geometry)
+        assert torch.equal(out, torch.zeros(1, 1, 6))

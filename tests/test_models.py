@@ -1,4 +1,4 @@
-"""Zoo architectures: shapes, AxialNet's triplet layout and fc, structural guarantees."""
+"""Zoo architectures: shapes, AxialNet's triplet layout and fc, computed guarantees."""
 
 import pytest
 import torch
@@ -6,15 +6,8 @@ from torch import nn
 
 from hirescam3d import Explainer
 from hirescam3d.errors import InputError
-from hirescam3d.models import (
-    AxialNet,
-    CAMNet,
-    LayerInfo,
-    VOCNet,
-    axialnet_tiny,
-    explanation_layers,
-    is_linear,
-)
+from hirescam3d.handle import ModelHandle
+from hirescam3d.models import AxialNet, CAMNet, VOCNet, axialnet_tiny
 from hirescam3d.zoo import CHEST_FINDINGS
 
 NAMES = list(CHEST_FINDINGS)
@@ -149,35 +142,37 @@ def test_cam_baselines_shapes(backbone, dims, shape, layer, feat):
     torch.testing.assert_close(net.fc(pooled), logits, rtol=1e-5, atol=1e-5)
 
 
-def guaranteed_names(layers: list[LayerInfo]) -> set[str]:
-    return {info.name for info in layers if info.guaranteed}
+def guaranteed_names(verdicts) -> set[str]:
+    """Names (and aliases) of the layers the audit finds HiResCAM guaranteed at."""
+    return {n for v in verdicts if v.guaranteed for n in (v.layer, *v.aliases)}
 
 
-def test_structural_guarantees():
-    axial = explanation_layers(seeded(lambda: axialnet_tiny(NAMES)))
-    assert guaranteed_names(axial) == {"reduce.relu4", "to_volume"}
-    assert [i.name for i in axial if i.default] == ["to_volume"]
-    assert all(i.guaranteed is False for i in axial if i.name == "reduce.conv4")
+def test_computed_guarantees():
+    axial = ModelHandle.resolve("axialnet_tiny").layers()
+    # Per-triplet layers ((B*T, F, h, w) outputs) are not listed: explain refuses them.
+    assert [v.layer for v in axial] == ["to_volume", "fc"]
+    assert [v.layer for v in axial if v.default] == ["to_volume"]
+    assert all(v.guaranteed for v in axial)
 
-    voc = explanation_layers(seeded(lambda: VOCNet("resnet34")))
-    assert guaranteed_names(voc) == {"features.layer4", "head"}
-    assert [i.name for i in voc if i.default] == ["head"]
-    dense = explanation_layers(seeded(lambda: VOCNet("densenet121")))
-    assert guaranteed_names(dense) == {"features.relu5", "head"}
-    assert {i.name for i in dense} >= {"features.norm5", "features.denseblock4"}
+    voc = ModelHandle.resolve("resnet34v").layers()
+    assert {"features.layer4", "head"} <= guaranteed_names(voc)
+    assert [v.layer for v in voc if v.default] == ["head"]
+    conv1 = next(v for v in voc if v.layer == "features.conv1")
+    assert not conv1.guaranteed and conv1.first_nonlinear == "relu"
+    assert conv1.nonlinear_module == "features.act" and "features.act" in conv1.reason
 
-    cam = explanation_layers(seeded(lambda: CAMNet(["a"], "resnet18", 3, 1)))
-    assert guaranteed_names(cam) == {"features.layer4"}
-    assert all(i.name not in ("pool", "flatten", "fc") for i in cam)
+    cam = ModelHandle.resolve("resnet18_cam_2d").layers()
+    assert "features.layer4" in guaranteed_names(cam)
+    assert not {"features.layer3", "features.layer1"} & guaranteed_names(cam)
+    assert not any(v.layer in ("flatten", "fc") for v in cam)
 
 
-def test_guarantee_rule_and_unknown_networks():
-    assert is_linear(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(1, 1)))
-    assert not is_linear(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
-    assert not is_linear(nn.BatchNorm2d(3)) and not is_linear(nn.MaxPool2d(2))
+def test_guarantee_of_a_network_that_is_not_in_the_zoo():
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
-    layers = explanation_layers(plain)
-    assert [(i.name, i.guaranteed) for i in layers] == [("0", None)]
+    handle = ModelHandle.from_network(plain, ["a", "b"], input_shape=(1, 4, 4))
+    verdicts = {v.layer: v for v in handle.layers()}
+    assert verdicts["0"].guaranteed is False and verdicts["0"].first_nonlinear == "relu"
+    assert verdicts["1"].guaranteed is True
 
 
 def test_no_inplace_activations():

@@ -6,6 +6,7 @@ from conftest import GapLinearNet, make_input
 from monai.networks.nets import DenseNet121, resnet18
 from monai.visualize import CAM as MonaiCAM
 from monai.visualize import GradCAM as MonaiGradCAM
+from monai.visualize.class_activation_maps import default_upsampler as monai_upsampler
 
 from hirescam3d.monai_api import CAM, GradCAM, HiResCAM
 
@@ -24,14 +25,33 @@ def test_gradcam_agrees_with_monai(dims):
     net = resnet18(spatial_dims=dims, n_input_channels=1, num_classes=5).eval()
     x = torch.randn(2, 1, *([32] * dims))
     theirs = MonaiGradCAM(net, "layer4", postprocessing=identity)(x, class_idx=3)
-    ours = GradCAM(net, "layer4", postprocessing=identity)(x, class_idx=3)
+    # With MONAI's own upsampler injected, the output is MONAI's.
+    same = dict(upsampler=monai_upsampler, postprocessing=identity)
+    ours = GradCAM(net, "layer4", **same)(x, class_idx=3)
     assert ours.shape == theirs.shape == (2, 1, *x.shape[2:])
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
     # class_idx=None: MONAI indexes logits[:, argmax_of_every_item] and sums, which mixes
     # the items' classes when B > 1; with one item both mean "the top class".
     theirs = MonaiGradCAM(net, "layer4", postprocessing=identity)(x[1:], class_idx=None)
-    ours = GradCAM(net, "layer4", postprocessing=identity)(x[1:], class_idx=None)
+    ours = GradCAM(net, "layer4", **same)(x[1:], class_idx=None)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_default_upsampling_puts_each_cell_on_its_receptive_field_centre():
+    # MONAI's resnet18 (stem stride 1) has total stride 16 and padded convolutions: cell i
+    # is centred on input voxel 16 i. MONAI stretches the grid instead (centre 16 i + 7.5).
+    torch.manual_seed(0)
+    net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=5).eval()
+    x = torch.randn(1, 1, 64, 48)
+    cam = GradCAM(net, "layer4", postprocessing=identity)
+    raw = cam.compute_map(x, class_idx=2)
+    placed = cam(x, class_idx=2)
+    assert raw.shape[2:] == (4, 3)
+    for i in range(4):
+        for j in range(3):
+            assert torch.isclose(placed[0, 0, 16 * i, 16 * j], raw[0, 0, i, j], atol=1e-6)
+    theirs = MonaiGradCAM(net, "layer4", postprocessing=identity)(x, class_idx=2)
+    assert not torch.allclose(placed, theirs, atol=1e-3)
 
 
 def test_gradcam_agrees_with_monai_on_densenet():
@@ -40,7 +60,9 @@ def test_gradcam_agrees_with_monai_on_densenet():
     x = torch.randn(1, 1, 32, 32, 32)
     layer = "class_layers.relu"
     theirs = MonaiGradCAM(net, layer, postprocessing=identity)(x, class_idx=1)
-    ours = GradCAM(net, layer, postprocessing=identity)(x, class_idx=1)
+    ours = GradCAM(net, layer, upsampler=monai_upsampler, postprocessing=identity)(
+        x, class_idx=1
+    )
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
 
 

@@ -67,7 +67,7 @@ def _image_layer(data, kwargs):
 def test_package_import_does_not_pull_napari_or_qt():
     code = (
         "import sys, hirescam3d.napari, hirescam3d.napari._reader, hirescam3d.napari._writer; "
-        "bad = [m for m in ('napari', 'qtpy', 'PyQt5', 'vispy') if m in sys.modules]; "
+        "bad = [m for m in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'vispy') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run(

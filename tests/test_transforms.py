@@ -158,3 +158,19 @@ def test_docs_example_runs(monkeypatch, capsys):
         printed
     )
     assert "float32 0.0 1.0" in printed
+
+
+def test_density_values_sum_to_the_hirescam_total():
+    """values="density": the map keeps the raw units; its sum is the sum of the cells."""
+    from conftest import GapLinearNet
+
+    from hirescam3d import Explainer
+    from hirescam3d.transforms import HiResCAMd
+
+    net = GapLinearNet(3).eval()
+    image = torch.randn(1, 4, 6, 6)
+    out = HiResCAMd("image", model=net, target_layer="features", findings=[1],
+                    values="density")({"image": image})
+    raw = Explainer(net, "features")(image[None], targets=1).raw
+    assert out["1_hirescam"].shape == (1, 4, 6, 6)
+    assert torch.isclose(out["1_hirescam"].sum(), raw.sum(), atol=1e-5)

@@ -1,130 +1,117 @@
-"""Network architectures of the model zoo, and which of their layers HiResCAM is faithful at.
+"""Network architectures of the model zoo: the allow-list of classes a bundle may build.
 
-HiResCAM's guarantee: when only linear (affine) operations follow a layer, the class
-score is ``sum_{f,p} W_fp * A_fp + b`` and the HiResCAM map ``sum_f G_f * A_f`` is exactly
-each location's contribution to the score. :func:`explanation_layers` checks this
-structurally along each architecture's top-level path (its ``spine()``).
+Importing this package is cheap: it holds plain data (:data:`VOC_CLASSES`,
+:data:`TINY_KWARGS`, the allow-listed ``_target_`` strings) and loads the architecture
+modules, which import MONAI, only when one of their names is first used
+(``from hirescam3d.models import AxialNet`` works as usual). Listing the zoo therefore
+never imports an architecture.
+
+Which layers of a network HiResCAM is faithful at is computed, not declared: see
+:mod:`hirescam3d.audit` and :meth:`hirescam3d.handle.ModelHandle.layers`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError
-from .axialnet import AxialNet, ToVolume, TripletMean, axialnet_tiny
-from .baselines import CAMNet
-from .voc import VOC_CLASSES, VOCNet
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from torch import nn
+
+    from .axialnet import AxialNet, ToVolume, TripletMean, axialnet_tiny
+    from .baselines import CAMNet
+    from .voc import VOCNet
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_TARGETS",
     "AxialNet",
     "CAMNet",
-    "LayerInfo",
+    "TINY_KWARGS",
     "ToVolume",
     "TripletMean",
     "VOCNet",
     "VOC_CLASSES",
+    "architecture",
     "axialnet_tiny",
     "build_network",
-    "explanation_layers",
-    "is_linear",
     "target_of",
 ]
 
-# The only classes a bundle's network_def may name: nothing else is ever constructed.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "hirescam3d.models.axialnet.AxialNet": AxialNet,
-    "hirescam3d.models.voc.VOCNet": VOCNet,
-    "hirescam3d.models.baselines.CAMNet": CAMNet,
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+# AxialNet scaled for CPU (the demo model's architecture), see models.axialnet.axialnet_tiny.
+TINY_KWARGS: dict[str, Any] = {
+    "input_size": (96, 128, 128),
+    "trunk_widths": (16, 32, 64),
+    "trunk_blocks": (1, 1, 1),
+    "trunk_strides": (1, 2, 2),
+    "stem_stride": 2,
+    "stem_pool": True,
+    "stem_kernel": 4,
+    "reduce_channels": (32, 16, 16, 16),
+    "reduce_norm": True,
+    "reduce_kernel": 1,
+    "pool_downsample": True,
 }
 
-# Modules whose output is an affine function of their input (eval mode).
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Flatten,
-    nn.Identity,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
+# The only classes a bundle's network_def may name: nothing else is ever imported or built.
+ARCHITECTURE_TARGETS: tuple[str, ...] = (
+    "hirescam3d.models.axialnet.AxialNet",
+    "hirescam3d.models.voc.VOCNet",
+    "hirescam3d.models.baselines.CAMNet",
 )
 
+# Public names defined in the architecture modules, imported on first use.
+_LAZY = {
+    "AxialNet": "axialnet",
+    "ToVolume": "axialnet",
+    "TripletMean": "axialnet",
+    "axialnet_tiny": "axialnet",
+    "VOCNet": "voc",
+    "CAMNet": "baselines",
+}
 
-def is_linear(module: nn.Module) -> bool:
-    """True when ``module`` is affine in its input (containers: all children affine)."""
-    if getattr(module, "is_linear", False) or isinstance(module, LINEAR_TYPES):
-        return True
-    if type(module) is nn.Sequential:
-        return all(is_linear(m) for m in module.children())
-    return False
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name == "ARCHITECTURES":
+        return {target: architecture(target) for target in ARCHITECTURE_TARGETS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """A layer that can be explained.
+def architecture(target: str, source: str = "network_def") -> type[nn.Module]:
+    """The class an allow-listed ``_target_`` names (ModelError for anything else)."""
+    if target not in ARCHITECTURE_TARGETS:
+        raise ModelError(
+            f"{source}: refusing to build _target_ {target!r}: only hirescam3d architectures "
+            f"can be loaded ({', '.join(ARCHITECTURE_TARGETS)})"
+        )
+    module, _, cls = target.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
 
-    ``guaranteed``: True when only linear operations follow it (HiResCAM is exactly the
-    locations the model used), False when a nonlinearity follows, None when unknown
-    (a network that is not a hirescam3d architecture).
-    """
 
-    name: str
-    module: str
-    guaranteed: bool | None
-    default: bool = False
-    note: str = ""
+def target_string(cls: type) -> str:
+    """``module.QualName`` of a class (what a bundle's ``_target_`` holds)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def target_of(network: nn.Module) -> str:
     """The allow-listed ``_target_`` string of a hirescam3d network."""
-    for target, cls in ARCHITECTURES.items():
-        if type(network) is cls:
-            return target
-    raise ModelError(
-        f"{type(network).__name__} is not a hirescam3d zoo architecture; "
-        f"only {', '.join(ARCHITECTURES)} can be saved as bundles"
-    )
-
-
-def explanation_layers(network: nn.Module) -> list[LayerInfo]:
-    """Candidate explanation layers in execution order, each with its HiResCAM guarantee.
-
-    For hirescam3d architectures the guarantee is derived from the modules that follow
-    the layer on the network's top-level path; for other networks every convolution is
-    listed with ``guaranteed=None``.
-    """
-    modules = dict(network.named_modules())
-    spine = getattr(network, "spine", None)
-    if spine is None:
-        return [
-            LayerInfo(name, type(m).__name__, None, note="not a hirescam3d architecture")
-            for name, m in modules.items()
-            if isinstance(m, nn.modules.conv._ConvNd)
-        ]
-    path = spine()
-    default = getattr(network, "default_layer", None)
-    notes = network.layer_notes() if hasattr(network, "layer_notes") else {}
-    stop = path.index(network.head_start)
-    layers = []
-    for i, name in enumerate(path[:stop]):
-        after = path[i + 1 :]
-        guaranteed = all(is_linear(modules[n]) for n in after)
-        follow = ""
-        if guaranteed:
-            follow = "only " + ", ".join(type(modules[n]).__name__ for n in after) + " follow"
-        note = "; ".join(s for s in (notes.get(name, ""), follow) if s)
-        layers.append(
-            LayerInfo(name, type(modules[name]).__name__, guaranteed, name == default, note)
+    target = target_string(type(network))
+    if target not in ARCHITECTURE_TARGETS or architecture(target) is not type(network):
+        raise ModelError(
+            f"{type(network).__name__} is not a hirescam3d zoo architecture; "
+            f"only {', '.join(ARCHITECTURE_TARGETS)} can be saved as bundles"
         )
-    return layers
+    return target
 
 
 def build_network(target: str, kwargs: dict[str, Any], source: str = "network_def") -> nn.Module:
@@ -133,12 +120,7 @@ def build_network(target: str, kwargs: dict[str, Any], source: str = "network_de
     Raises:
         ModelError: ``target`` is not a hirescam3d architecture, or the arguments are wrong.
     """
-    cls = ARCHITECTURES.get(target)
-    if cls is None:
-        raise ModelError(
-            f"{source}: refusing to build _target_ {target!r}: only hirescam3d architectures "
-            f"can be loaded ({', '.join(ARCHITECTURES)})"
-        )
+    cls = architecture(target, source)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, KeyError) as err:

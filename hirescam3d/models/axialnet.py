@@ -40,6 +40,7 @@ from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
 
 from ..errors import InputError
+from . import TINY_KWARGS
 
 SLICES_PER_TRIPLET = 3
 
@@ -60,11 +61,9 @@ def no_inplace(module: nn.Module) -> nn.Module:
 class ToVolume(nn.Module):
     """Reshape per-triplet features ``(B * T, F, h, w)`` to volume layout ``(B, F, T, h, w)``.
 
-    A pure re-indexing (linear). ``n_triplets`` is set by the owning network on each
+    A pure re-indexing. ``n_triplets`` is set by the owning network on each
     forward pass, before this module runs.
     """
-
-    is_linear = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,9 +76,7 @@ class ToVolume(nn.Module):
 
 
 class TripletMean(nn.Module):
-    """Mean of per-triplet logits ``(B, n, T, 1, 1)`` over T: ``(B, n)`` (linear)."""
-
-    is_linear = True
+    """Mean of per-triplet logits ``(B, n, T, 1, 1)`` over T: ``(B, n)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(2).mean(dim=2)
@@ -185,7 +182,6 @@ class AxialNet(nn.Module):
     """
 
     default_layer = "to_volume"
-    head_start = "fc"
 
     def __init__(
         self,
@@ -256,12 +252,6 @@ class AxialNet(nn.Module):
         self.fc = nn.Conv3d(in_ch, len(self.class_names), kernel_size=(1, h, w), stride=(1, h, w))
         self.pool = TripletMean()
 
-    # Top-level path in execution order, for the structural guarantee analysis.
-    def spine(self) -> list[str]:
-        names = ["trunk." + n for n, _ in self.trunk.named_children()]
-        names += ["reduce." + n for n, _ in self.reduce.named_children()]
-        return names + ["to_volume", "fc", "pool"]
-
     def grid_geometry(self) -> tuple[tuple[float, float], ...]:
         """Where the explanation grid lies in the input: ``(first_centre, step)`` per axis.
 
@@ -276,12 +266,6 @@ class AxialNet(nn.Module):
             centre += step * ((k - 1) / 2 - p)
             step *= st
         return ((1.0, 3.0), (centre, step), (centre, step))
-
-    def layer_notes(self) -> dict[str, str]:
-        notes = {n: "per-triplet layout (B*T, F, h, w)" for n in self.spine()[:-3]}
-        notes[self.spine()[-4]] += ", same values as to_volume"
-        notes["to_volume"] = "volume layout (B, F, T, h, w)"
-        return notes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, S, H, W)`` -> logits ``(B, n_findings)``."""
@@ -313,18 +297,3 @@ def axialnet_tiny(class_names: Sequence[str]) -> AxialNet:
     (32 -> 16 -> 16 -> 16 channels).
     """
     return AxialNet(class_names, **TINY_KWARGS)
-
-
-TINY_KWARGS: dict = {
-    "input_size": (96, 128, 128),
-    "trunk_widths": (16, 32, 64),
-    "trunk_blocks": (1, 1, 1),
-    "trunk_strides": (1, 2, 2),
-    "stem_stride": 2,
-    "stem_pool": True,
-    "stem_kernel": 4,
-    "reduce_channels": (32, 16, 16, 16),
-    "reduce_norm": True,
-    "reduce_kernel": 1,
-    "pool_downsample": True,
-}

@@ -26,8 +26,6 @@ class CAMNet(nn.Module):
         in_channels: input channels (1 for CT, 3 for photographs).
     """
 
-    head_start = "pool"
-
     def __init__(
         self,
         class_names: Sequence[str],
@@ -59,13 +57,6 @@ class CAMNet(nn.Module):
     def default_layer(self) -> str:
         """The last feature block's output (after its ReLU)."""
         return "features.layer4" if self.backbone.startswith("resnet") else "features.relu5"
-
-    def spine(self) -> list[str]:
-        return ["features." + n for n, _ in self.features.named_children()] + [
-            "pool",
-            "flatten",
-            "fc",
-        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *spatial)`` -> logits ``(B, n_classes)``."""

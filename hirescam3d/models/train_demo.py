@@ -303,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from hirescam3d import zoo
     from hirescam3d.bundle import save_bundle
+    from hirescam3d.handle import ModelHandle
 
     torch.set_num_threads(args.threads)
     start = time.time()
-    entry = zoo.entry("demo")
+    entry = ModelHandle.resolve("demo")
     unknown = sorted(set(args.triplet_findings) - set(entry.class_names))
     if unknown:
         parser.error(f"--triplet-findings: unknown {unknown}; choose from {entry.class_names}")
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     network.cpu().eval()
     wall = time.time() - start
-    info = entry.info(trained=True)
+    info = entry.info
+    info.trained = True
     info.training = {
         "command": "python -m hirescam3d.models.train_demo " + " ".join(argv or sys.argv[1:]),
         "train_seeds": [seeds[0], seeds[-1]],

@@ -17,13 +17,8 @@ from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
 from ..errors import InputError
+from . import VOC_CLASSES
 from .axialnet import conv_out, no_inplace
-
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
 
 BACKBONES = ("resnet18", "resnet34", "densenet121")
 
@@ -94,7 +89,6 @@ class VOCNet(nn.Module):
     """
 
     default_layer = "head"
-    head_start = "flatten"
 
     def __init__(
         self,
@@ -124,13 +118,6 @@ class VOCNet(nn.Module):
         self.head = nn.Conv2d(channels, head_channels, kernel_size=2, stride=1, padding=0)
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(head_channels * h * w, len(self.class_names))
-
-    def spine(self) -> list[str]:
-        return ["features." + n for n, _ in self.features.named_children()] + [
-            "head",
-            "flatten",
-            "fc",
-        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` -> logits ``(B, n_classes)``."""

@@ -182,13 +182,27 @@ def scan_layer(
     return data, kwargs, "image"
 
 
-def explanation_kwargs(name: str, geometry: Mapping[str, Any], metadata: dict) -> dict:
-    """Image-layer kwargs of an explanation map in [0, 1]: heat colours over the CT."""
+def signed_colormap() -> Any:
+    """Blue (negative) - black (0) - red (positive): with additive blending, 0 adds nothing
+    to the CT, so the diverging map is centred on 0 and leaves the scan visible."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.2, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.3, 0.1, 1.0]]
+    return Colormap(colors, name="hirescam3d_signed", controls=[0.0, 0.5, 1.0])
+
+
+def explanation_kwargs(
+    name: str, geometry: Mapping[str, Any], metadata: dict, signed_limit: float | None = None
+) -> dict:
+    """Image-layer kwargs of an explanation map: heat colours over the CT for a [0, 1] map;
+    with ``signed_limit`` a diverging colormap over ``(-limit, limit)``, centred on 0."""
+    signed = signed_limit is not None
+    limit = float(signed_limit or 1.0) or 1.0
     return {
         "name": name,
         **dict(geometry),
-        "colormap": HEAT_COLORMAP,
-        "contrast_limits": (0.0, 1.0),
+        "colormap": signed_colormap() if signed else HEAT_COLORMAP,
+        "contrast_limits": (-limit, limit) if signed else (0.0, 1.0),
         "blending": "additive",
         "opacity": EXPLANATION_OPACITY,
         "metadata": metadata,
@@ -203,14 +217,18 @@ def explanation_layer(
     method: str | None = None,
     header: Any = None,
     path: Any = None,
+    signed: bool = False,
 ) -> LayerData:
-    """Image layer data of an explanation map ``(I, J, K)`` in [0, 1] on a scan grid."""
+    """Image layer data of an explanation map ``(I, J, K)`` on a scan grid: in [0, 1], or
+    ``signed`` (logit contributions; shown with a diverging colormap centred on 0)."""
     data, display_affine = to_display(np.asarray(volume, dtype=np.float32), affine)
     meta = source_metadata(
         "explanation", affine, volume.shape, display_affine, header, path,
         finding=finding, method=method,
     )
-    return data, explanation_kwargs(name, display_geometry(display_affine), meta), "image"
+    limit = float(np.abs(data).max()) if signed and data.size else None
+    kwargs = explanation_kwargs(name, display_geometry(display_affine), meta, limit)
+    return data, kwargs, "image"
 
 
 def organ_color(name: str) -> tuple[float, float, float]:

@@ -152,14 +152,21 @@ def _read_labels(path: Path, names_path: str | Path | None) -> _layers.LayerData
 
 
 def _read_explanation(path: Path) -> _layers.LayerData:
-    array, affine, header, _ = read_image(path)  # maps in [0, 1] are not HU: no checks
-    volume = np.clip(np.nan_to_num(as_volume(array, path).astype(np.float32)), 0.0, 1.0)
-    method = None
+    array, affine, header, _ = read_image(path)  # maps are not HU: no checks
+    volume = np.nan_to_num(as_volume(array, path).astype(np.float32))
+    intent = None
     if header is not None and hasattr(header, "get_intent"):
-        method = header.get_intent()[2] or None
-    finding, method = _finding_method(scan_stem(path), method)
+        intent = header.get_intent()[2] or None
+    # "logit/voxel": signed contributions (explain --values logit); else [0, 1] maps
+    # whose intent name is the method.
+    signed = intent == "logit/voxel" or bool((volume < 0).any())
+    if not signed:
+        volume = np.clip(volume, 0.0, 1.0)
+    finding, method = _finding_method(scan_stem(path), None if signed else intent)
     name = _layers.layer_name(finding, method) if finding and method else scan_stem(path)
-    return _layers.explanation_layer(volume, affine, name, finding, method, header, path)
+    return _layers.explanation_layer(
+        volume, affine, name, finding, method, header, path, signed=signed
+    )
 
 
 def _finding_method(stem: str, method: str | None) -> tuple[str | None, str | None]:

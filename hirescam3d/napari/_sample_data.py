@@ -47,10 +47,10 @@ def sample_files() -> dict[str, Path]:
 
 def explanation_files(model: str = "demo") -> dict[str, Path]:
     """``{method: NIfTI}`` of the sample's atelectasis maps, computed once per weights."""
-    from .. import zoo
+    from ..handle import ModelHandle
     from ..pipeline import explain_scan
 
-    network, info = zoo.load(model)
+    network, info = ModelHandle.resolve(model).load()
     key = info.weights_sha256[:16] if info.weights_sha256 else f"{info.name}-untrained"
     folder = cache_dir() / f"maps-v{SAMPLE_VERSION}-{key}"
     paths = {m: folder / f"{SAMPLE_STEM}_ct_{SAMPLE_FINDING}_{m}.nii.gz" for m in SAMPLE_METHODS}

@@ -89,6 +89,7 @@ class ExplainWidget(QWidget):
     # -- layout ---------------------------------------------------------------------------
     def _build(self) -> None:
         from .. import zoo
+        from ..handle import ModelHandle
         from ..methods import METHODS
 
         form = QFormLayout()
@@ -100,7 +101,7 @@ class ExplainWidget(QWidget):
         self.model_combo.setEditable(True)
         # Only models that take a 3D volume can explain a CT.
         self.model_combo.addItems(
-            [n for n in zoo.names() if zoo.ENTRIES[n].input.spatial_dims == 3]
+            [n for n in zoo.names() if ModelHandle.resolve(n).input.spatial_dims == 3]
         )
         self.model_combo.setToolTip("A model zoo name, or a bundle folder (Browse...)")
         browse = QPushButton("Browse...")
@@ -176,7 +177,7 @@ class ExplainWidget(QWidget):
             self.model_combo.setCurrentText(folder)
 
     def _refresh_findings(self, *_: Any) -> None:
-        names = _class_names(self.model_combo.currentText().strip())
+        names, _ = _model_classes(self.model_combo.currentText().strip())
         checked = set(self.findings()) if self.findings_list.count() else None
         self.findings_list.clear()
         for i, name in enumerate(names):
@@ -254,8 +255,9 @@ class ExplainWidget(QWidget):
         if ct is None:
             raise InputError("choose a CT layer (open a scan first: File > Open or a sample)")
         model = self.model_combo.currentText().strip() or "demo"
-        if not _class_names(model):
-            raise _model_error(model)
+        error = _model_classes(model)[1]
+        if error is not None:
+            raise error
         findings, methods = self.findings(), self.methods()
         if not findings:
             raise InputError("check at least one finding")
@@ -355,6 +357,8 @@ class ExplainWidget(QWidget):
         organs: list[str] = []
         for key in keys:
             organs += [o for o in result.fractions[key] if o not in organs]
+        if keys and not organs:
+            organs = [OUTSIDE]
         self.organ_table.clear()
         self.organ_table.setColumnCount(1 + len(keys))
         self.organ_table.setHorizontalHeaderLabels(
@@ -364,8 +368,9 @@ class ExplainWidget(QWidget):
         for r, organ in enumerate(organs):
             self.organ_table.setItem(r, 0, QTableWidgetItem(organ))
             for c, key in enumerate(keys, start=1):
-                value = result.fractions[key].get(organ, 0.0)
-                self.organ_table.setItem(r, c, QTableWidgetItem(f"{100 * value:.1f} %"))
+                shares = result.fractions[key]
+                text = f"{100 * shares.get(organ, 0.0):.1f} %" if shares else "no positive evidence"
+                self.organ_table.setItem(r, c, QTableWidgetItem(text))
 
     def jump_to_max(self, result: ExplainResult, ct: Any) -> int:
         """Move the slider to the axial slice with the most attention; returns its index."""
@@ -485,35 +490,18 @@ def _grid(viewer: Any) -> Any:
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
-def _class_names(model: str) -> list[str]:
-    """Class names of a zoo model or bundle folder without loading weights ([] if unknown)."""
-    from .. import zoo
-    from ..bundle import read_class_names
+def _model_classes(model: str) -> tuple[list[str], Exception | None]:
+    """``(class names, None)`` of a zoo model or bundle folder without loading weights, or
+    ``([], error)`` saying why there are none (unknown name, not a bundle folder,
+    unreadable metadata)."""
     from ..errors import ModelError
+    from ..handle import ModelHandle
 
-    if model in zoo.ENTRIES:
-        return list(zoo.ENTRIES[model].class_names)
     try:
-        return list(read_class_names(model))
-    except ModelError:
-        return []
-
-
-def _model_error(model: str) -> Exception:
-    """Why ``model`` is neither a zoo name nor a bundle folder."""
-    from .. import zoo
-    from ..errors import ModelError
-
-    if zoo.looks_like_path(model):
-        return ModelError(
-            f"{model}: not a model bundle folder (no readable configs/metadata.json); "
-            "choose a zoo name or a bundle folder"
-        )
-    try:
-        zoo.entry(model)
+        names = list(ModelHandle.resolve(model).class_names)
     except ModelError as err:
-        return err
-    return ModelError(f"model {model!r} has no class names")
+        return [], err
+    return names, None if names else ModelError(f"model {model!r} has no class names")
 
 
 def layer_affine(layer: Any) -> np.ndarray:
@@ -561,13 +549,13 @@ def _explain(
     models: dict[str, Any],
 ) -> ExplainResult:
     """The worker's job (no Qt): load the model (cached), align organs, explain."""
-    from .. import zoo
+    from ..handle import ModelHandle
     from ..organs import align_organs
     from ..pipeline import explain_image
 
     progress("loading model", 0.0)
     if model not in models:
-        models[model] = zoo.load(model)
+        models[model] = ModelHandle.resolve(model).load()
     notes: list[str] = []
     if organs is not None:
         organs, note = align_organs(organs, organs_affine, image.shape, affine, "organ layer")
@@ -580,10 +568,11 @@ def _explain(
     fractions: dict[tuple[str, str], dict[str, float]] = {}
     for (finding, method) in result.maps:
         entry = result.report.get("organs", {}).get(finding, {}).get(method)
-        if entry:
-            fractions[(finding, method)] = {
-                **entry["by_label"], OUTSIDE: entry["outside_labels"]
-            }
+        if entry:  # an empty dict: the map has no positive evidence to share out
+            fractions[(finding, method)] = (
+                {} if entry["no_positive_evidence"]
+                else {**entry["by_label"], OUTSIDE: entry["outside_labels"]}
+            )
     progress("done", 1.0)
     return ExplainResult(
         maps=dict(result.maps),

@@ -1,0 +1,638 @@
+"""One model handle: the object every front end asks about a model.
+
+:meth:`ModelHandle.resolve` turns a zoo name or a bundle folder into a handle without
+loading weights or building a network; the handle then answers:
+
+- what is recorded about the model (:attr:`~ModelHandle.name`,
+  :attr:`~ModelHandle.class_names`, :attr:`~ModelHandle.input`,
+  :attr:`~ModelHandle.preprocessing`, :attr:`~ModelHandle.task`,
+  :attr:`~ModelHandle.default_layer`, :attr:`~ModelHandle.trained`,
+  :attr:`~ModelHandle.bundle_path`, the cached :attr:`~ModelHandle.declared_guaranteed`),
+  from the zoo's card or the bundle's metadata only;
+- :meth:`~ModelHandle.load`: ``(network in eval mode, ModelInfo)``, cached. A bundle's
+  declared ``guaranteed`` flag is checked against the computed audit here: a bundle
+  whose flag disagrees is refused;
+- :meth:`~ModelHandle.check_findings` and :meth:`~ModelHandle.check_layer`: user input
+  checked against the model (findings match case-insensitively, spaces read as
+  underscores);
+- :meth:`~ModelHandle.audit` and :meth:`~ModelHandle.layers`: whether HiResCAM is
+  guaranteed faithful at a layer, computed by :mod:`hirescam3d.audit` and cached.
+
+Networks built elsewhere join through :meth:`ModelHandle.from_network` (or
+:meth:`ModelHandle.of` for a ``(network, info)`` pair), so code that passes
+``(network, info)`` tuples around keeps working and shares one handle per network.
+
+The one rule for ``--model`` text: a zoo name wins over a same-named folder; otherwise
+text that looks like a path (has a slash, starts with ``.`` or ``~``, or exists) is a
+bundle folder; anything else is an unknown zoo name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import zoo
+from .bundle import (
+    METADATA,
+    InputSpec,
+    ModelInfo,
+    load_bundle,
+    read_class_names,
+    read_info,
+    read_network_def,
+)
+from .errors import LayerError, ModelError, TargetError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from torch import nn
+
+    from .audit import Verdict
+
+DEFAULT_MODEL = "demo"
+
+# Architectures whose HiResCAM verdict does not depend on the length of the first spatial
+# axis, and the length the audit uses instead of the model's full input. AxialNet runs its
+# trunk on each triplet of slices separately and its head is a per-triplet linear layer
+# averaged over triplets, so 6 slices (2 triplets, so that the average is exercised) give
+# the verdict of 405: the audit of the full ``axialnet`` then costs two triplets of
+# 420 x 420 instead of 135.
+AUDIT_AXIS0 = {"hirescam3d.models.axialnet.AxialNet": 6}
+
+
+class ModelNotFoundError(ModelError):
+    """The model text names neither a zoo entry nor a bundle folder (a usage error)."""
+
+
+# -- finding names ------------------------------------------------------------------------
+def finding_key(name: str) -> str:
+    """How finding names compare: case-insensitive, runs of spaces read as one underscore.
+
+    ``"Pleural Effusion"`` -> ``"pleural_effusion"``.
+    """
+    return re.sub(r"\s+", "_", str(name).strip()).lower()
+
+
+def match_findings(findings: Sequence[str], class_names: Sequence[str]) -> list[str]:
+    """``findings`` as the model spells them, in order, duplicates removed.
+
+    Names match case-insensitively with spaces read as underscores (an exact match wins
+    where two class names differ only in case). TargetError names every unknown finding,
+    close matches and the valid findings.
+    """
+    names = [str(c) for c in class_names]
+    by_key: dict[str, str] = {}
+    for name in names:
+        by_key.setdefault(finding_key(name), name)
+    matched: list[str] = []
+    unknown: list[str] = []
+    for finding in findings:
+        text = str(finding)
+        canonical = text if text in names else by_key.get(finding_key(text))
+        if canonical is None:
+            unknown.append(text)
+        else:
+            matched.append(canonical)
+    if unknown:
+        unknown = list(dict.fromkeys(unknown))
+        hints = []
+        for text in unknown:
+            close = difflib.get_close_matches(finding_key(text), list(by_key), n=3, cutoff=0.6)
+            close = [by_key[c] for c in close]
+            if close and len(unknown) == 1:
+                hints.append(", ".join(map(repr, close)))
+            elif close:
+                hints.append(f"{close[0]!r} for {text!r}")
+        hint = f" Did you mean {', '.join(hints)}?" if hints else ""
+        plural = "s" if len(unknown) > 1 else ""
+        raise TargetError(
+            f"unknown finding{plural} {', '.join(map(repr, unknown))}.{hint} "
+            f"Valid findings: {', '.join(names)}"
+        )
+    return list(dict.fromkeys(matched))
+
+
+# -- name vs path -------------------------------------------------------------------------
+def looks_like_path(text: str) -> bool:
+    """True when ``text`` (not a zoo name) names a folder rather than a zoo entry."""
+    return (
+        "/" in text
+        or "\\" in text
+        or text.startswith((".", "~"))
+        or Path(text).expanduser().exists()
+    )
+
+
+def _zoo_names() -> str:
+    return ", ".join(zoo.names())
+
+
+def _bundle_folder(path: str) -> Path:
+    """The bundle folder ``path`` names, resolved; ModelNotFoundError (in the user's
+    spelling of ``path``) saying what it is instead."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelNotFoundError(
+            f"{path}: not a model bundle (no such bundle folder); pass an existing bundle "
+            f"folder or one of the zoo names: {_zoo_names()}"
+        )
+    if not folder.is_dir():
+        raise ModelNotFoundError(
+            f"{path}: is a file, not a model bundle; pass a bundle folder (holding configs/ "
+            f"and models/model.pt) or one of the zoo names: {_zoo_names()}"
+        )
+    if not (folder / METADATA).is_file():
+        raise ModelNotFoundError(
+            f"{path}: not a model bundle (no {METADATA.as_posix()} in it); pass a bundle "
+            f"folder saved by hirescam3d or one of the zoo names: {_zoo_names()}"
+        )
+    return folder.resolve()
+
+
+# Handles of loaded networks, so that (network, info) pairs find the handle they came from.
+_BY_NETWORK: weakref.WeakKeyDictionary[Any, ModelHandle] = weakref.WeakKeyDictionary()
+
+
+class ModelHandle:
+    """A model known by name, bundle folder or network; see the module docstring.
+
+    Create one with :meth:`resolve`, :meth:`from_network` or :meth:`of`, not directly.
+    Verdicts are cached per handle (they depend on the architecture and, through the
+    numerical checks' tolerance, on the weights: a handle whose network is retrained in
+    place should be recreated).
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        name: str,
+        entry: zoo.ZooEntry | None = None,
+        bundle: Path | None = None,
+        network: nn.Module | None = None,
+        info: ModelInfo | None = None,
+        output_selector: Callable[[object], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.source = source  # "zoo", "bundle" or "network"
+        self._name = name
+        self._entry = entry
+        self._bundle = bundle
+        self._card = info  # the record: zoo card, bundle metadata (read lazily) or given
+        self._network = network
+        self._loaded: ModelInfo | None = None  # what load() returned
+        self.output_selector = output_selector
+        self.seed = seed
+        self._verdicts: dict[str, Verdict] = {}
+        self._layers: list[Verdict] | None = None
+        self._lock = threading.RLock()
+        if network is not None:
+            _BY_NETWORK[network] = self
+
+    def __repr__(self) -> str:
+        where = f", bundle={str(self._bundle)!r}" if self._bundle is not None else ""
+        return f"ModelHandle({self._name!r}, source={self.source!r}{where})"
+
+    # -- creating -------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, model: Any = None, seed: int = 0) -> ModelHandle:
+        """A handle for a zoo name or bundle folder (default ``demo``); no weights read.
+
+        Also accepts a handle (returned as is), a ``(network, info)`` pair (see
+        :meth:`of`) or a network (see :meth:`from_network`). Zoo names win over
+        same-named folders; text that looks like a path is a bundle folder.
+
+        Raises:
+            ModelNotFoundError: an unknown zoo name (the message lists the valid names and
+                close matches), a path that does not exist, a file, or a folder without
+                ``configs/metadata.json``.
+        """
+        if model is None:
+            model = DEFAULT_MODEL
+        if isinstance(model, ModelHandle):
+            return model
+        if isinstance(model, tuple):
+            if len(model) != 2 or not _is_module(model[0]):
+                raise ModelError("model must be a zoo name, a bundle folder or (network, info)")
+            return cls.of(model[0], model[1])
+        if _is_module(model):
+            return cls.of(model)
+        if isinstance(model, Path):
+            return cls._from_folder(str(model), seed)
+        if not isinstance(model, str):
+            raise ModelError(
+                f"model must be a zoo name, a bundle folder or (network, info); got "
+                f"{type(model).__name__}"
+            )
+        if model in zoo.ENTRIES:
+            entry = zoo.ENTRIES[model]
+            return cls(
+                source="zoo", name=model, entry=entry, bundle=entry.info.bundle_path, seed=seed
+            )
+        if looks_like_path(model):
+            return cls._from_folder(model, seed)
+        raise ModelNotFoundError(f"{zoo.unknown_model_message(model)}; or pass a bundle folder")
+
+    @classmethod
+    def _from_folder(cls, text: str, seed: int) -> ModelHandle:
+        folder = _bundle_folder(text)
+        return cls(source="bundle", name=folder.name, bundle=folder, seed=seed)
+
+    @classmethod
+    def from_network(
+        cls,
+        network: nn.Module,
+        class_names: Sequence[str] | None = None,
+        input_shape: Sequence[int] | None = None,
+        default_layer: str | None = None,
+        *,
+        name: str | None = None,
+        task: str = "multilabel",
+        info: ModelInfo | None = None,
+        output_selector: Callable[[object], torch.Tensor] | None = None,
+    ) -> ModelHandle:
+        """A handle for a network built elsewhere (a user's ``nn.Module``).
+
+        ``class_names`` (default: ``network.class_names``), ``input_shape`` ``(C,
+        *spatial)`` of one input (default: ``info.input``, else ``network.input_size``
+        with its ``in_channels``, else 1 channel) and ``default_layer`` (default:
+        ``network.default_layer``) describe it; or pass the ``info`` it was loaded with.
+        The handle's ``info.guaranteed`` is computed by the audit when :meth:`load` is
+        first called.
+        """
+        if info is None:
+            names = (
+                class_names if class_names is not None else getattr(network, "class_names", None)
+            )
+            if names is None:
+                raise ModelError(
+                    f"{type(network).__name__}: pass class_names (the network has no "
+                    "class_names attribute)"
+                )
+            info = ModelInfo(
+                name=name or type(network).__name__,
+                description="",
+                class_names=tuple(str(n) for n in names),
+                target_layer=str(default_layer or getattr(network, "default_layer", None) or ""),
+                input=None,  # type: ignore[arg-type]  # unknown until given
+                preprocessing=[],
+                task=task,
+                guaranteed=False,  # computed by load()
+                trained=True,
+            )
+        changes: dict[str, Any] = {}
+        if class_names is not None and tuple(class_names) != tuple(info.class_names):
+            changes["class_names"] = tuple(str(n) for n in class_names)
+        if default_layer is not None and default_layer != info.target_layer:
+            changes["target_layer"] = default_layer
+        if name is not None and name != info.name:
+            changes["name"] = name
+        shape = input_shape
+        if shape is None and info.input is None and getattr(network, "input_size", None):
+            config = getattr(network, "config", None) or {}
+            channels = getattr(network, "in_channels", None) or config.get("in_channels", 1)
+            shape = (int(channels), *network.input_size)
+        if shape is not None:
+            shape = tuple(int(n) for n in shape)
+            changes["input"] = InputSpec(len(shape) - 1, shape[0], shape[1:], modality="image")
+        if changes:
+            info = dataclasses.replace(info, **changes)
+        return cls(
+            source="network", name=info.name, network=network, info=info,
+            output_selector=output_selector,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, network: nn.Module, info: ModelInfo | None = None) -> ModelHandle:
+        """The handle ``network`` was loaded through (so its cached verdicts are reused),
+        or a new one from ``info`` / the network's attributes."""
+        known = _BY_NETWORK.get(network)
+        if known is not None and (info is None or info is known._loaded or info is known._card):
+            return known
+        return cls.from_network(network, info=info)
+
+    # -- what is known without weights ----------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The zoo name, the name a bundle records, or the given network's name."""
+        if self.source == "zoo":
+            return self._name
+        return self.info.name
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's card (zoo entry or bundle metadata), without loading weights.
+
+        A copy: changing it changes nothing here. After :meth:`load`, prefer the loaded
+        ``ModelInfo`` (actual weights checksum, computed guarantee).
+        """
+        with self._lock:
+            if self._card is None:
+                if self._entry is not None:
+                    self._card = self._entry.info
+                else:
+                    self._card = read_info(self._bundle)
+            card = self._card
+        card = dataclasses.replace(card, preprocessing=list(card.preprocessing))
+        if self.source == "zoo":
+            card.name = self._name
+        return card
+
+    @property
+    def description(self) -> str:
+        return self.info.description
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The findings / classes, one logit each (a bundle's metadata only: a bundle whose
+        other configs are broken still lists them)."""
+        if self.source == "bundle" and self._card is None:
+            return read_class_names(self._bundle)
+        return tuple(self.info.class_names)
+
+    @property
+    def input(self) -> InputSpec:
+        """What the network expects after preprocessing (:class:`InputSpec`)."""
+        spec = self.info.input
+        if spec is None:
+            raise ModelError(
+                f"{self.name}: the input shape is unknown; pass input_shape=(C, *spatial) "
+                "to ModelHandle.from_network"
+            )
+        return spec
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)`` of one input, as the model's preprocessing produces it."""
+        spec = self.input
+        return (spec.in_channels, *spec.spatial_size)
+
+    @property
+    def audit_input_shape(self) -> tuple[int, ...]:
+        """The ``(C, *spatial)`` input the audit runs on.
+
+        The model's :attr:`input_shape`, except for architectures whose verdict does not
+        depend on the length of the first spatial axis (:data:`AUDIT_AXIS0`: AxialNet,
+        whose trunk runs per slice triplet): there the axis is cut to a few slices, so
+        auditing the full ``axialnet`` (405 x 420 x 420) runs 6 x 420 x 420.
+        """
+        shape = self.input_shape
+        short = AUDIT_AXIS0.get(self.architecture or "")
+        if short is not None and len(shape) > 1 and shape[1] > short:
+            return (shape[0], short, *shape[2:])
+        return shape
+
+    @property
+    def preprocessing(self) -> list[dict[str, Any]]:
+        """MONAI dictionary-transform specs that produce the input."""
+        return list(self.info.preprocessing)
+
+    @property
+    def task(self) -> str:
+        """``multilabel`` (sigmoid per class) or ``multiclass`` (softmax)."""
+        return self.info.task
+
+    @property
+    def default_layer(self) -> str:
+        """The layer explained when none is chosen."""
+        return self.info.target_layer
+
+    @property
+    def trained(self) -> bool:
+        """Whether the model has trained weights (zoo entries: whether weights ship)."""
+        return bool(self.info.trained)
+
+    @property
+    def installed(self) -> bool:
+        """False for a zoo entry whose bundle folder is missing (it cannot be loaded)."""
+        return self._bundle is None or self._bundle.is_dir()
+
+    @property
+    def bundle_path(self) -> Path | None:
+        """The bundle folder weights are read from (None: built, or a given network)."""
+        return self._bundle
+
+    @property
+    def declared_guaranteed(self) -> bool | None:
+        """The cached HiResCAM verdict at the default layer, as the zoo or bundle records it
+        (not computed; None for a given network). :meth:`load` checks a bundle's."""
+        if self.source == "network":
+            return None
+        return bool(self.info.guaranteed)
+
+    @property
+    def architecture(self) -> str | None:
+        """The network's allow-listed ``_target_`` (read from configs, nothing built)."""
+        if self._entry is not None:
+            return self._entry.architecture
+        if self._network is not None:
+            from .models import target_string
+
+            return target_string(type(self._network))
+        if self._bundle is not None:
+            try:
+                return read_network_def(self._bundle)[0]
+            except ModelError:
+                return None
+        return None
+
+    # -- loading --------------------------------------------------------------------------
+    def build(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised network of this model's architecture (no weights read;
+        seeded, the global RNG state is left as it was), in training mode."""
+        import torch
+
+        from .models import build_network
+
+        if self._entry is not None:
+            target, kwargs, source = (
+                self._entry.architecture,
+                self._entry.kwargs,
+                f"zoo entry {self._name}",
+            )
+        elif self._bundle is not None:
+            target, kwargs = read_network_def(self._bundle)
+            source = f"{self._bundle / 'configs' / 'inference.json'} network_def"
+        else:
+            raise ModelError(f"{self.name}: a given network cannot be rebuilt")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if seed is None else seed)
+            return build_network(target, dict(kwargs), source)
+
+    def load(self) -> tuple[nn.Module, ModelInfo]:
+        """``(network in eval mode, ModelInfo)``, loaded once and cached.
+
+        Zoo entries without weights are built (seeded by the handle's ``seed``);
+        bundle folders and ``demo`` read their weights (``weights_only=True``). A bundle
+        whose metadata declares a HiResCAM guarantee the audit does not confirm at its
+        default layer (or denies one the audit finds) is refused with ModelError naming
+        the bundle. For a given network, ``info.guaranteed`` is computed.
+        """
+        with self._lock:
+            if self._network is not None and self._loaded is not None:
+                return self._network, self._loaded
+            if self.source == "network":
+                info = self.info
+                info.guaranteed = self._computed_default_guarantee()
+                self._loaded = info
+                return self._network, info
+            if self._bundle is None:
+                network = self.build()
+                network.eval()
+                info = self.info
+                info.trained = False
+                info.bundle_path = None
+                self._remember(network, info)
+                return network, info
+            if not self._bundle.is_dir():
+                raise ModelError(
+                    f"the {self._name} bundle is not installed at {self._bundle}; build it "
+                    "with `python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo`"
+                )
+            network, info = load_bundle(self._bundle)
+            if self.source == "zoo":
+                expected = self.info
+                if info.class_names != expected.class_names:
+                    raise ModelError(
+                        f"{self._bundle}: class names {', '.join(info.class_names)} differ from "
+                        f"the zoo entry {self._name!r}: {', '.join(expected.class_names)}"
+                    )
+                info.name = self._name
+            else:
+                self._card = dataclasses.replace(info)
+            self._network, self._loaded = network, info
+            try:
+                self._check_declared(info)
+            except BaseException:
+                self._network = self._loaded = None
+                self._verdicts.clear()
+                raise
+            self._remember(network, info)
+            return network, info
+
+    def _remember(self, network: nn.Module, info: ModelInfo) -> None:
+        self._network, self._loaded = network, info
+        _BY_NETWORK[network] = self
+
+    def _check_declared(self, info: ModelInfo) -> None:
+        """ModelError naming the bundle if its cached ``guaranteed`` flag is not the audit's."""
+        layer = info.target_layer
+        try:
+            verdict = self.audit(layer)
+        except LayerError as err:
+            raise ModelError(
+                f"{self._bundle}: its default layer {layer!r} cannot be explained: {err}"
+            ) from err
+        if verdict.guaranteed != bool(info.guaranteed):
+            declared = "guaranteed faithful" if info.guaranteed else "not guaranteed"
+            raise ModelError(
+                f"{self._bundle}: refused: its metadata declares HiResCAM {declared} at "
+                f"{layer!r}, but the audit finds otherwise ({verdict.text()}; {verdict.reason}); "
+                "the bundle's 'guaranteed' flag is wrong"
+            )
+
+    def _computed_default_guarantee(self) -> bool:
+        layer = self.info.target_layer
+        if not layer or self.info.input is None:
+            return False
+        try:
+            return self.audit(layer).guaranteed
+        except LayerError:
+            return False
+
+    @property
+    def network(self) -> nn.Module:
+        """The loaded network (loads on first use)."""
+        return self.load()[0]
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a network is at hand (loaded, or given)."""
+        return self._network is not None
+
+    # -- checks ---------------------------------------------------------------------------
+    def check_findings(self, findings: Sequence[str]) -> list[str]:
+        """The findings as the model spells them (see :func:`match_findings`); no weights
+        read. TargetError for unknown names, listing the valid ones and close matches."""
+        return match_findings(findings, self.class_names)
+
+    def check_layer(self, layer: str | None = None) -> str:
+        """The layer to explain: ``layer`` or the default one, checked against the network.
+
+        LayerError (listing the candidate layers) for a name that is not a layer of the
+        network, or one that explain cannot use for this model's input. Loads the network
+        and computes the layer's verdict (cached, so the explanation reuses it).
+        """
+        if layer is None:
+            return self.default_layer
+        network = self.network
+        modules = dict(network.named_modules())
+        if layer not in modules:
+            candidates = [v.layer for v in self.layers()]
+            close = difflib.get_close_matches(layer, candidates or list(modules), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise LayerError(
+                f"unknown layer {layer!r}.{hint} Candidate layers of {self.name}: "
+                f"{', '.join(candidates)} (see 'hirescam3d layers --model ...')"
+            )
+        self.audit(layer)
+        return layer
+
+    # -- the audit ------------------------------------------------------------------------
+    def audit(self, layer: str | None = None) -> Verdict:
+        """Whether HiResCAM is guaranteed faithful at ``layer`` (default: the model's
+        default layer), computed by :func:`hirescam3d.audit.audit_layer` on
+        :attr:`audit_input_shape` and cached. LayerError if explain cannot use the layer."""
+        from .audit import audit_layer
+
+        layer = layer or self.default_layer
+        with self._lock:
+            if layer in self._verdicts:
+                return self._verdicts[layer]
+            network = self._network if self._network is not None else self.network
+            verdict = audit_layer(
+                network, layer, self.audit_input_shape, self.output_selector, seed=0
+            )
+            verdict = dataclasses.replace(verdict, default=layer == self.default_layer)
+            self._verdicts[layer] = verdict
+            return verdict
+
+    def layers(self) -> list[Verdict]:
+        """Every layer explain accepts for this model's input, in execution order, each with
+        its verdict; the default layer has ``default=True``. Computed once per handle by
+        :func:`hirescam3d.audit.audit_model`."""
+        from .audit import audit_model
+
+        with self._lock:
+            if self._layers is None:
+                network = self.network
+                verdicts = audit_model(
+                    network, self.audit_input_shape, default_layer=self.default_layer,
+                    output_selector=self.output_selector, seed=0,
+                )  # fmt: skip
+                self._layers = list(verdicts)
+                for verdict in verdicts:
+                    self._verdicts.setdefault(verdict.layer, verdict)
+            return list(self._layers)
+
+    def guaranteed(self, layer: str | None = None) -> bool | None:
+        """The computed verdict at ``layer`` as a bool; None if explain cannot use it."""
+        try:
+            return self.audit(layer).guaranteed
+        except LayerError:
+            return None
+
+
+def _is_module(obj: Any) -> bool:
+    try:
+        from torch import nn
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(obj, nn.Module)
