@@ -42,13 +42,10 @@ def _setup(size: tuple[int, ...], device: str):
 
 
 def _ops(net, x):
+    import torch.nn.functional as F
     from monai.visualize import GradCAM as MonaiGradCAM
 
-    from hirescam3d import Explainer
-
-    import torch.nn.functional as F
-
-    from hirescam3d import postprocess
+    from hirescam3d import Explainer, postprocess
 
     ex = Explainer(net, "layer4")
     targets20 = list(range(N_CLASSES))

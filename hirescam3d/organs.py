@@ -159,7 +159,7 @@ def align_organs(
     )
     aligned = np.rint(out.as_tensor()[0].numpy()).astype(labels.dtype)
 
-    from .io import affine_distance_mm, grid_differences
+    from .nifti import affine_distance_mm, grid_differences
 
     differences = grid_differences(labels.shape, labels_affine, scan_shape, scan_affine)
     if not differences:  # each part within tolerance, the affines as a whole not

@@ -417,8 +417,8 @@ def explain_image(
     coverage = float((data["support"].as_tensor() > 0).float().mean())
     if coverage < 0.5:
         notes.append(
-            f"the scan covers only {coverage:.0%} of the model's field of view (the rest is "
-            "padding the model sees as air); explanations of such a scan say little"
+            f"the scan covers only {100 * coverage:.2g} % of the model's field of view (the "
+            "rest is padding the model sees as air); explanations of such a scan say little"
         )
     units = verdict.guaranteed and verdict.bias is not None
     contributions: dict[str, Any] = {}
@@ -505,7 +505,7 @@ def _conserve(
     Linear resampling of a density that is constant on each cell's tile is not mass
     preserving where tiles are only a few scan voxels across (sampling error, a few
     percent for a focal map). The positive and the negative parts are therefore each
-    scaled to their model-grid totals; the two factors are reported.
+    scaled to their model-grid totals; the two factors are reported (1 for an empty part).
     """
     out = resampled.astype(np.float64)
     density = density.double() * inside
@@ -514,7 +514,8 @@ def _conserve(
         part = np.clip(sign * out, 0.0, None)
         target = float((sign * density).clamp_min(0).sum())
         have = float(part.sum())
-        factor = target / have if have > 0 else 0.0
+        # nothing to scale when the part is empty; NaN (null in JSON) if resampling lost it
+        factor = target / have if have > 0 else (1.0 if target == 0 else math.nan)
         out = np.where(sign * out > 0, out * factor, out)
         factors.append(factor)
     return out.astype(np.float32), factors

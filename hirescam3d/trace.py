@@ -21,10 +21,9 @@ restored afterwards.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,14 +76,6 @@ class LayerGeometry:
     def centres(self) -> list[list[float]]:
         """Per axis, the input coordinate of every cell centre (input voxels)."""
         return [a.centres(n) for a, n in zip(self.axes, self.grid_shape, strict=True)]
-
-    def tiles_input(self) -> bool:
-        """True when the tiles cover the input exactly (cells = input / step, no offset)."""
-        return all(
-            math.isclose(a.first, (a.step - 1) / 2, abs_tol=1e-6)
-            and math.isclose(n * a.step, size, abs_tol=1e-6)
-            for a, n, size in zip(self.axes, self.grid_shape, self.input_shape, strict=True)
-        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,8 +196,9 @@ for _name in (
     "interpolate upsample upsample_nearest upsample_bilinear identity cpu cuda __get__"
 ).split():
     _AFFINE[_name] = _SAME
-for _name in "mul mul_ __mul__ __rmul__ __imul__ matmul __matmul__ __rmatmul__ mm bmm einsum".split(
-):
+for _name in (
+    "mul mul_ __mul__ __rmul__ __imul__ matmul __matmul__ __rmatmul__ mm bmm einsum"
+).split():
     _AFFINE[_name] = _PRODUCT
 for _name in "div div_ __truediv__ __itruediv__ true_divide".split():
     _AFFINE[_name] = _DIVIDE
@@ -214,6 +206,8 @@ for _name in (
     "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout batch_norm"
 ).split():
     _AFFINE[_name] = _EVAL
+
+
 def _training_flag(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     """The ``training`` argument of F.dropout / F.batch_norm (default: training)."""
     if "training" in kwargs:
@@ -294,8 +288,6 @@ class TraceResult:
     modules: dict[str, ModuleRecord]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None = None
-    ops: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def layer_geometry(self, layer: str) -> LayerGeometry:
         """The :class:`LayerGeometry` of ``layer``; LayerError if it cannot be placed."""
@@ -485,23 +477,23 @@ def _pool_rule(has_dilation: bool):
     return rule
 
 
-def _adaptive_rule(src, x, out, args, kwargs):  # noqa: ANN001, ANN202
+def _resize_rule(src, x, out, align_corners):  # noqa: ANN001, ANN202
+    """Every spatial axis resampled from its input length to its output length."""
     n = out.ndim - 2
     dims = list(src[:-n])
     for a in range(n):
         n_in, n_out = x.shape[x.ndim - n + a], out.shape[out.ndim - n + a]
-        dims.append(((n_out, _resize(_axis_geo(src[x.ndim - n + a]), n_in, n_out, False)),))
+        geo = _resize(_axis_geo(src[x.ndim - n + a]), n_in, n_out, align_corners)
+        dims.append(((n_out, geo),))
     return tuple(dims)
+
+
+def _adaptive_rule(src, x, out, args, kwargs):  # noqa: ANN001, ANN202
+    return _resize_rule(src, x, out, False)
 
 
 def _interpolate_rule(src, x, out, args, kwargs):  # noqa: ANN001, ANN202
-    n = out.ndim - 2
-    align = _arg(args, kwargs, 4, "align_corners", None)
-    dims = list(src[:-n])
-    for a in range(n):
-        n_in, n_out = x.shape[x.ndim - n + a], out.shape[out.ndim - n + a]
-        dims.append(((n_out, _resize(_axis_geo(src[x.ndim - n + a]), n_in, n_out, align)),))
-    return tuple(dims)
+    return _resize_rule(src, x, out, _arg(args, kwargs, 4, "align_corners", None))
 
 
 def _pad_rule(src, x, out, args, kwargs):  # noqa: ANN001, ANN202
@@ -701,7 +693,7 @@ def trace(
     finally:
         for h in handles:
             h.remove()
-    result = TraceResult(records, tuple(x.shape[2:]), ops=len(tracer.ops))
+    result = TraceResult(records, tuple(x.shape[2:]))
     if isinstance(scores, torch.Tensor):
         result.output_shape = tuple(scores.shape)
         _analyse_paths(tracer, records, bits, tracer.serial(scores, create=False))

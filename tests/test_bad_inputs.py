@@ -24,7 +24,7 @@ from conftest import installed_console_script
 from nibabel.affines import from_matvec
 from nibabel.eulerangles import euler2mat
 
-from hirescam3d import io
+from hirescam3d import io, nifti
 from hirescam3d.errors import HiResCAMError, ScanError
 from hirescam3d.io import ScanWarning, read_scan, write_explanation, write_labels
 
@@ -214,7 +214,7 @@ def test_gzipped_header_declaring_more_data_than_the_file_can_hold(tmp_path):
 
 def test_volume_larger_than_free_memory_is_refused_before_reading(tmp_path, monkeypatch):
     path = save_nifti(tmp_path / "ct.nii.gz")
-    monkeypatch.setattr(io, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(nifti, "_available_memory", lambda: 1000)
     with pytest.raises(ScanError, match=r"needs about 48 kB of memory, but only 1 kB is"):
         read_scan(path)
 
@@ -308,7 +308,7 @@ def test_sform_and_qform_disagreeing_warns_and_uses_the_sform(tmp_path):
     )
     assert np.array_equal(img.header.get_sform(), AFFINE)
     assert int(img.header["qform_code"]) == 1
-    assert io.affine_distance_mm(img.header.get_qform(), AFFINE, SHAPE) <= io.QFORM_TOLERANCE_MM
+    assert nifti.affine_distance_mm(img.header.get_qform(), AFFINE, SHAPE) <= io.QFORM_TOLERANCE_MM
 
 
 def test_written_qform_is_code_1_only_where_it_matches_the_sform(tmp_path):
@@ -323,7 +323,7 @@ def test_written_qform_is_code_1_only_where_it_matches_the_sform(tmp_path):
             assert np.allclose(hdr.get_sform(), affine, atol=1e-5) and hdr["sform_code"] == 1
             assert int(hdr["qform_code"]) == code, path.name
             if code:
-                gap = io.affine_distance_mm(hdr.get_qform(), hdr.get_sform(), SHAPE)
+                gap = nifti.affine_distance_mm(hdr.get_qform(), hdr.get_sform(), SHAPE)
                 assert gap <= io.QFORM_TOLERANCE_MM
 
 
@@ -442,7 +442,7 @@ def test_organ_map_on_a_shifted_grid_names_the_origin(tmp_path):
 def test_grid_differences_name_every_part_with_values():
     other = AFFINE.copy()
     other[:3, :3] = np.diag([-8.0, 16.0, 14.0])
-    assert io.grid_differences((10, 20, 20), other, SHAPE, AFFINE) == [
+    assert nifti.grid_differences((10, 20, 20), other, SHAPE, AFFINE) == [
         "shape (10, 20, 20) vs the scan's (20, 20, 20)",
         "spacing 8 x 16 x 14 mm vs the scan's 16 x 16 x 14 mm",
         "direction LAS vs the scan's RAS",
@@ -586,3 +586,28 @@ def test_randomly_corrupted_headers_through_the_cli(base_nifti, tmp_path):
 
 def all_subclasses(cls: type) -> set[type]:
     return {cls} | {s for sub in cls.__subclasses__() for s in all_subclasses(sub)}
+
+
+# -- 6: a scan much smaller than the model's field of view --------------------------------
+def test_tiny_scan_warns_how_little_of_the_field_of_view_it_covers(tmp_path):
+    data = ct_volume((5, 5, 5))
+    scan = tmp_path / "tiny.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), str(scan))
+    out = tmp_path / "out"
+    done = explain(scan, out)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "field of view" in line]
+    assert len(lines) == 1, done.stderr
+    prefix, rest = lines[0].split("covers only ")
+    assert prefix == "warning: the scan "
+    assert rest.endswith(
+        " % of the model's field of view (the rest is padding the model sees as air); "
+        "explanations of such a scan say little"
+    )
+    share = float(rest.split(" %")[0])
+    # The model sees the 5 mm cube on its 3 x 2.5 x 2.5 mm grid of 96 x 128 x 128 voxels:
+    # at least its physical volume, at most one model voxel more along each axis.
+    fov = 96 * 3.0 * 128 * 2.5 * 128 * 2.5
+    assert 125 / fov * 100 <= share <= (5 + 3.0) * (5 + 2.5) ** 2 / fov * 100
+    img = nib.load(str(out / f"tiny_{OUTPUT}"))
+    assert img.shape == (5, 5, 5) and np.allclose(img.affine, np.eye(4))

@@ -192,6 +192,19 @@ def test_explain_widget_end_to_end(make_napari_viewer, plugin, qtbot, sample, tm
     assert not grid.enabled and ct.visible and organs.visible
     assert len([ly for ly in viewer.layers if "[" in ly.name]) == 0
 
+    # Signed maps: logit contributions with a diverging colormap centred on 0.
+    widget.set_methods(["hirescam"])
+    widget.values_combo.setCurrentText("logit")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=WORKER_TIMEOUT_MS)
+    assert widget.status.text().startswith("done"), widget.status.text()
+    layer = viewer.layers[f"{FINDING} · hirescam"]
+    top = float(np.abs(layer.data).max())
+    assert layer.data.min() < 0 < layer.data.max()  # evidence for and against
+    assert tuple(layer.contrast_limits) == pytest.approx((-top, top))
+    assert layer.colormap.name == "hirescam3d_signed"
+    np.testing.assert_allclose(layer.colormap.map(np.array([0.5]))[0], [0, 0, 0, 1])
+
 
 def _camera(viewer):
     scene = getattr(viewer, "scene", None)

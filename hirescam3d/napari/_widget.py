@@ -57,6 +57,7 @@ class ExplainResult:
     probabilities: dict[str, float]
     fractions: dict[tuple[str, str], dict[str, float]]
     warnings: list[str]
+    values: str = "unit"
 
 
 class _Emitter(QObject):
@@ -125,6 +126,14 @@ class ExplainWidget(QWidget):
             self.method_boxes[name] = box
             methods_row.addWidget(box)
         form.addRow("Methods", methods_row)
+
+        self.values_combo = QComboBox()
+        self.values_combo.addItems(["unit", "logit"])
+        self.values_combo.setToolTip(
+            "unit: [0, 1] heat maps; logit: signed HiResCAM contributions in logits per voxel "
+            "(blue against, red for the finding), where the audit proves the guarantee"
+        )
+        form.addRow("Values", self.values_combo)
 
         self.organs_combo = QComboBox()
         self.organs_combo.setToolTip("Optional Labels layer of organs: attention per organ")
@@ -272,6 +281,7 @@ class ExplainWidget(QWidget):
             names = organ_names(organ_layer)
             organs_affine = layer_affine(organ_layer)
         cancel, emitter, models = self._cancel, self._emitter, self._models
+        values = self.values_combo.currentText()
 
         def progress(stage: str, fraction: float) -> None:
             if cancel.is_set():
@@ -282,7 +292,7 @@ class ExplainWidget(QWidget):
             try:
                 return _explain(
                     image, affine, model, findings, methods, organs, organs_affine, names,
-                    progress, models,
+                    progress, models, values,
                 )
             except Cancelled:
                 return None  # not an error: no notification
@@ -337,7 +347,8 @@ class ExplainWidget(QWidget):
             entry = dict(source) if source else _geometry_entry(ct)
             entry.update(kind="explanation", finding=finding, method=method)
             name = _layers.layer_name(finding, method)
-            kwargs = _layers.explanation_kwargs(name, geometry, {_layers.META: entry})
+            limit = float(np.abs(volume).max()) if result.values == "logit" else None
+            kwargs = _layers.explanation_kwargs(name, geometry, {_layers.META: entry}, limit)
             if name in self.viewer.layers:
                 self.viewer.layers.remove(self.viewer.layers[name])
             self.viewer.add_image(volume, **kwargs)
@@ -547,6 +558,7 @@ def _explain(
     names: dict[int, str] | None,
     progress: Any,
     models: dict[str, Any],
+    values: str = "unit",
 ) -> ExplainResult:
     """The worker's job (no Qt): load the model (cached), align organs, explain."""
     from ..handle import ModelHandle
@@ -563,7 +575,7 @@ def _explain(
             notes.append(note)
     result = explain_image(
         image, affine, model=models[model], findings=findings, methods=methods,
-        organs=organs, organ_names=names, device="auto", progress=progress,
+        organs=organs, organ_names=names, device="auto", progress=progress, values=values,
     )
     fractions: dict[tuple[str, str], dict[str, float]] = {}
     for (finding, method) in result.maps:
@@ -579,4 +591,5 @@ def _explain(
         probabilities=dict(result.probabilities),
         fractions=fractions,
         warnings=notes + list(result.warnings),
+        values=values,
     )
