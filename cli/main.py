@@ -88,7 +88,10 @@ Method = Annotated[
         "--method",
         "-m",
         case_sensitive=False,
-        help="Explanation method (repeatable). Default: hirescam.",
+        metavar="METHOD",
+        help="Explanation method (repeatable): "
+        + ", ".join(m.value for m in MethodChoice)
+        + ". Default: hirescam.",
         show_default=False,
     ),
 ]

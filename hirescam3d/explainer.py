@@ -17,7 +17,7 @@ from torch import nn
 from . import postprocess
 from .capture import LayerCapture, model_state_restored, resolve_layer
 from .errors import InputError, LayerError, TargetError
-from .methods import get_method
+from .methods import Method, ModelAccess, get_method
 from .trace import LayerGeometry, TraceResult, probe_geometry, trace
 
 PostProcessing = Callable[[torch.Tensor, LayerGeometry, Sequence[int]], torch.Tensor]
@@ -60,6 +60,23 @@ def _first_conv_rank(model: nn.Module) -> int | None:
     return None
 
 
+class _PositiveGradient(torch.autograd.Function):
+    """Identity forward; backward passes only the positive part of the gradient."""
+
+    @staticmethod
+    def forward(ctx: object, y: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return grad.clamp_min(0)
+
+
+def _guide(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a ReLU: guided backpropagation, ``relu'(x) * relu(g)``."""
+    return _PositiveGradient.apply(output)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -73,7 +90,8 @@ class Explainer:
         model: any ``nn.Module`` mapping ``(B, C_in, *spatial)`` to logits ``(B, C)``
             (or to something ``output_selector`` turns into logits).
         target_layer: dotted module name (as in ``model.named_modules()``) or the module.
-        method: a registered method name (``"hirescam"``, ``"gradcam"``, ``"cam"``).
+        method: a registered method name (``"hirescam"``, ``"gradcam"``, ``"cam"``, ...;
+            ``hirescam3d.methods.METHODS`` lists them).
         class_names: names of the C classes; defaults to ``model.class_names`` if set.
         output_selector: maps the model's output (tuple, dict) to ``(B, C)`` logits.
         fc_layer: for CAM, the linear layer after global pooling (name or module);
@@ -82,6 +100,10 @@ class Explainer:
             holds; default :func:`hirescam3d.postprocess.unit_maps` (ReLU, placed by the
             layer's geometry, divided by the maximum). Use
             :func:`hirescam3d.postprocess.density` for maps in the raw map's units.
+        batch_size: for perturbation methods (``scorecam``, ``ablationcam``,
+            ``occlusion``): at most this many perturbed inputs per model call (the memory
+            cap; each method's cost in calls is in its docstring).
+        progress: for perturbation methods, ``progress(done, total)`` after each call.
 
     The model is run in eval mode and every module's mode, ``requires_grad`` flag
     and hook set is restored afterwards, also when the forward pass raises.
@@ -96,6 +118,8 @@ class Explainer:
         output_selector: Callable[[object], torch.Tensor] | None = None,
         fc_layer: str | nn.Module | None = None,
         postprocessing: PostProcessing = postprocess.unit_maps,
+        batch_size: int = 32,
+        progress: Callable[[int, int], None] | None = None,
     ):
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, target_layer)
@@ -105,6 +129,8 @@ class Explainer:
         self.output_selector = output_selector
         self.fc_layer = fc_layer
         self.postprocessing = postprocessing
+        self.batch_size = batch_size
+        self.progress = progress
         self._geometries: dict[tuple, LayerGeometry] = {}
 
     # -- input and targets -------------------------------------------------------------
@@ -174,12 +200,14 @@ class Explainer:
             )
         return output
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass; returns ``(activations leaf, scores)``."""
+    def _forward(
+        self, x: torch.Tensor, forward_kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass ``model(x, **forward_kwargs)``; returns ``(activations leaf, scores)``."""
         with LayerCapture(self.layer, self.layer_name) as capture:
             try:
                 with torch.no_grad():
-                    output = self.model(x)
+                    output = self.model(x, **(forward_kwargs or {}))
             except LayerError:
                 raise
             except RuntimeError as err:
@@ -258,19 +286,24 @@ class Explainer:
         return fc.weight.detach()[tgt.T]
 
     # -- public API -----------------------------------------------------------------------
-    def geometry(self, x: torch.Tensor) -> LayerGeometry:
+    def geometry(self, x: torch.Tensor, forward_kwargs: dict | None = None) -> LayerGeometry:
         """Where the layer's cells lie in an input shaped like ``x`` ``(B, C, *spatial)``.
 
         Traced from the network itself (convolutions, pooling, strides, padding,
         dilation, reshapes; :mod:`hirescam3d.trace`) on one item of ``x``, once per input
         shape; where the trace cannot follow an axis, a gradient probe measures it.
         :meth:`explain` traces during its own forward pass, at no extra pass.
+        ``forward_kwargs``: keyword arguments the model's forward needs (see :meth:`explain`).
         """
         key = tuple(x.shape[1:])
         if key not in self._geometries:
             x = self._check_input(x)[:1]
+            kwargs = forward_kwargs or {}
+            forward = (lambda t: self.model(t, **kwargs)) if kwargs else None
             with model_state_restored(self.model):
-                result = trace(self.model, x, self.output_selector, stop_at=self.layer_name)
+                result = trace(
+                    self.model, x, self.output_selector, stop_at=self.layer_name, forward=forward
+                )
             self._remember(key, result, x)
         return self._geometries[key]
 
@@ -286,11 +319,16 @@ class Explainer:
         targets: Targets = None,
         methods: Sequence[str] | None = None,
         maps: bool = True,
+        forward_kwargs: dict | None = None,
     ) -> dict[str, ExplanationResult]:
         """Explain ``x`` ``(B, C_in, *spatial)`` for K targets with several methods.
 
-        All methods and targets share ONE forward pass and one backward graph.
-        ``maps=False`` skips placing maps on the input (``result.maps`` is None).
+        All methods and targets share ONE forward pass and one backward graph; methods
+        that need only the activations (``eigencam``) add no backward pass, and their map
+        is the same for every target. ``maps=False`` skips placing maps on the input
+        (``result.maps`` is None). ``forward_kwargs``: keyword arguments passed on to the
+        model, ``model(x, **forward_kwargs)`` (tensors in them are used as given: put them
+        on the model's device).
         """
         methods = [get_method(m) for m in (methods or [self.method])]
         x = self._check_input(x)
@@ -301,27 +339,31 @@ class Explainer:
                 held: dict[str, torch.Tensor] = {}
 
                 def forward(t: torch.Tensor) -> torch.Tensor:
-                    held["acts"], held["scores"] = self._forward(t)
+                    held["acts"], held["scores"] = self._forward(t, forward_kwargs)
                     return held["scores"]
 
                 self._remember(key, trace(self.model, x, forward=forward), x)
                 acts, scores = held["acts"], held["scores"]
             else:
-                acts, scores = self._forward(x)
+                acts, scores = self._forward(x, forward_kwargs)
             geometry = self._geometries[key] if maps else None
             tgt = self._target_matrix(targets, scores.detach())
             grads = None
             if any(m.needs == "gradients" for m in methods):
                 grads = self._gradients(acts, scores, tgt)
+            access = None
+            if any(m.needs == "model" for m in methods):
+                access = self._model_access(x, acts, scores, tgt, grads, forward_kwargs)
             results = {}
             for m in methods:
                 with torch.no_grad():
-                    other = grads if m.needs == "gradients" else self._class_weights(acts, tgt)
-                    raw = m.fn(acts.detach(), other).movedim(0, 1).float().contiguous()
+                    raw = self._raw(m, acts.detach(), grads, tgt, access)
+                    geo = geometry
+                    if m.resolution == "input" and geometry is not None:
+                        size = tuple(x.shape[2:])
+                        geo = postprocess.stretch_geometry(size, size)  # the identity
                     placed = (
-                        None
-                        if geometry is None
-                        else self.postprocessing(raw, geometry, tuple(x.shape[2:]))
+                        None if geo is None else self.postprocessing(raw, geo, tuple(x.shape[2:]))
                     )
                 results[m.name] = ExplanationResult(
                     raw=raw,
@@ -332,10 +374,105 @@ class Explainer:
                     layer=self.layer_name,
                     class_names=self.class_names,
                     activation_shape=tuple(acts.shape),
-                    geometry=geometry,
+                    geometry=geo,
                 )
         return results
 
-    def __call__(self, x: torch.Tensor, targets: Targets = None) -> ExplanationResult:
-        """Explain ``x`` with this explainer's method; see :meth:`explain`."""
-        return self.explain(x, targets)[self.method]
+    def _model_access(
+        self,
+        x: torch.Tensor,
+        acts: torch.Tensor,
+        scores: torch.Tensor,
+        tgt: torch.Tensor,
+        grads: torch.Tensor | None,
+        kwargs: dict | None,
+    ) -> ModelAccess:
+        """Model calls for ``needs="model"`` methods; every hook is removed after use."""
+        kwargs = kwargs or {}
+        cache = {"layer": grads}
+
+        def layer_gradients() -> torch.Tensor:
+            if cache["layer"] is None:
+                cache["layer"] = self._gradients(acts, scores, tgt)
+            return cache["layer"]
+
+        def input_gradients(guided: bool) -> torch.Tensor:
+            key = ("input", guided)
+            if key not in cache:
+                cache[key] = self._input_gradients(x, tgt, guided, kwargs)
+            return cache[key]
+
+        def run_input(inputs: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self._scores(self.model(inputs, **kwargs)).detach()
+
+        def run_from_layer(acts: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            def replace(_m: nn.Module, _i: object, _o: object) -> torch.Tensor:
+                return acts
+
+            handle = self.layer.register_forward_hook(replace)
+            try:
+                return run_input(x[items])
+            finally:
+                handle.remove()
+
+        return ModelAccess(
+            x=x, scores=scores.detach(), targets=tgt,
+            geometry=self.geometry(x, forward_kwargs=kwargs),
+            run_input=run_input, run_from_layer=run_from_layer,
+            batch_size=self.batch_size, progress=self.progress,
+            layer_gradients=layer_gradients, input_gradients=input_gradients,
+        )
+
+    def _input_gradients(
+        self, x: torch.Tensor, tgt: torch.Tensor, guided: bool, kwargs: dict
+    ) -> torch.Tensor:
+        """``(K, B, C, *spatial)`` d score / d input; guided through ``nn.ReLU`` modules."""
+        handles = []
+        if guided:
+            for module in self.model.modules():
+                if isinstance(module, nn.ReLU):
+                    handles.append(module.register_forward_hook(_guide))
+        try:
+            with torch.enable_grad():
+                xi = x.detach().clone().requires_grad_(True)
+                chosen = self._scores(self.model(xi, **kwargs)).gather(1, tgt)  # (B, K)
+                k = tgt.shape[1]
+                out = [
+                    torch.autograd.grad(chosen[:, i].sum(), xi, retain_graph=i < k - 1)[0]
+                    for i in range(k)
+                ]
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(out)
+
+    def _raw(
+        self,
+        m: Method,
+        acts: torch.Tensor,
+        grads: torch.Tensor | None,
+        tgt: torch.Tensor,
+        access: ModelAccess | None = None,
+    ) -> torch.Tensor:
+        """One method's raw maps ``(B, K, *S)`` float32."""
+        if m.needs == "gradients":
+            raw = m.fn(acts, grads)
+        elif m.needs == "model":
+            raw = m.fn(acts, access)
+        elif m.needs == "class_weights":
+            raw = m.fn(acts, self._class_weights(acts, tgt))
+        else:  # "activations": one class-agnostic map per item, shared by the K targets
+            raw = m.fn(acts, None)
+            raw = raw.unsqueeze(0).expand(tgt.shape[1], *raw.shape)
+        return raw.movedim(0, 1).float().contiguous()
+
+    def __call__(
+        self, x: torch.Tensor, targets: Targets = None, **forward_kwargs: object
+    ) -> ExplanationResult:
+        """Explain ``x`` with this explainer's method; see :meth:`explain`.
+
+        Extra keyword arguments go to the model: ``explainer(x, 2, mask=m)`` runs
+        ``model(x, mask=m)``.
+        """
+        return self.explain(x, targets, forward_kwargs=forward_kwargs)[self.method]

@@ -316,7 +316,7 @@ def explain_image(
     """
     from monai.data import MetaTensor
 
-    from . import attribution
+    from . import attribution, postprocess
     from .explainer import Explainer
 
     def step(stage: str, fraction: float) -> None:
@@ -413,7 +413,14 @@ def explain_image(
 
     step("attribute", 0.45)
     t = time.perf_counter()
-    regions = attribution.cell_regions(data["support"].as_tensor()[0].cpu(), geometry, organ_names)
+    # Maps live on the layer's grid, or (guided methods) on the input grid itself.
+    size = tuple(x.shape[2:])
+    identity = postprocess.stretch_geometry(size, size)
+    grid_of = {m: identity if get_method(m).resolution == "input" else geometry for m in methods}
+    support = data["support"].as_tensor()[0].cpu()
+    regions_of = {
+        id(g): attribution.cell_regions(support, g, organ_names) for g in {*grid_of.values()}
+    }
     coverage = float((data["support"].as_tensor() > 0).float().mean())
     if coverage < 0.5:
         notes.append(
@@ -427,8 +434,9 @@ def explain_image(
         if method == "hirescam" and units:
             bias = verdict.bias[class_names.index(finding)]
             contributions.setdefault(finding, {})[method] = attribution.contributions(
-                cells, regions, logit_of[finding], bias
+                cells, regions_of[id(grid_of[method])], logit_of[finding], bias
             )
+        regions = regions_of[id(grid_of[method])]
         shares.setdefault(finding, {})[method] = attribution.positive_shares(cells, regions)
     if raw and all(entry["no_positive_evidence"] for m in shares.values() for entry in m.values()):
         notes.append("no explained map has positive evidence (every map is 0 or negative)")
@@ -436,8 +444,9 @@ def explain_image(
 
     step("invert", 0.6)
     t = time.perf_counter()
-    size = tuple(x.shape[2:])
-    model_grid = {p: _model_grid_maps(cells, geometry, values, size) for p, cells in raw.items()}
+    model_grid = {
+        p: _model_grid_maps(cells, grid_of[p[1]], values, size) for p, cells in raw.items()
+    }
     maps = invert_maps(pre, data["image"], model_grid, image.shape, affine, clip=values == "unit")
     if values == "logit":  # logits per model voxel -> logits per scan voxel
         model_voxel = abs(np.linalg.det(np.asarray(data["image"].affine)[:3, :3]))

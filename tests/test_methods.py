@@ -51,7 +51,7 @@ def test_methods_reject_maps_without_spatial_dims():
 
 def test_registry_and_unknown_method():
     assert {"cam", "gradcam", "hirescam"} <= set(METHODS)
-    with pytest.raises(HiResCAMError, match="choose one of: cam, gradcam, hirescam"):
+    with pytest.raises(HiResCAMError, match="choose one of: ablationcam, cam, eigencam, gradcam,"):
         get_method("gradcam++")
     register_method("abs_hirescam", lambda a, g: hirescam(a, g).abs())
     try:

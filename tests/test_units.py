@@ -116,3 +116,21 @@ def test_map_without_positive_evidence_is_reported_as_such():
         assert entry["by_label"] is None and entry["outside_labels"] is None
         assert not result.maps[("nothing", method)].any()
     assert "no explained map has positive evidence" in " ".join(result.warnings)
+
+
+def test_input_resolution_methods_get_organ_shares_on_the_input_grid():
+    """Guided HiResCAM maps live on the model's input grid, not the layer's: the pipeline
+    shares them out there, and the shares still add up."""
+    from test_pipeline import oblique_phantom
+
+    ct, organs, names, affine, _ = oblique_phantom()
+    result = explain_image(ct, affine, model=blob_model(), findings=["blob"],
+                           methods=["hirescam", "guided-hirescam"], organs=organs,
+                           organ_names=names, device="cpu")
+    for method in ("hirescam", "guided-hirescam"):
+        entry = result.report["organs"]["blob"][method]
+        assert entry["no_positive_evidence"] is False
+        assert sum(entry["by_label"].values()) + entry["outside_labels"] == pytest.approx(1.0)
+        assert result.maps[("blob", method)].shape == ct.shape
+    # no logit units for a method other than HiResCAM
+    assert set(result.report["contributions"]["blob"]) == {"hirescam"}

@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -26,6 +27,7 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 NO_ORGANS = "(none)"
 OUTSIDE = "(outside organs)"
+METHOD_COLUMNS = 3
 DEFAULT_METHODS = ("hirescam", "gradcam")
 # Grid mode shows these methods side by side, left to right, when present.
 GRID_ORDER = ("gradcam", "hirescam", "cam")
@@ -118,13 +121,14 @@ class ExplainWidget(QWidget):
         form.addRow("Findings", self.findings_list)
 
         self.method_boxes: dict[str, QCheckBox] = {}
-        methods_row = QHBoxLayout()
-        for name in METHODS:
+        # A grid, so that every registered method fits however many there are.
+        methods_row = QGridLayout()
+        for i, name in enumerate(METHODS):
             box = QCheckBox(name)
             box.setChecked(name in DEFAULT_METHODS)
             box.setToolTip(METHODS[name].description)
             self.method_boxes[name] = box
-            methods_row.addWidget(box)
+            methods_row.addWidget(box, i // METHOD_COLUMNS, i % METHOD_COLUMNS)
         form.addRow("Methods", methods_row)
 
         self.values_combo = QComboBox()
@@ -159,7 +163,9 @@ class ExplainWidget(QWidget):
         self.grid_box.setEnabled(False)
         self.grid_box.toggled.connect(self.set_grid)
 
-        layout = QVBoxLayout(self)
+        # The controls scroll inside the dock, so a tall widget never squeezes the canvas.
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
@@ -170,6 +176,12 @@ class ExplainWidget(QWidget):
         layout.addWidget(self.organ_table)
         layout.addWidget(self.grid_box)
         layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
 
     # -- choices --------------------------------------------------------------------------
     def _refresh_layers(self, *_: Any) -> None:
