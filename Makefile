@@ -38,6 +38,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_methods.py --out benchmarks/results.json
 	$(BIN)/python benchmarks/demo_quality.py --first-seed 0 --count 200 --results benchmarks/results.json
 
 lint: $(STAMP)

@@ -114,10 +114,9 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_child(size, name, threads, queue) -> None:
+def _peak_child(factory, args, threads, queue) -> None:
     torch.set_num_threads(threads)
-    net, x = _setup(size, "cpu")
-    op = _ops(net, x)[name]
+    op = factory(*args)
     op()  # warm up lazy initialisation
     import gc
 
@@ -128,16 +127,27 @@ def _peak_child(size, name, threads, queue) -> None:
     queue.put((_rss_kib("VmHWM") - base) * 1024)
 
 
-def peak_cpu(size, name, threads: int) -> int:
-    """Peak resident bytes above a warmed-up baseline, in a fresh process."""
+def peak_cpu_of(factory, args: tuple, threads: int) -> int:
+    """Peak resident bytes of ``factory(*args)()`` above a warmed-up baseline, measured
+    in a fresh process (``factory`` must be a module-level function)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large tensors -> mmap, so frees show in RSS
-    proc = ctx.Process(target=_peak_child, args=(size, name, threads, queue))
+    proc = ctx.Process(target=_peak_child, args=(factory, args, threads, queue))
     proc.start()
     value = queue.get()
     proc.join()
     return value
+
+
+def _core_op(size, name):
+    net, x = _setup(size, "cpu")
+    return _ops(net, x)[name]
+
+
+def peak_cpu(size, name, threads: int) -> int:
+    """Peak resident bytes above a warmed-up baseline, in a fresh process."""
+    return peak_cpu_of(_core_op, (size, name), threads)
 
 
 def peak_cuda(size, name) -> int:

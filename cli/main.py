@@ -16,10 +16,10 @@ from .view import view
 
 
 def _method_choices() -> type[enum.Enum]:
-    """The registered explanation methods as choices (methods registered later join)."""
-    from hirescam3d.methods import METHODS
+    """The built-in explanation methods as choices (named without importing torch)."""
+    from hirescam3d.method_names import BUILTIN_METHODS
 
-    return enum.Enum("MethodChoice", {name: name for name in sorted(METHODS)}, type=str)
+    return enum.Enum("MethodChoice", {name: name for name in BUILTIN_METHODS}, type=str)
 
 
 MethodChoice = _method_choices()
@@ -323,6 +323,55 @@ def sample(
 
     with reported_errors(debug):
         sample_command(directory, force=force, quiet=quiet)
+
+
+@app.command()
+def compare(
+    scan: Annotated[
+        Path,
+        typer.Argument(
+            help="CT scan: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM folder.", show_default=False
+        ),
+    ],
+    finding: Finding = None,
+    method: Method = None,
+    model: Model = None,
+    layer: Layer = None,
+    organs: Organs = None,
+    organ_names: OrganNames = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="The finding's mask on the scan's grid (nonzero = finding), for the "
+            "localisation metrics and the figure's outline.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder. Default: ./<scan-stem>_explanations.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Device = DeviceChoice.auto,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compare methods on one finding (one pass): <stem>_<finding>_compare.png + compare.json."""
+    from .compare import DEFAULT_METHODS, compare_command
+
+    opts = _options(finding, False, method, model, layer, organs, organ_names, False, device,
+                    force)
+    if not method:
+        opts.methods = list(DEFAULT_METHODS)
+    with reported_errors(debug):
+        compare_command(scan, out, opts, mask, json_out=json_out, quiet=quiet, debug=debug)
 
 
 # `hirescam3d view` lives in cli/view.py and imports napari only when it runs.

@@ -1,12 +1,38 @@
 """hirescam3d: faithful explanations of 2D and 3D convolutional networks.
 
-The core is free of GUI and CLI dependencies: ``import hirescam3d`` needs only
-torch (MONAI, nibabel and SimpleITK are imported by the modules that use them).
+The core is free of GUI and CLI dependencies. ``import hirescam3d`` itself imports
+nothing heavy: torch loads with the first use of ``Explainer`` or a method (so that the
+command line answers listings and ``--help`` without it); MONAI, nibabel and SimpleITK
+are imported by the modules that use them.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import HiResCAMError, InputError, LayerError, ModelError, ScanError, TargetError
-from .explainer import Explainer, ExplanationResult
-from .methods import METHODS, cam, gradcam, hirescam, register_method
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .explainer import Explainer, ExplanationResult
+    from .methods import METHODS, cam, gradcam, hirescam, register_method
+
+_LAZY = {
+    "Explainer": "explainer",
+    "ExplanationResult": "explainer",
+    "METHODS": "methods",
+    "cam": "methods",
+    "gradcam": "methods",
+    "hirescam": "methods",
+    "register_method": "methods",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the torch-backed names on first use."""
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -25,14 +25,16 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .errors import ModelError
 from .models import build_network, target_of
+
+if TYPE_CHECKING:  # torch loads only with the functions that use it (fast listings)
+    import torch
+    from torch import nn
 
 METADATA = Path("configs") / "metadata.json"
 INFERENCE = Path("configs") / "inference.json"
@@ -53,6 +55,12 @@ PREPROCESSING_TRANSFORMS = (
     "Resized",
     "EnsureTyped",
 )
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,8 @@ def preprocessing_transforms(spec: InputSpec, keys: str = "image") -> list[dict[
 def apply_window(image: np.ndarray | torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     """``ScaleIntensityRanged(a_min, a_max, 0, 1, clip=True)`` as one function, float32."""
     a_min, a_max = window
+    import torch
+
     x = torch.as_tensor(image, dtype=torch.float32)
     return ((x - a_min) / (a_max - a_min)).clamp_(0.0, 1.0)
 
@@ -219,7 +229,7 @@ def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
         "version": info.version,
         "changelog": {info.version: "initial release"},
         "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
+        "pytorch_version": _torch().__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"hirescam3d": "0.1.0"},
         "name": info.name,
@@ -343,7 +353,7 @@ def save_bundle(network: nn.Module, info: ModelInfo, path: str | Path) -> Path:
     for sub in ("configs", "models", "docs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    torch.save(state, root / WEIGHTS)
+    _torch().save(state, root / WEIGHTS)
     sha = sha256_of(root / WEIGHTS)
     (root / METADATA).write_text(json.dumps(_metadata(network, info, sha), indent=2) + "\n")
     (root / INFERENCE).write_text(json.dumps(_inference(network, info), indent=2) + "\n")
@@ -384,7 +394,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch().load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[-1][:200]
         raise ModelError(
@@ -397,7 +407,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"{type(err).__name__}: {str(err)[:200]})"
         ) from err
     if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        isinstance(k, str) and isinstance(v, _torch().Tensor) for k, v in state.items()
     ):
         nested = isinstance(state, dict) and "state_dict" in state
         hint = " (it has a 'state_dict' entry: save that instead)" if nested else ""

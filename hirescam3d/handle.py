@@ -631,8 +631,9 @@ class ModelHandle:
 
 
 def _is_module(obj: Any) -> bool:
-    try:
-        from torch import nn
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return isinstance(obj, nn.Module)
+    """True for a torch ``nn.Module``; never imports torch itself (a network can only
+    exist once torch is loaded), so resolving names stays fast."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)

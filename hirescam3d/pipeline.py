@@ -51,6 +51,10 @@ class ScanExplanation:
     ``warnings``: texts of everything worth telling the user (also in the report).
     ``model_grid_maps``: ``{(finding, method): (S, H, W)}`` on the model's input grid.
     ``organs`` / ``organ_names``: the organ labels on the scan's grid, if given.
+    ``raw``: ``{(finding, method): tensor}`` each method's raw map before any
+    post-processing, on the explained layer's grid (cells; the input grid for methods
+    that work at input resolution), on the CPU: signed, logits per cell for HiResCAM at
+    a guaranteed layer. What :func:`hirescam3d.metrics.l2_to_exact` compares.
     """
 
     maps: dict[tuple[str, str], np.ndarray]
@@ -62,6 +66,7 @@ class ScanExplanation:
     organs: np.ndarray | None = None
     organ_names: dict[int, str] | None = None
     values: str = "unit"
+    raw: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     @property
     def findings(self) -> list[str]:
@@ -386,7 +391,10 @@ def explain_image(
     step("explain", 0.3)
     t = time.perf_counter()
     x = data["image"].as_tensor()[None].to(dev)
-    explainer = Explainer(network, layer, methods[0], class_names=class_names)
+    def passes(done: int, total: int) -> None:  # perturbation methods: many model passes
+        step(f"explain: {done}/{total} model passes", 0.3 + 0.15 * done / max(total, 1))
+
+    explainer = Explainer(network, layer, methods[0], class_names=class_names, progress=passes)
     targets = requested or class_names  # all classes when choosing by probability
     results = explainer.explain(x, targets, methods, maps=False)
     geometry = explainer.geometry(x)
@@ -502,6 +510,7 @@ def explain_image(
         organs=organs,
         organ_names=organ_names,
         values=values,
+        raw=raw,
     )
 
 

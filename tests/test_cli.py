@@ -124,6 +124,10 @@ def test_help_lists_every_command_and_version_prints():
 
 
 def test_method_choices_come_from_the_registry():
+    from hirescam3d.method_names import BUILTIN_METHODS
+
+    # the CLI names methods without importing torch; the registry holds exactly those
+    assert set(BUILTIN_METHODS) == set(hirescam3d.METHODS)
     result = invoke("explain", "--help")
     for name in hirescam3d.METHODS:
         assert name in result.stdout
@@ -230,12 +234,15 @@ def _run_listing(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 @pytest.mark.parametrize(
     "args",
-    [("models",), ("models", "--json"), ("findings",), ("findings", "--model", "resnet34v")],
+    [("models",), ("models", "--json"), ("findings",), ("findings", "--model", "resnet34v"),
+     ("--help",), ("explain", "--help")],
 )
 def test_listings_read_metadata_only(args):
-    """`models` and `findings` import no architecture (so no MONAI) and read no weights."""
+    """`models`, `findings` and help import no architecture (so no MONAI), read no weights
+    and do not even load torch: they answer in well under a second."""
     proc, modules = _run_listing(*args)
     assert proc.returncode == 0, proc.stderr
+    assert "torch" not in modules
     assert "hirescam3d.models.axialnet" not in modules
     assert not any(m.startswith(("hirescam3d.models.voc", "hirescam3d.audit")) for m in modules)
     assert "monai" not in modules

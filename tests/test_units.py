@@ -134,3 +134,14 @@ def test_input_resolution_methods_get_organ_shares_on_the_input_grid():
         assert result.maps[("blob", method)].shape == ct.shape
     # no logit units for a method other than HiResCAM
     assert set(result.report["contributions"]["blob"]) == {"hirescam"}
+
+
+def test_perturbation_methods_report_their_model_passes():
+    from test_pipeline import oblique_phantom
+
+    ct, _, _, affine, _ = oblique_phantom()
+    stages: list[str] = []
+    explain_image(ct, affine, model=blob_model(), findings=["blob"], methods=["ablationcam"],
+                  device="cpu", progress=lambda stage, _fraction: stages.append(stage))
+    # Ablation-CAM zeroes each of BlobNet's 1 feature maps once: 1 pass for 1 item
+    assert "explain: 1/1 model passes" in stages
