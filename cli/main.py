@@ -127,6 +127,21 @@ OrganNames = Annotated[
     ),
 ]
 Png = Annotated[bool, typer.Option("--png", help="Also save a PNG montage per map.")]
+Scan = Annotated[
+    Path,
+    typer.Argument(
+        help="CT scan: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM folder.", show_default=False
+    ),
+]
+Out = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output folder. Default: ./<scan-stem>_explanations.",
+        show_default=False,
+    ),
+]
 Values = Annotated[
     ValuesChoice,
     typer.Option(
@@ -166,12 +181,7 @@ def _options(finding, all_findings, method, model, layer, organs, organ_names, p
 
 @app.command()
 def explain(
-    scan: Annotated[
-        Path,
-        typer.Argument(
-            help="CT scan: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM folder.", show_default=False
-        ),
-    ],
+    scan: Scan,
     finding: Finding = None,
     all_findings: AllFindings = False,
     method: Method = None,
@@ -179,15 +189,7 @@ def explain(
     layer: Layer = None,
     organs: Organs = None,
     organ_names: OrganNames = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output folder. Default: ./<scan-stem>_explanations.",
-            show_default=False,
-        ),
-    ] = None,
+    out: Out = None,
     png: Png = False,
     values: Values = ValuesChoice.unit,
     device: Device = DeviceChoice.auto,
@@ -327,12 +329,7 @@ def sample(
 
 @app.command()
 def compare(
-    scan: Annotated[
-        Path,
-        typer.Argument(
-            help="CT scan: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM folder.", show_default=False
-        ),
-    ],
+    scan: Scan,
     finding: Finding = None,
     method: Method = None,
     model: Model = None,
@@ -348,15 +345,7 @@ def compare(
             show_default=False,
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output folder. Default: ./<scan-stem>_explanations.",
-            show_default=False,
-        ),
-    ] = None,
+    out: Out = None,
     device: Device = DeviceChoice.auto,
     force: Force = False,
     json_out: Json = False,
