@@ -486,16 +486,11 @@ GUIDED = ("guidedbackprop", "guided-gradcam", "guided-hirescam")
 
 @pytest.fixture
 def guided():
-    """The guided methods are opt-in (input resolution): registered for one test."""
-    assert not set(GUIDED) & set(METHODS)
+    """The guided methods are registered at import, as input-resolution model methods
+    (registering them again is harmless)."""
     register_guided_methods()
-    try:
-        assert all(METHODS[n].needs == "model" and METHODS[n].resolution == "input"
-                   for n in GUIDED)
-        yield
-    finally:
-        for name in GUIDED:
-            METHODS.pop(name, None)
+    assert all(METHODS[n].needs == "model" and METHODS[n].resolution == "input"
+               for n in GUIDED)
 
 
 def oracle_guided_backprop(net: ConvLinearNet, x: torch.Tensor, target: int) -> torch.Tensor:
