@@ -58,7 +58,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {}
+    rows: dict[str, dict] = {}
+
+    def save() -> None:  # after every row, so an interrupted run keeps what it measured
+        report = json.loads(args.out.read_text()) if args.out.exists() else {}
+        report["methods"] = {
+            "machine": machine_info(args.threads),
+            "model": "monai resnet18, spatial_dims=3, 20 classes; target layer 'layer4'; "
+            "1 target",
+            "targets": {"gradient_methods_time_over_gradcam": 1.1},
+            "results": rows,
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     for kind, size in SIZES.items():
         baseline = seconds("gradcam", size, args.repeats)
         names = [
@@ -74,16 +86,9 @@ def main() -> None:
                 "time_over_gradcam": t / baseline,
                 "peak_bytes": peak,
             }
+            save()
             print(f"{key}: {t:.3f} s, {t / baseline:.2f}x Grad-CAM, peak {peak / 2**20:.0f} MiB",
                   flush=True)
-    report = json.loads(args.out.read_text()) if args.out.exists() else {}
-    report["methods"] = {
-        "machine": machine_info(args.threads),
-        "model": "monai resnet18, spatial_dims=3, 20 classes; target layer 'layer4'; 1 target",
-        "targets": {"gradient_methods_time_over_gradcam": 1.1},
-        "results": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
