@@ -307,11 +307,16 @@ class Explainer:
             self._remember(key, result, x)
         return self._geometries[key]
 
-    def _remember(self, key: tuple, result: TraceResult, x: torch.Tensor) -> None:
+    def _remember(
+        self, key: tuple, result: TraceResult, x: torch.Tensor, required: bool = True
+    ) -> None:
+        """Cache the traced geometry; where the trace cannot place the layer, probe it
+        (only when ``required``: maps are asked for; else leave it for :meth:`geometry`)."""
         try:
             self._geometries[key] = result.layer_geometry(self.layer_name)
         except LayerError:
-            self._geometries[key] = probe_geometry(self.model, self.layer, x[:1])
+            if required:
+                self._geometries[key] = probe_geometry(self.model, self.layer, x[:1])
 
     def explain(
         self,
@@ -334,19 +339,20 @@ class Explainer:
         x = self._check_input(x)
         key = tuple(x.shape[1:])
         with model_state_restored(self.model):
-            if maps and key not in self._geometries:
-                # First input of this shape: trace the geometry during the forward pass.
+            if key not in self._geometries:
+                # First input of this shape: trace the geometry during the forward pass
+                # (Python overhead only), so later calls and geometry() reuse it.
                 held: dict[str, torch.Tensor] = {}
 
                 def forward(t: torch.Tensor) -> torch.Tensor:
                     held["acts"], held["scores"] = self._forward(t, forward_kwargs)
                     return held["scores"]
 
-                self._remember(key, trace(self.model, x, forward=forward), x)
+                self._remember(key, trace(self.model, x, forward=forward), x, required=maps)
                 acts, scores = held["acts"], held["scores"]
             else:
                 acts, scores = self._forward(x, forward_kwargs)
-            geometry = self._geometries[key] if maps else None
+            geometry = self._geometries.get(key)
             tgt = self._target_matrix(targets, scores.detach())
             grads = None
             if any(m.needs == "gradients" for m in methods):
@@ -363,7 +369,9 @@ class Explainer:
                         size = tuple(x.shape[2:])
                         geo = postprocess.stretch_geometry(size, size)  # the identity
                     placed = (
-                        None if geo is None else self.postprocessing(raw, geo, tuple(x.shape[2:]))
+                        self.postprocessing(raw, geo, tuple(x.shape[2:]))
+                        if maps and geo is not None
+                        else None
                     )
                 results[m.name] = ExplanationResult(
                     raw=raw,
