@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .bundle import PREPROCESSING_TRANSFORMS, ModelInfo, preprocessing_transforms
-from .errors import HiResCAMError, InputError, LayerError, ModelError, TargetError
+from .errors import HiResCAMError, InputError, ModelError, TargetError
 from .handle import ModelHandle, match_findings
 from .methods import get_method
 
@@ -122,15 +122,6 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     if not names:
         raise HiResCAMError("no method given; use hirescam, gradcam or cam")
     return list(dict.fromkeys(names))
-
-
-def layer_guarantee(network: nn.Module, info: ModelInfo, layer: str) -> bool | None:
-    """Whether HiResCAM is guaranteed faithful at ``layer``, computed by the audit (cached
-    per network's handle); None when explain cannot use the layer or the input is unknown."""
-    try:
-        return ModelHandle.of(network, info).audit(layer).guaranteed
-    except (LayerError, ModelError):
-        return None
 
 
 def software_versions() -> dict[str, str]:

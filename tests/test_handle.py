@@ -20,7 +20,7 @@ from hirescam3d.bundle import METADATA, InputSpec, ModelInfo, preprocessing_tran
 from hirescam3d.errors import LayerError, ModelError, TargetError
 from hirescam3d.handle import ModelHandle, ModelNotFoundError, finding_key, match_findings
 from hirescam3d.models import VOC_CLASSES, CAMNet
-from hirescam3d.pipeline import check_findings, layer_guarantee
+from hirescam3d.pipeline import check_findings
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO64 = InputSpec(2, 3, (64, 64), None, None, (0.0, 255.0), "photograph", "resize")
@@ -150,7 +150,7 @@ def test_load_is_cached_and_pairs_find_their_handle():
     assert ModelHandle.resolve((network, info)) is handle
     verdict = handle.audit()
     assert verdict.layer == "to_volume" and verdict.default and verdict.guaranteed
-    assert layer_guarantee(network, info, "to_volume") is True
+    assert ModelHandle.of(network, info).guaranteed("to_volume") is True
     assert handle.audit("to_volume") is verdict  # the pipeline reused the cached verdict
 
 
@@ -184,8 +184,8 @@ def test_a_user_network_gets_a_computed_guarantee():
         "x", "", ("yes", "no"), "0", InputSpec(2, 1, (4, 4)), [], "multilabel", True, True
     )
     fresh = nn.Sequential(*net)  # same modules, new container: a network with no handle yet
-    assert layer_guarantee(fresh, lying, "0") is False
-    assert layer_guarantee(fresh, lying, "2") is True
+    assert ModelHandle.of(fresh, lying).guaranteed("0") is False
+    assert ModelHandle.of(fresh, lying).guaranteed("2") is True
     with pytest.raises(ModelError, match="pass class_names"):
         ModelHandle.from_network(nn.Linear(2, 2))
 
