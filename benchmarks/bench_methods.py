@@ -56,9 +56,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kind", choices=[*SIZES, "all"], default="all",
+                        help="measure only the gradient or only the perturbation methods "
+                        "(rows of the other kind already in --out are kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows: dict[str, dict] = {}
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows: dict[str, dict] = dict(report.get("methods", {}).get("results", {}))
 
     def save() -> None:  # after every row, so an interrupted run keeps what it measured
         report = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -72,6 +76,8 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     for kind, size in SIZES.items():
+        if args.kind not in ("all", kind):
+            continue
         baseline = seconds("gradcam", size, args.repeats)
         names = [
             m for m in sorted(METHODS) if (m in PERTURBATION) == (kind == "perturbation")

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -186,20 +185,11 @@ def shard(items: Sequence[BatchItem], rank: int, world_size: int) -> list[BatchI
 
 # -- files --------------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it
+    into place (:func:`hirescam3d.outputs.atomic_write_text`)."""
+    from hirescam3d.outputs import atomic_write_text as write
+
+    return write(path, text, force=True, durable=True)
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:

@@ -34,6 +34,16 @@ class ExplainOptions:
     device: str = "auto"
     force: bool = False
     values: str = "unit"
+    dtype: str = "float32"
+    grid: str = "scan"
+    formats: str = "nifti"
+    seg_threshold: float = 0.5
+    series: str | None = None  # explain only: a batch reads every scan whole
+    # segmentation models (explain only): region mask file or "predicted"; sliding window
+    region: str | None = None
+    roi_size: tuple[int, ...] | None = None
+    overlap: float = 0.25
+    sw_batch_size: int = 1
     # The resolved model (hirescam3d.handle.ModelHandle), set by check_options.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -49,6 +59,11 @@ class ExplainOptions:
             "organ_names": None if self.organ_names is None else os.path.abspath(self.organ_names),
             "png": self.png,
             "values": self.values,
+            # storage choices only when not the default: markers of earlier runs stay valid
+            **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+            **({"grid": self.grid} if self.grid != "scan" else {}),
+            **({"formats": self.formats} if self.formats != "nifti" else {}),
+            **({"seg_threshold": self.seg_threshold} if "dicom-seg" in self.formats else {}),
         }
 
 
@@ -69,6 +84,18 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
         raise CLIUsageError("--finding and --all-findings exclude each other; pass one of them")
     if opts.organ_names is not None and opts.organs is None:
         raise CLIUsageError("--organ-names needs --organs LABELMAP")
+    if opts.dtype == "uint8" and opts.values == "logit":
+        raise CLIUsageError(
+            "--dtype uint8 stores [0, 1] display maps (scl_slope = 1/255); --values logit maps "
+            "are signed: use --dtype float32 (exact) or int16"
+        )
+    from hirescam3d.errors import HiResCAMError
+    from hirescam3d.outputs import check_formats
+
+    try:
+        opts.formats = ",".join(check_formats(opts.formats))
+    except HiResCAMError as err:
+        raise CLIUsageError(f"--format: {err}") from err
     require_path(opts.organs, "--organs")
     require_path(opts.organ_names, "--organ-names")
     if not opts.methods:
@@ -77,16 +104,35 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
     opts.handle = resolve_handle(opts.model)
     opts.model = model_text(opts.handle)
     opts.findings = check_findings(opts.handle, opts.findings)
+    check_segmentation_options(opts)
     if opts.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            from hirescam3d.errors import HiResCAMError
-
             raise HiResCAMError(
                 "--device cuda: no CUDA device is available here; use --device cpu or auto"
             )
     return opts
+
+
+def check_segmentation_options(opts: ExplainOptions) -> None:
+    """CLIUsageError for --region/--roi-size/--overlap that cannot apply: a classifier, a
+    missing mask file, an overlap outside [0, 1), a window of no voxels."""
+    given = [name for name, on in (("--region", opts.region is not None),
+                                   ("--roi-size", opts.roi_size is not None)) if on]  # fmt: skip
+    if given and opts.handle.kind != "segmentation":
+        verb, it = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise CLIUsageError(
+            f"{' and '.join(given)} {verb} to segmentation models; {opts.model} is a "
+            f"classifier (one score per finding): drop {it}"
+        )
+    if opts.region is not None and opts.region != "predicted":
+        require_path(Path(opts.region), "--region")
+    if not 0.0 <= opts.overlap < 1.0:
+        raise CLIUsageError(f"--overlap must lie in [0, 1); got {opts.overlap}")
+    if opts.roi_size is not None and any(n <= 0 for n in opts.roi_size):
+        raise CLIUsageError(f"--roi-size {' '.join(map(str, opts.roi_size))}: give 3 positive "
+                            "numbers of voxels (Z Y X of the model's grid)")  # fmt: skip
 
 
 def default_out_dir(scan: Path) -> Path:
@@ -124,6 +170,17 @@ def run_pipeline(
         force=opts.force,
         progress=progress,
         values=opts.values,
+        dtype=opts.dtype,
+        grid=opts.grid,
+        formats=opts.formats,
+        seg_threshold=opts.seg_threshold,
+        series=opts.series,
+        region=None if opts.region is None else (
+            "predicted" if opts.region == "predicted" else Path(opts.region)
+        ),
+        roi_size=opts.roi_size,
+        overlap=opts.overlap,
+        sw_batch_size=opts.sw_batch_size,
     )
 
 
@@ -138,17 +195,29 @@ def print_summary(result: Any, paths: dict[str, Path], out: Path) -> None:
     """A table of every finding's probability and explained methods, then the files."""
     from rich.table import Table
 
+    segmentation = "region" in result.report
     table = Table(title="Findings", title_justify="left")
     table.add_column("finding")
-    table.add_column("probability", justify="right")
+    if segmentation:  # scores over a region: the sum of logits, its size, mean probability
+        table.add_column("region score (logits)", justify="right")
+        table.add_column("region voxels", justify="right")
+        table.add_column("mean probability", justify="right")
+    else:
+        table.add_column("probability", justify="right")
     table.add_column("explained with")
     for finding, p in result.probabilities.items():
-        methods = [
-            key.split("/")[1]
-            for key in paths
-            if key.count("/") == 1 and key.startswith(finding + "/")
-        ]
-        table.add_row(finding, f"{p:.3f}", ", ".join(methods) or "-")
+        methods = list(dict.fromkeys(
+            key.split("/")[1] for key in paths
+            if key.startswith(finding + "/") and key != f"{finding}/mask"
+        ))  # fmt: skip
+        if segmentation:
+            entry = result.report["findings"][finding]
+            size = entry.get("region_voxels")
+            cells = [f"{entry['region_score']:.4g}", "-" if size is None else f"{size:.0f}",
+                     "-" if entry.get("mean_probability") is None else f"{p:.3f}"]  # fmt: skip
+        else:
+            cells = [f"{p:.3f}"]
+        table.add_row(finding, *cells, ", ".join(methods) or "-")
     console = out_console()
     console.print(table)
     console.print(f"outputs in {out}:")
@@ -170,9 +239,15 @@ def explain_command(
     require_path(scan, "scan")
     opts = check_options(opts)
     out = Path(out) if out is not None else default_out_dir(scan)
+    rule = f"probability >= {THRESHOLD}"
+    if opts.handle.kind == "segmentation":
+        rule = (
+            "a non-empty predicted mask" if opts.region in (None, "predicted")
+            else f"mean probability >= {THRESHOLD} over the region"
+        )  # fmt: skip
     if not opts.findings and not opts.all_findings:
         note(
-            f"no --finding given: explaining every finding with probability >= {THRESHOLD} "
+            f"no --finding given: explaining every finding with {rule} "
             "(use --finding NAME or --all-findings to choose)",
             quiet,
         )
@@ -185,7 +260,7 @@ def explain_command(
             print_warning(text)
     if not opts.findings and not opts.all_findings and result.findings:
         # (none reached the threshold: the pipeline's own warning says so)
-        note(f"explained (probability >= {THRESHOLD}): {', '.join(result.findings)}", quiet)
+        note(f"explained ({rule}): {', '.join(result.findings)}", quiet)
     if json_out:
         sys.stdout.write(json.dumps(result.report, indent=2, default=str) + "\n")
     elif quiet:

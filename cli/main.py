@@ -30,6 +30,17 @@ class ValuesChoice(str, enum.Enum):
     logit = "logit"
 
 
+class DtypeChoice(str, enum.Enum):
+    float32 = "float32"
+    int16 = "int16"
+    uint8 = "uint8"
+
+
+class GridChoice(str, enum.Enum):
+    scan = "scan"
+    model = "model"
+
+
 class DeviceChoice(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -151,6 +162,83 @@ Values = Annotated[
         "voxel (only where the audit proves the guarantee).",
     ),
 ]
+Dtype = Annotated[
+    DtypeChoice,
+    typer.Option(
+        "--dtype",
+        case_sensitive=False,
+        help="How maps are stored. float32: exact. int16: 16-bit with scl_slope (NIfTI has "
+        "no float16), ~4x smaller. uint8: [0, 1] display maps in 255 steps (scl_slope = "
+        "1/255), ~30x smaller; not for --values logit.",
+    ),
+]
+Grid = Annotated[
+    GridChoice,
+    typer.Option(
+        "--grid",
+        case_sensitive=False,
+        help="scan: maps on the scan's grid; model: on the model's input grid with its own "
+        "affine (viewers place them by affine; much smaller files).",
+    ),
+]
+Formats = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="Output formats, comma-separated: nifti; dicom (a DICOM Parametric Map per map); "
+        "dicom-seg (a DICOM Segmentation of each map at --seg-threshold). For a scan that "
+        "is not DICOM, DICOM outputs come with the scan as a DICOM CT series "
+        "(<stem>_ct_dicom/) that they reference.",
+    ),
+]
+SegThreshold = Annotated[
+    float,
+    typer.Option(
+        "--seg-threshold",
+        help="Level of the dicom-seg segmentations, in the map's units ([0, 1] display maps, "
+        "or logits per voxel with --values logit).",
+    ),
+]
+Series = Annotated[
+    str | None,
+    typer.Option(
+        "--series",
+        help="SeriesInstanceUID to read from a DICOM folder holding several series (without "
+        "it, such a folder is refused with the list of its series).",
+        show_default=False,
+    ),
+]
+Region = Annotated[
+    str | None,
+    typer.Option(
+        "--region",
+        help="Segmentation models: the voxels whose logits make a finding's score (summed). "
+        "A mask file on the scan's grid (nonzero = region; same shape and affine), or "
+        "'predicted' (the default): each finding's own predicted mask, also written as "
+        "<stem>_<finding>_predicted_mask.nii.gz.",
+        metavar="MASK|predicted",
+        show_default=False,
+    ),
+]
+RoiSize = Annotated[
+    tuple[int, int, int] | None,
+    typer.Option(
+        "--roi-size",
+        help="Segmentation models: explain window by window, as MONAI's "
+        "sliding_window_inference predicts, with windows of Z Y X voxels of the model's "
+        "grid. Default: the bundle's patch size for patch-based models.",
+        metavar="Z Y X",
+        show_default=False,
+    ),
+]
+Overlap = Annotated[
+    float,
+    typer.Option("--overlap", help="Overlap of neighbouring sliding windows, in [0, 1)."),
+]
+SwBatchSize = Annotated[
+    int,
+    typer.Option("--sw-batch-size", help="Sliding windows explained per model pass.", min=1),
+]
 Device = Annotated[
     DeviceChoice, typer.Option("--device", case_sensitive=False, help="Where the model runs.")
 ]
@@ -161,7 +249,9 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.
 
 
 def _options(finding, all_findings, method, model, layer, organs, organ_names, png, device, force,  # noqa: ANN001, ANN202, E501 - plain pass-through of the typed options above
-             values=ValuesChoice.unit):
+             values=ValuesChoice.unit, dtype=DtypeChoice.float32, grid=GridChoice.scan,
+             formats="nifti", seg_threshold=0.5, series=None, region=None, roi_size=None,
+             overlap=0.25, sw_batch_size=1):
     from .explain import ExplainOptions
 
     return ExplainOptions(
@@ -176,6 +266,15 @@ def _options(finding, all_findings, method, model, layer, organs, organ_names, p
         device=device.value,
         force=force,
         values=values.value,
+        dtype=dtype.value,
+        grid=grid.value,
+        formats=formats,
+        seg_threshold=seg_threshold,
+        series=series,
+        region=region,
+        roi_size=None if roi_size is None else tuple(roi_size),
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
     )
 
 
@@ -192,18 +291,31 @@ def explain(
     out: Out = None,
     png: Png = False,
     values: Values = ValuesChoice.unit,
+    dtype: Dtype = DtypeChoice.float32,
+    grid: Grid = GridChoice.scan,
+    formats: Formats = "nifti",
+    seg_threshold: SegThreshold = 0.5,
+    series: Series = None,
+    region: Region = None,
+    roi_size: RoiSize = None,
+    overlap: Overlap = 0.25,
+    sw_batch_size: SwBatchSize = 1,
     device: Device = DeviceChoice.auto,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Explain one scan: <stem>_<finding>_<method>.nii.gz on the scan's grid + report.json."""
+    """Explain one scan: <stem>_<finding>_<method>.nii.gz on the scan's grid + report.json.
+
+    For a segmentation model, a finding's score is its logits summed over a region
+    (--region); --roi-size explains scans larger than the model's window."""
     from .explain import explain_command
 
     opts = _options(
         finding, all_findings, method, model, layer, organs, organ_names, png, device, force,
-        values,
+        values, dtype, grid, formats, seg_threshold, series, region, roi_size, overlap,
+        sw_batch_size,
     )
     with reported_errors(debug):
         explain_command(scan, out, opts, json_out=json_out, quiet=quiet, debug=debug)
@@ -236,6 +348,10 @@ def batch(
     device: Device = DeviceChoice.auto,
     force: Annotated[bool, typer.Option("--force", help="Redo items already done.")] = False,
     values: Values = ValuesChoice.unit,
+    dtype: Dtype = DtypeChoice.float32,
+    grid: Grid = GridChoice.scan,
+    formats: Formats = "nifti",
+    seg_threshold: SegThreshold = 0.5,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -245,7 +361,7 @@ def batch(
 
     opts = _options(
         finding, all_findings, method, model, layer, organs, organ_names, png, device, force,
-        values,
+        values, dtype, grid, formats, seg_threshold,
     )
     with reported_errors(debug):
         code = batch_command(inputs, out, opts, json_out=json_out, quiet=quiet, debug=debug)

@@ -13,6 +13,14 @@ this for every candidate layer in two independent ways:
    (completeness) and ``s(a + b) - s(0) = (s(a) - s(0)) + (s(b) - s(0))`` (linearity).
 
 A layer is guaranteed only when both agree.
+
+Segmentation models (logits ``(B, C, *spatial)``) are audited the same way: the score
+of class c is then a region score ``s_R = sum_v R[v] * logits[c, v]``, affine in L's
+output exactly when every output voxel is. The numerical completeness check uses a
+seeded random region; the linearity check compares whole output maps. At a guaranteed
+layer HiResCAM's cells sum to ``s_R - sum_v R[v] * bias_c[v]``, where ``bias_c`` is the
+output at zero activations: for a last 1x1 convolution the constant ``b_c``, so
+``s_R - b_c * |R|`` (:attr:`Verdict.bias`, with :attr:`Verdict.bias_uniform`).
 """
 
 from __future__ import annotations
@@ -39,8 +47,14 @@ class Verdict:
     ``completeness_error`` / ``linearity_error``: relative errors of the numerical checks
     (None when the structure already rules the guarantee out). ``bias``: the scores with
     the layer's output set to zero, ``s(0)``, one per class (logits); None when not
-    guaranteed. ``geometry``: where the layer's cells lie in the input. ``aliases``: other
-    modules with the same output tensor (a block and its last child).
+    guaranteed. For a segmentation model (``segmentation``), ``bias`` is the output at
+    zero activations per class in logits per voxel: HiResCAM's cells sum to the region
+    score minus ``bias * region size``. That holds when the zero-activation output is the
+    same at every voxel (``bias_uniform``, e.g. a last 1x1 convolution's bias); when it
+    varies (e.g. zero padding after the layer), ``bias`` holds its mean per class and the
+    cells sum to the region score minus the region's sum of that map. ``geometry``:
+    where the layer's cells lie in the input. ``aliases``: other modules with the same
+    output tensor (a block and its last child).
     """
 
     layer: str
@@ -55,6 +69,8 @@ class Verdict:
     geometry: LayerGeometry | None = None
     default: bool = False
     aliases: tuple[str, ...] = ()
+    segmentation: bool = False
+    bias_uniform: bool | None = None
 
     def text(self) -> str:
         """One line: ``HiResCAM is guaranteed faithful at L`` or why not."""
@@ -76,6 +92,8 @@ class Verdict:
             "bias": None if self.bias is None else list(self.bias),
             "default": self.default,
             "aliases": list(self.aliases),
+            "segmentation": self.segmentation,
+            "bias_uniform": self.bias_uniform,
         }
         out["geometry"] = None if self.geometry is None else self.geometry.to_dict()
         return out
@@ -114,15 +132,30 @@ def _scores_with(
     return (output_selector(out) if output_selector is not None else out).float()
 
 
+def probe_region(output_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """A seeded random mask ``(1, 1, *spatial)`` covering about half of an output grid
+    ``(B, C, *spatial)`` (never empty), for the completeness check of segmentation
+    models."""
+    g = torch.Generator().manual_seed(seed + 1)
+    region = torch.rand((1, 1, *output_shape[2:]), generator=g) < 0.5
+    region.view(-1)[0] = True
+    return region
+
+
 def _numerical_checks(
     network: nn.Module,
     layer: str,
     x: torch.Tensor,
     output_selector: Callable[[object], torch.Tensor] | None,
-    n_classes: int,
+    output_shape: Sequence[int],
     seed: int,
 ) -> tuple[float, float, torch.Tensor]:
-    """``(completeness error, linearity error, s(0))`` at ``layer`` for input ``x``."""
+    """``(completeness error, linearity error, s(0))`` at ``layer`` for input ``x``.
+
+    ``output_shape``: the scores' shape, ``(1, C)`` or ``(1, C, *spatial)``
+    (segmentation: the completeness check explains region scores over
+    :func:`probe_region`, and ``s(0)`` is the ``(C, *spatial)`` output map).
+    """
     from .capture import model_state_restored, resolve_layer
     from .explainer import Explainer
 
@@ -136,8 +169,12 @@ def _numerical_checks(
     finally:
         handle.remove()
     acts = captured[-1]
+    n_classes = int(output_shape[1]) if len(output_shape) > 1 else 1
+    region = probe_region(output_shape, seed) if len(output_shape) > 2 else None
     with model_state_restored(network):
-        result = explainer.explain(x, list(range(n_classes)), ["hirescam"], maps=False)
+        result = explainer.explain(
+            x, list(range(n_classes)), ["hirescam"], maps=False, region=region
+        )
         g = torch.Generator().manual_seed(seed)
         scale = float(acts.abs().mean()) or 1.0
         a = torch.randn(acts.shape, generator=g).to(acts) * scale
@@ -147,13 +184,18 @@ def _numerical_checks(
             _scores_with(network, module, x, sub, output_selector)[0]
             for sub in (torch.zeros_like(acts), a, b, a + b)
         )
-        fx = result["hirescam"].scores[0].float()
+        fx = result["hirescam"].target_scores()[0].float()
+    if region is not None:  # region scores: s_R(0) = sum_v R[v] * s(0)[c, v]
+        f0_total = (f0 * region[0].to(f0)).flatten(1).sum(1)
+    else:
+        f0_total = f0
     tiny = torch.finfo(torch.float32).tiny
     lin = (fab - fa - fb + f0).abs().max() / torch.maximum(
         (fa - f0).abs().max(), (fb - f0).abs().max()
     ).clamp_min(tiny)
     total = result["hirescam"].raw[0].flatten(1).double().sum(1).float()
-    comp = (total - (fx - f0)).abs().max() / (fx - f0).abs().max().clamp_min(tiny)
+    gain = fx - f0_total
+    comp = (total - gain).abs().max() / gain.abs().max().clamp_min(tiny)
     return float(comp), float(lin), f0
 
 
@@ -204,8 +246,9 @@ def _verdict(
             nonlinear_module=rec.nonlinear_module or f"{type(network).__name__}.forward",
             **common,
         )
-    n_classes = tr.output_shape[-1] if tr.output_shape else 1
-    comp, lin, f0 = _numerical_checks(network, rec.name, x, output_selector, n_classes, seed)
+    shape = tr.output_shape or (1, 1)
+    comp, lin, f0 = _numerical_checks(network, rec.name, x, output_selector, shape, seed)
+    segmentation = len(shape) > 2
     errors = {"completeness_error": comp, "linearity_error": lin}
     if comp > TOLERANCE or lin > TOLERANCE:
         return Verdict(
@@ -216,11 +259,29 @@ def _verdict(
             **errors,
             **common,
         )
+    if not segmentation:
+        return Verdict(
+            guaranteed=True,
+            reason=f"only linear operations follow it (numerical check: completeness error "
+            f"{comp:.1g}, linearity error {lin:.1g})",
+            bias=tuple(float(v) for v in f0),
+            **errors,
+            **common,
+        )
+    flat = f0.flatten(1).double()
+    spread = (flat.amax(1) - flat.amin(1)).max()
+    uniform = bool(spread <= TOLERANCE * max(1.0, float(flat.abs().max())))
+    size = "bias x region size" if uniform else (
+        "the region's sum of the output at zero activations (it varies over the grid)"
+    )
     return Verdict(
         guaranteed=True,
-        reason=f"only linear operations follow it (numerical check: completeness error "
-        f"{comp:.1g}, linearity error {lin:.1g})",
-        bias=tuple(float(v) for v in f0),
+        reason=f"only linear operations follow it: for a region, HiResCAM's cells sum to "
+        f"the region score minus {size} (numerical check: completeness error {comp:.1g}, "
+        f"linearity error {lin:.1g})",
+        bias=tuple(float(v) for v in flat.mean(1)),
+        segmentation=True,
+        bias_uniform=uniform,
         **errors,
         **common,
     )

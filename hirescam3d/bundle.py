@@ -7,9 +7,41 @@ Layout::
     models/model.pt         a plain state dict (tensors only)
     docs/README.md, LICENSE
 
-Loading is safe by construction: the network is built only from the allow-list in
-:data:`hirescam3d.models.ARCHITECTURE_TARGETS` (a bundle's ``_target_`` is never imported
-or executed) and weights load only with ``torch.load(..., weights_only=True)``.
+Loading is safe by construction: the network is built only from the allow-lists
+:data:`hirescam3d.models.ARCHITECTURE_TARGETS` and :data:`hirescam3d.models.MONAI_NETWORKS`
+(a bundle's ``_target_`` is never imported or executed otherwise), with literal arguments
+only (no ``$`` expression, ``@`` reference or ``%`` macro), preprocessing only from
+:data:`PREPROCESSING_TRANSFORMS`, and weights only with ``torch.load(...,
+weights_only=True)``.
+
+Two formats are read:
+
+- **hirescam3d bundles** (saved by :func:`save_bundle`): the metadata has a
+  ``"hirescam3d"`` section (class names, layer, guarantee, task, input).
+- **MONAI bundles** (no ``"hirescam3d"`` section), as MONAI's model zoo writes them:
+  ``network_def`` names a network of :data:`hirescam3d.models.MONAI_NETWORKS`
+  (``"UNet"`` or ``"monai.networks.nets.UNet"``). From ``metadata.json``'s
+  ``network_data_format``:
+
+  - class names: ``outputs.pred.class_names`` (a list, e.g. for classifiers) if present,
+    else ``outputs.pred.channel_def`` (``{"0": "background", "1": "liver"}``);
+  - kind: segmentation when ``outputs.pred.type`` is ``"image"`` or ``format`` is
+    ``"segmentation"``; classification when ``type`` is ``"probabilities"``, ``"vector"``
+    or ``"scalar"`` or ``format`` is ``"classes"``/``"labels"``; otherwise from
+    ``spatial_shape`` (several axes: segmentation) and ``is_patch_data``. Checked
+    against the network's output when it is loaded;
+  - activation (:attr:`ModelInfo.task`): the literal ``sigmoid``/``softmax`` flag of an
+    ``Activationsd`` in ``inference.json``'s ``postprocessing`` (read, never run); else
+    ``outputs.pred.activation`` (``"sigmoid"`` or ``"softmax"``, a hirescam3d key); else
+    sigmoid for one output channel and softmax for more (recorded in
+    :attr:`ModelInfo.notes`);
+  - input: ``inputs.image.num_channels`` and ``spatial_shape`` (numbers: the network's
+    input, or its sliding window when ``is_patch_data``), ``spatial_dims`` from the
+    ``network_def``; orientation, spacing and intensity window from the preprocessing;
+  - preprocessing: ``inference.json``'s ``preprocessing`` (a ``Compose`` or a list).
+
+  The default layer is not recorded: :meth:`hirescam3d.handle.ModelHandle.load` chooses
+  it with the audit (``target_layer`` is ``""`` until then).
 
 This module is persistence only: the metadata record (:class:`ModelInfo`, with its
 :class:`InputSpec`), reading it without weights (:func:`read_info`,
@@ -30,7 +62,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ModelError
-from .models import build_network, target_of
+from .models import (
+    build_network,
+    canonical_target,
+    literal_error,
+    literal_problem,
+    target_of,
+)
 
 if TYPE_CHECKING:  # torch loads only with the functions that use it (fast listings)
     import torch
@@ -55,6 +93,9 @@ PREPROCESSING_TRANSFORMS = (
     "Resized",
     "EnsureTyped",
 )
+
+
+KINDS = ("classification", "segmentation")
 
 
 def _torch() -> Any:
@@ -192,6 +233,14 @@ class ModelInfo:
     (:meth:`hirescam3d.handle.ModelHandle.load` checks it against the computed audit).
     ``weights_sha256`` is the checksum of the loaded weights (after :func:`load_bundle`)
     or the one the metadata records (after :func:`read_info`).
+    ``task``: ``"multilabel"`` (sigmoid per class) or ``"multiclass"`` (softmax over
+    classes); :attr:`activation` is the same as ``Explainer(task=...)`` spells it.
+    ``kind``: ``"classification"`` (logits ``(B, C)``) or ``"segmentation"`` (logits
+    ``(B, C, *spatial)``). ``patch``: the network sees windows of ``input.spatial_size``
+    of a larger volume (MONAI's ``is_patch_data``: explain with a sliding window).
+    ``notes``: what a front end should tell the user (e.g. that no layer has a guarantee
+    and the default layer was chosen otherwise). ``bundle_format``: ``"hirescam3d"`` or
+    ``"monai"``.
     """
 
     name: str
@@ -207,6 +256,20 @@ class ModelInfo:
     bundle_path: Path | None = None
     version: str = "0.1.0"
     training: dict[str, Any] = field(default_factory=dict)
+    kind: str = "classification"
+    patch: bool = False
+    notes: tuple[str, ...] = ()
+    bundle_format: str = "hirescam3d"
+
+    @property
+    def activation(self) -> str:
+        """``"sigmoid"`` or ``"softmax"``: the ``task`` to give ``Explainer(task=...)``."""
+        return "sigmoid" if self.task == "multilabel" else "softmax"
+
+    @property
+    def segmentation(self) -> bool:
+        """True for a segmentation network (logits ``(B, C, *spatial)``)."""
+        return self.kind == "segmentation"
 
 
 def sha256_of(path: Path) -> str:
@@ -218,7 +281,35 @@ def sha256_of(path: Path) -> str:
 
 
 # -- saving -------------------------------------------------------------------------------
-def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
+def _pred_format(info: ModelInfo) -> dict[str, Any]:
+    """``network_data_format.outputs.pred`` for ``info``'s kind."""
+    names = {str(i): n for i, n in enumerate(info.class_names)}
+    if info.segmentation:
+        return {
+            "type": "image",
+            "format": "segmentation",
+            "num_channels": len(info.class_names),
+            "spatial_shape": list(info.input.spatial_size),
+            "dtype": "float32",
+            "value_range": [0, 1],
+            "is_patch_data": info.patch,
+            "activation": info.activation,
+            "channel_def": names,
+        }
+    return {
+        "type": "probabilities",
+        "format": "classes",
+        "num_channels": len(info.class_names),
+        "spatial_shape": [1],
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_onehot": False,
+        "activation": info.activation,
+        "channel_def": names,
+    }
+
+
+def _metadata(info: ModelInfo, sha: str) -> dict[str, Any]:
     import monai
 
     spec = info.input
@@ -253,22 +344,11 @@ def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
                     "spatial_shape": spatial,
                     "dtype": "float32",
                     "value_range": [0, 1],
-                    "is_patch_data": False,
+                    "is_patch_data": info.patch,
                     "channel_def": {str(i): "image" for i in range(spec.in_channels)},
                 }
             },
-            "outputs": {
-                "pred": {
-                    "type": "probabilities",
-                    "format": "classes",
-                    "num_channels": len(info.class_names),
-                    "spatial_shape": [1],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_onehot": False,
-                    "channel_def": {str(i): n for i, n in enumerate(info.class_names)},
-                }
-            },
+            "outputs": {"pred": _pred_format(info)},
         },
         "hirescam3d": {
             "name": info.name,
@@ -276,6 +356,8 @@ def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
             "target_layer": info.target_layer,
             "guaranteed": info.guaranteed,
             "task": info.task,
+            "kind": info.kind,
+            "patch": info.patch,
             "trained": info.trained,
             "input": spec.to_dict(),
             "weights_sha256": sha,
@@ -284,13 +366,13 @@ def _metadata(network: nn.Module, info: ModelInfo, sha: str) -> dict[str, Any]:
     }
 
 
-def _inference(network: nn.Module, info: ModelInfo) -> dict[str, Any]:
+def _inference(network_def: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
     activation = {"sigmoid": True} if info.task == "multilabel" else {"softmax": True}
     return {
         "imports": ["$import hirescam3d"],
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
-        "network_def": {"_target_": target_of(network), **network.config},
+        "network_def": network_def,
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": info.preprocessing},
         "postprocessing": {
@@ -319,10 +401,11 @@ def _readme(info: ModelInfo) -> str:
     if spec.window:
         lines.append(f"- intensities {spec.window[0]:g} .. {spec.window[1]:g} scaled to [0, 1]")
     act = "sigmoid per class" if info.task == "multilabel" else "softmax"
+    per = " per voxel" if info.segmentation else ""
     lines += [
         "",
         "## Output",
-        f"- logits for: {', '.join(info.class_names)} ({act})",
+        f"- logits{per} for: {', '.join(info.class_names)} ({act})",
         "",
         "## Explanation",
         f"- default layer `{info.target_layer}`; HiResCAM faithfulness guaranteed there: "
@@ -343,20 +426,41 @@ not a medical device.
 """
 
 
-def save_bundle(network: nn.Module, info: ModelInfo, path: str | Path) -> Path:
-    """Write ``network`` (a hirescam3d architecture) and ``info`` as a MONAI bundle folder.
+def save_bundle(
+    network: nn.Module,
+    info: ModelInfo,
+    path: str | Path,
+    network_def: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``network`` and ``info`` as a MONAI bundle folder (hirescam3d format).
 
-    Returns the folder. The state dict is saved as plain tensors, so it loads with
-    ``weights_only=True``.
+    ``network``: a hirescam3d architecture (its ``config`` is the ``network_def``), or a
+    MONAI network of :data:`hirescam3d.models.MONAI_NETWORKS` with ``network_def``
+    ``{"_target_": "UNet", **literal kwargs}`` it was built from (checked: the network
+    rebuilt from it must have the same state-dict keys and shapes). Returns the folder.
+    The state dict is saved as plain tensors, so it loads with ``weights_only=True``.
     """
+    if info.kind not in KINDS:
+        raise ModelError(f"kind {info.kind!r} is not one of {', '.join(KINDS)}")
+    if network_def is None:
+        network_def = {"_target_": target_of(network), **network.config}
+    else:
+        target = network_def.get("_target_")
+        kwargs = {k: v for k, v in network_def.items() if k != "_target_"}
+        rebuilt = build_network(str(target), kwargs, "network_def")
+        try:
+            check_state_dict(rebuilt, network.state_dict(), Path("network_def"))
+        except ModelError as err:
+            raise ModelError(f"network_def does not build the given network: {err}") from err
+        network_def = {"_target_": canonical_target(str(target)), **kwargs}
     root = Path(path)
     for sub in ("configs", "models", "docs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     _torch().save(state, root / WEIGHTS)
     sha = sha256_of(root / WEIGHTS)
-    (root / METADATA).write_text(json.dumps(_metadata(network, info, sha), indent=2) + "\n")
-    (root / INFERENCE).write_text(json.dumps(_inference(network, info), indent=2) + "\n")
+    (root / METADATA).write_text(json.dumps(_metadata(info, sha), indent=2) + "\n")
+    (root / INFERENCE).write_text(json.dumps(_inference(network_def, info), indent=2) + "\n")
     (root / README).write_text(_readme(info))
     (root / LICENSE).write_text(LICENSE_TEXT)
     return root
@@ -442,15 +546,6 @@ def check_state_dict(network: nn.Module, state: dict[str, torch.Tensor], source:
             )
 
 
-def read_class_names(path: str | Path) -> tuple[str, ...]:
-    """Class names recorded in a bundle's metadata, without reading network or weights."""
-    meta_path = Path(path) / METADATA
-    names = _get(_read_json(meta_path), "hirescam3d.class_names", meta_path)
-    if not isinstance(names, list):
-        raise ModelError(f"{meta_path}: hirescam3d.class_names must be a list")
-    return tuple(str(n) for n in names)
-
-
 def _bundle_root(path: str | Path) -> Path:
     root = Path(path)
     if not root.is_dir():
@@ -458,15 +553,286 @@ def _bundle_root(path: str | Path) -> Path:
     return root
 
 
+def is_hirescam3d_metadata(meta: dict[str, Any]) -> bool:
+    """True for metadata saved by hirescam3d (it has a ``"hirescam3d"`` section)."""
+    return "hirescam3d" in meta
+
+
+def _pred(meta: dict[str, Any], meta_path: Path) -> dict[str, Any]:
+    """``network_data_format.outputs.pred`` (or the only output, whatever its name)."""
+    outputs = _get(meta, "network_data_format.outputs", meta_path)
+    if isinstance(outputs, dict) and "pred" not in outputs and len(outputs) == 1:
+        pred = next(iter(outputs.values()))
+    else:
+        pred = _get(meta, "network_data_format.outputs.pred", meta_path)
+    if not isinstance(pred, dict):
+        raise ModelError(f"{meta_path}: network_data_format.outputs.pred must be an object")
+    return pred
+
+
+def _monai_class_names(meta: dict[str, Any], meta_path: Path) -> tuple[str, ...]:
+    """Class names of a MONAI bundle: ``outputs.pred.class_names`` or ``channel_def``."""
+    pred = _pred(meta, meta_path)
+    where = "network_data_format.outputs.pred"
+    names = pred.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ModelError(f"{meta_path}: {where}.class_names must be a list of names")
+        result = tuple(names)
+    else:
+        channels = pred.get("channel_def")
+        if not isinstance(channels, dict) or not channels:
+            raise ModelError(
+                f'{meta_path}: {where} has neither a channel_def ({{"0": "background", '
+                '"1": "liver"}) nor a class_names list: add one so that classes have names'
+            )
+        try:
+            order = sorted((int(k), str(v)) for k, v in channels.items())
+        except (TypeError, ValueError) as err:
+            raise ModelError(
+                f"{meta_path}: {where}.channel_def keys must be channel numbers: {err}"
+            ) from err
+        if [i for i, _ in order] != list(range(len(order))):
+            raise ModelError(
+                f"{meta_path}: {where}.channel_def must name channels 0..{len(order) - 1} "
+                f"once each, got {sorted(channels)}"
+            )
+        result = tuple(n for _, n in order)
+    count = pred.get("num_channels")
+    if isinstance(count, int) and count != len(result):
+        raise ModelError(
+            f"{meta_path}: {where} names {len(result)} classes but num_channels is {count}"
+        )
+    if len(set(result)) != len(result):
+        raise ModelError(f"{meta_path}: {where} repeats a class name: {', '.join(result)}")
+    return result
+
+
+def read_class_names(path: str | Path) -> tuple[str, ...]:
+    """Class names recorded in a bundle's metadata, without reading network or weights."""
+    meta_path = Path(path) / METADATA
+    meta = _read_json(meta_path)
+    if not is_hirescam3d_metadata(meta):
+        return _monai_class_names(meta, meta_path)
+    names = _get(meta, "hirescam3d.class_names", meta_path)
+    if not isinstance(names, list):
+        raise ModelError(f"{meta_path}: hirescam3d.class_names must be a list")
+    return tuple(str(n) for n in names)
+
+
+def short_transform_name(target: Any) -> Any:
+    """``"monai.transforms.Spacingd"`` -> ``"Spacingd"`` (other values unchanged)."""
+    if isinstance(target, str) and target.startswith("monai.transforms."):
+        return target.rpartition(".")[2]
+    return target
+
+
+def preprocessing_specs(node: Any, source: Path) -> list[dict[str, Any]]:
+    """Checked transform specs of a bundle's ``preprocessing`` (a ``Compose`` or a list).
+
+    Each ``_target_`` must be in :data:`PREPROCESSING_TRANSFORMS` (``"Spacingd"`` or
+    ``"monai.transforms.Spacingd"``) and every argument a literal; ``_desc_`` is dropped
+    and ``"_disabled_": true`` transforms are left out, as MONAI does. ModelError (one
+    line naming ``source``) for anything else.
+    """
+    where = "preprocessing"
+    if isinstance(node, dict):
+        target = short_transform_name(node.get("_target_"))
+        if target != "Compose":
+            raise ModelError(
+                f"{source}: preprocessing must be a Compose of transforms or a list, got "
+                f"_target_ {node.get('_target_')!r}"
+            )
+        where, node = "preprocessing.transforms", node.get("transforms")
+    if not isinstance(node, list):
+        problem = literal_problem(node, where)
+        if problem:
+            raise literal_error(problem, str(source))
+        raise ModelError(f"{source}: {where} must be a list of transform specs")
+    specs = []
+    allowed = ", ".join(PREPROCESSING_TRANSFORMS)
+    for i, spec in enumerate(node):
+        if not isinstance(spec, dict):
+            raise ModelError(f"{source}: {where}[{i}] must be an object with a '_target_'")
+        target = short_transform_name(spec.get("_target_"))
+        if target not in PREPROCESSING_TRANSFORMS:
+            raise ModelError(
+                f"{source}: {where}[{i}] has _target_ {spec.get('_target_')!r}, which is not "
+                f"allowed: {where} may only use the MONAI transforms {allowed}"
+            )
+        if spec.get("_disabled_") is True:
+            continue
+        args = {k: v for k, v in spec.items() if k not in ("_target_", "_desc_", "_disabled_")}
+        problem = literal_problem(args, f"{where}[{i}] ({target})")
+        if problem:
+            raise literal_error(problem, str(source))
+        specs.append({"_target_": target, **args})
+    return specs
+
+
+def _spec_of(specs: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    found = [s for s in specs if s["_target_"] == name]
+    return found[-1] if found else None
+
+
+def _activation_flags(node: Any) -> list[str]:
+    """``"sigmoid"``/``"softmax"`` of every ``Activations(d)`` spec in ``node`` (nested
+    ``transforms`` lists included) whose flag is a literal true; nothing is run."""
+    found: list[str] = []
+    if isinstance(node, list):
+        for item in node:
+            found += _activation_flags(item)
+    elif isinstance(node, dict):
+        if short_transform_name(node.get("_target_")) in ("Activationsd", "Activations"):
+            sigmoid, softmax = node.get("sigmoid") is True, node.get("softmax") is True
+            if sigmoid != softmax:
+                found.append("sigmoid" if sigmoid else "softmax")
+        for key in ("transforms", "postprocessing"):
+            if key in node:
+                found += _activation_flags(node[key])
+    return found
+
+
+def _number_list(value: Any) -> list[float] | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        return [float(v) for v in value]
+    return None
+
+
+def _monai_kind(pred: dict[str, Any]) -> str:
+    kind_type, kind_format = str(pred.get("type", "")).lower(), str(pred.get("format", "")).lower()
+    if kind_type == "image" or kind_format == "segmentation":
+        return "segmentation"
+    if kind_type in ("probabilities", "vector", "scalar") or kind_format in ("classes", "labels"):
+        return "classification"
+    shape = pred.get("spatial_shape")
+    if pred.get("is_patch_data") is True or (isinstance(shape, list) and len(shape) > 1):
+        return "segmentation"
+    return "classification"
+
+
+def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]) -> ModelInfo:
+    """:class:`ModelInfo` of a MONAI-format bundle (see the module docstring)."""
+    meta_path, inf_path = root / METADATA, root / INFERENCE
+    names = _monai_class_names(meta, meta_path)
+    pred = _pred(meta, meta_path)
+    target, kwargs = _network_def(inference, inf_path)
+    specs = preprocessing_specs(inference.get("preprocessing", []), inf_path)
+    notes: list[str] = []
+
+    # activation: what the bundle's postprocessing applies, else the metadata, else a guess
+    flags = set(_activation_flags(inference.get("postprocessing")))
+    declared = str(pred.get("activation", "")).lower() or None
+    if len(flags) == 1:
+        activation = flags.pop()
+    elif declared in ("sigmoid", "softmax"):
+        activation = declared
+    elif declared is not None:
+        raise ModelError(
+            f"{meta_path}: network_data_format.outputs.pred.activation {pred['activation']!r} "
+            "is not 'sigmoid' or 'softmax'"
+        )
+    else:
+        activation = "sigmoid" if len(names) == 1 else "softmax"
+        notes.append(
+            f"the bundle states no output activation (no Activationsd in {INFERENCE.as_posix()} "
+            f"postprocessing, no outputs.pred.activation); assuming {activation}"
+        )
+
+    # input
+    inputs = _get(meta, "network_data_format.inputs", meta_path)
+    if not isinstance(inputs, dict) or not inputs:
+        raise ModelError(f"{meta_path}: network_data_format.inputs must describe the input")
+    image = inputs.get("image", next(iter(inputs.values())))
+    if not isinstance(image, dict):
+        raise ModelError(f"{meta_path}: network_data_format.inputs.image must be an object")
+    dims = kwargs.get("spatial_dims", kwargs.get("dimensions"))
+    shape = image.get("spatial_shape")
+    if not isinstance(dims, int):
+        dims = len(shape) if isinstance(shape, list) and shape else 3
+    channels = image.get("num_channels", kwargs.get("in_channels", kwargs.get("n_input_channels")))
+    size = shape if isinstance(shape, list) else None
+    if (
+        size is None
+        or len(size) != dims
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        resize = _spec_of(specs, "ResizeWithPadOrCropd") or _spec_of(specs, "Resized")
+        fallback = resize and resize.get("spatial_size")
+        if (
+            isinstance(fallback, list)
+            and len(fallback) == dims
+            and all(isinstance(n, int) and n > 0 for n in fallback)
+        ):
+            size = fallback
+        else:
+            raise ModelError(
+                f"{meta_path}: network_data_format.inputs.image.spatial_shape {shape!r} is not "
+                f"{dims} positive whole numbers: give the network's input size (or its "
+                "sliding-window size, with is_patch_data true)"
+            )
+    orient = _spec_of(specs, "Orientationd")
+    axcodes = orient.get("axcodes") if orient else None
+    spacing_spec = _spec_of(specs, "Spacingd")
+    spacing = _number_list(spacing_spec.get("pixdim")) if spacing_spec else None
+    if spacing is not None and len(spacing) == 1:
+        spacing = spacing * dims
+    scale = _spec_of(specs, "ScaleIntensityRanged")
+    window = None
+    if scale and scale.get("b_min", 0) == 0 and scale.get("b_max", 1) == 1:
+        lo, hi = _number_list(scale.get("a_min")), _number_list(scale.get("a_max"))
+        window = [lo[0], hi[0]] if lo and hi else None
+    spec = InputSpec.from_dict(
+        {
+            "spatial_dims": dims,
+            "in_channels": channels if channels is not None else 1,
+            "spatial_size": size,
+            "axcodes": axcodes if isinstance(axcodes, str) else None,
+            "spacing": spacing,
+            "window": window,
+            "modality": str(image.get("modality", "image")),
+            "size_mode": "resize" if _spec_of(specs, "Resized") else "pad_or_crop",
+        },
+        f"{meta_path} network_data_format.inputs.image",
+    )
+    return ModelInfo(
+        name=str(meta.get("name") or root.name),
+        description=str(meta.get("description") or meta.get("task") or ""),
+        class_names=names,
+        target_layer="",  # chosen by the audit when the network is loaded
+        input=spec,
+        preprocessing=specs,
+        task="multilabel" if activation == "sigmoid" else "multiclass",
+        guaranteed=False,  # computed when the network is loaded
+        trained=True,
+        weights_sha256=None,
+        bundle_path=root.resolve(),
+        version=str(meta.get("version", "")),
+        kind=_monai_kind(pred),
+        patch=image.get("is_patch_data") is True or pred.get("is_patch_data") is True,
+        notes=tuple(notes),
+        bundle_format="monai",
+    )
+
+
 def read_info(path: str | Path) -> ModelInfo:
     """A bundle's :class:`ModelInfo` from its configs only: no network built, no weights read.
 
-    ``weights_sha256`` is the checksum the metadata records. ModelError naming the file
-    for anything missing or malformed.
+    hirescam3d bundles: ``weights_sha256`` is the checksum the metadata records. MONAI
+    bundles: see the module docstring (``target_layer`` is ``""``: the handle chooses it
+    on load). ModelError naming the file for anything missing, malformed or refused.
     """
     root = _bundle_root(path)
     meta_path, inf_path = root / METADATA, root / INFERENCE
     meta = _read_json(meta_path)
+    if not is_hirescam3d_metadata(meta):
+        return _read_monai_info(root, meta, _read_json(inf_path))
     section = _get(meta, "hirescam3d", meta_path)
     if not isinstance(section, dict):
         raise ModelError(f"{meta_path}: 'hirescam3d' must be an object")
@@ -477,16 +843,13 @@ def read_info(path: str | Path) -> ModelInfo:
     task = str(_get(section, "task", meta_path))
     if task not in TASKS:
         raise ModelError(f"{meta_path}: task {task!r} is not one of {', '.join(TASKS)}")
+    kind = str(section.get("kind", "classification"))
+    if kind not in KINDS:
+        raise ModelError(f"{meta_path}: kind {kind!r} is not one of {', '.join(KINDS)}")
     spec = InputSpec.from_dict(_get(section, "input", meta_path), f"{meta_path} hirescam3d.input")
     guaranteed = _get(section, "guaranteed", meta_path)
-    transforms = _get(_read_json(inf_path), "preprocessing.transforms", inf_path)
-    if not isinstance(transforms, list) or not all(
-        isinstance(t, dict) and t.get("_target_") in PREPROCESSING_TRANSFORMS for t in transforms
-    ):
-        raise ModelError(
-            f"{inf_path}: preprocessing.transforms must be a list of "
-            f"{', '.join(PREPROCESSING_TRANSFORMS)} specs"
-        )
+    preprocessing = _get(_read_json(inf_path), "preprocessing", inf_path)
+    transforms = preprocessing_specs(preprocessing, inf_path)
     return ModelInfo(
         name=str(section.get("name", meta.get("name", root.name))),
         description=str(meta.get("description", "")),
@@ -501,23 +864,35 @@ def read_info(path: str | Path) -> ModelInfo:
         bundle_path=root.resolve(),
         version=str(meta.get("version", "")),
         training=dict(section.get("training") or {}),
+        kind=kind,
+        patch=bool(section.get("patch", False)),
     )
 
 
-def read_network_def(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """``(_target_, kwargs)`` of a bundle's ``network_def`` (nothing imported or built)."""
-    inf_path = _bundle_root(path) / INFERENCE
-    net_def = _get(_read_json(inf_path), "network_def", inf_path)
+def _network_def(inference: dict[str, Any], inf_path: Path) -> tuple[str, dict[str, Any]]:
+    net_def = _get(inference, "network_def", inf_path)
     if not isinstance(net_def, dict) or not isinstance(net_def.get("_target_"), str):
+        problem = literal_problem(net_def, "network_def")
+        if problem:
+            raise literal_error(problem, str(inf_path))
         raise ModelError(f"{inf_path}: network_def must be an object with a '_target_' string")
-    return net_def["_target_"], {k: v for k, v in net_def.items() if k != "_target_"}
+    target = net_def["_target_"]
+    return canonical_target(target) or target, {k: v for k, v in net_def.items() if k != "_target_"}
+
+
+def read_network_def(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(_target_, kwargs)`` of a bundle's ``network_def`` (nothing imported or built);
+    an allow-listed target in its canonical spelling (``"monai.networks.nets.UNet"``)."""
+    inf_path = _bundle_root(path) / INFERENCE
+    return _network_def(_read_json(inf_path), inf_path)
 
 
 def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     """Load a bundle folder: ``(network in eval mode, info)``; ModelError on any problem.
 
     Persistence only: the recorded ``guaranteed`` flag is returned as stored (use
-    :meth:`hirescam3d.handle.ModelHandle.load` to have it checked against the audit).
+    :meth:`hirescam3d.handle.ModelHandle.load` to have it checked against the audit, and
+    to have a MONAI bundle's default layer chosen).
     """
     root = _bundle_root(path)
     meta_path, inf_path = root / METADATA, root / INFERENCE
@@ -538,7 +913,7 @@ def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     network.load_state_dict(state)
     network.eval()
 
-    if info.target_layer not in dict(network.named_modules()):
+    if info.target_layer and info.target_layer not in dict(network.named_modules()):
         raise ModelError(
             f"{meta_path}: target_layer {info.target_layer!r} is not a layer of the network"
         )

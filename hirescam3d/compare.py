@@ -363,7 +363,7 @@ def compare_scan(
         "mask": None if mask_path is None else str(Path(mask_path).resolve()),
         "organ_map": None if organs_path is None else str(Path(organs_path).resolve()),
         "maps": "display maps on the scan's grid (ReLU, divided by the maximum, mapped "
-        "back with Invertd), as `hirescam3d explain` writes them",
+        "back to the scan's grid as MONAI Invertd would), as `hirescam3d explain` writes them",
         "metrics": scores,
         "l2_to_exact": {
             "reference": "the HiResCAM raw map on the explained layer's grid",

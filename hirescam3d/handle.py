@@ -18,6 +18,13 @@ loading weights or building a network; the handle then answers:
 - :meth:`~ModelHandle.audit` and :meth:`~ModelHandle.layers`: whether HiResCAM is
   guaranteed faithful at a layer, computed by :mod:`hirescam3d.audit` and cached.
 
+A MONAI-format bundle (see :mod:`hirescam3d.bundle`) records no default layer: the
+first :meth:`~ModelHandle.load` chooses it with the audit (:func:`choose_default_layer`):
+the deepest layer where the HiResCAM guarantee holds, never the output module itself and
+never a map of a single cell; if there is none, the last convolutional layer, with a note
+in :attr:`~ModelHandle.notes` saying so. The same happens for a given network without a
+default layer.
+
 Networks built elsewhere join through :meth:`ModelHandle.from_network` (or
 :meth:`ModelHandle.of` for a ``(network, info)`` pair), so code that passes
 ``(network, info)`` tuples around keeps working and shares one handle per network.
@@ -151,7 +158,7 @@ def _bundle_folder(path: str) -> Path:
     if not (folder / METADATA).is_file():
         raise ModelNotFoundError(
             f"{path}: not a model bundle (no {METADATA.as_posix()} in it); pass a bundle "
-            f"folder saved by hirescam3d or one of the zoo names: {_zoo_names()}"
+            f"folder (hirescam3d or MONAI format) or one of the zoo names: {_zoo_names()}"
         )
     return folder.resolve()
 
@@ -400,9 +407,33 @@ class ModelHandle:
         return self.info.task
 
     @property
+    def activation(self) -> str:
+        """``"sigmoid"`` or ``"softmax"``: what to pass as ``Explainer(task=...)``."""
+        return self.info.activation
+
+    @property
+    def kind(self) -> str:
+        """``"classification"`` (logits ``(B, C)``) or ``"segmentation"`` (``(B, C, *S)``)."""
+        return self.info.kind
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Things a front end should tell the user about this model (after :meth:`load`,
+        also how its default layer was chosen when no layer has a guarantee)."""
+        card = self._loaded if self._loaded is not None else self.info
+        return tuple(card.notes)
+
+    @property
     def default_layer(self) -> str:
-        """The layer explained when none is chosen."""
-        return self.info.target_layer
+        """The layer explained when none is chosen.
+
+        A MONAI bundle (or a given network) that records none has it chosen by the audit
+        (:func:`choose_default_layer`), which loads the network on first use.
+        """
+        layer = self.info.target_layer
+        if not layer and (self._bundle is not None or self._network is not None):
+            layer = self.load()[1].target_layer
+        return layer
 
     @property
     def trained(self) -> bool:
@@ -480,7 +511,11 @@ class ModelHandle:
                 return self._network, self._loaded
             if self.source == "network":
                 info = self.info
-                info.guaranteed = self._computed_default_guarantee()
+                if not info.target_layer and info.input is not None:
+                    self._adopt_default_layer(self._network, info)
+                    self._card = dataclasses.replace(info)
+                else:
+                    info.guaranteed = self._computed_default_guarantee()
                 self._loaded = info
                 return self._network, info
             if self._bundle is None:
@@ -505,17 +540,37 @@ class ModelHandle:
                         f"the zoo entry {self._name!r}: {', '.join(expected.class_names)}"
                     )
                 info.name = self._name
-            else:
-                self._card = dataclasses.replace(info)
+            chosen = not info.target_layer  # a MONAI bundle: the audit chooses the layer
             self._network, self._loaded = network, info
             try:
-                self._check_declared(info)
+                if chosen:
+                    self._adopt_default_layer(network, info)
+                else:
+                    self._check_declared(info)
             except BaseException:
                 self._network = self._loaded = None
                 self._verdicts.clear()
                 raise
+            if self.source != "zoo" or chosen:
+                self._card = dataclasses.replace(info)
             self._remember(network, info)
             return network, info
+
+    def _adopt_default_layer(self, network: nn.Module, info: ModelInfo) -> None:
+        """Choose ``info``'s default layer with the audit and record it in ``info``
+        (``target_layer``, ``guaranteed``, ``kind``, ``notes``); the verdict is cached."""
+        where = self._bundle if self._bundle is not None else self.name
+        choice = choose_default_layer(
+            network, self.audit_input_shape, self.output_selector, source=str(where)
+        )
+        _check_output(choice.output_shape, info, where)
+        verdict = choice.verdict
+        self._verdicts[verdict.layer] = verdict
+        info.target_layer = verdict.layer
+        info.guaranteed = verdict.guaranteed
+        info.kind = "segmentation" if len(choice.output_shape) > 2 else "classification"
+        if choice.note:
+            info.notes = (*info.notes, choice.note)
 
     def _remember(self, network: nn.Module, info: ModelInfo) -> None:
         self._network, self._loaded = network, info
@@ -628,6 +683,146 @@ class ModelHandle:
             return self.audit(layer).guaranteed
         except LayerError:
             return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """What :func:`choose_default_layer` chose: the layer's ``verdict`` (``default=True``),
+    a ``note`` when no layer has a guarantee, and the network's ``output_shape`` for the
+    probe input."""
+
+    verdict: Verdict
+    note: str | None
+    output_shape: tuple[int, ...]
+
+
+def _output_modules(
+    network: nn.Module,
+    x: torch.Tensor,
+    output_shape: tuple[int, ...],
+    output_selector: Callable[[object], torch.Tensor] | None,
+) -> set[str]:
+    """Names of the modules whose output is the network's output itself."""
+    import torch
+
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor) and tuple(output.shape) == output_shape:
+                outputs[name] = output
+
+        return hook
+
+    from .capture import model_state_restored
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in network.named_modules() if n]
+    try:
+        with model_state_restored(network), torch.no_grad():
+            out = network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    final = output_selector(out) if output_selector is not None else out
+    return {name for name, t in outputs.items() if t is final}
+
+
+def _has_conv(module: nn.Module) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def choose_default_layer(
+    network: nn.Module,
+    input_shape: Sequence[int],
+    output_selector: Callable[[object], torch.Tensor] | None = None,
+    source: str = "model",
+) -> LayerChoice:
+    """The default layer of a network that records none, chosen with the audit.
+
+    Candidates are the layers explain accepts for ``input_shape`` ``(C, *spatial)`` and
+    all of the input's influence passes through, with a map of more than one cell, other
+    than the output module (e.g. a UNet's last convolution). Modules sharing one output
+    tensor count once, under the outermost one after which no nonlinear operation runs
+    (so an in-place activation is not named by the module it overwrites). The choice is
+    the deepest candidate where HiResCAM is guaranteed faithful (structurally and
+    numerically, :mod:`hirescam3d.audit`); if none is, the deepest candidate that is or
+    holds a convolution, with a note saying that HiResCAM is not guaranteed there.
+    One trace of the network. ModelError naming ``source`` if there is no candidate.
+    """
+    from .audit import _candidates, _verdict, probe_input
+    from .trace import trace
+
+    x = probe_input(network, input_shape, 0)
+    tr = trace(network, x, output_selector)
+    output_shape = tuple(tr.output_shape or ())
+    final = _output_modules(network, x, output_shape, output_selector)
+    modules = dict(network.named_modules())
+    groups = []
+    for group in _candidates(tr).values():
+        cells = 1
+        for n in (group[0].shape or ())[2:]:
+            cells *= int(n)
+        if cells > 1 and not final & {r.name for r in group}:
+            groups.append(group)
+    if not groups:
+        raise ModelError(
+            f"{source}: no layer of the network can be explained for an input of shape "
+            f"{tuple(input_shape)}: none outputs a (F, *spatial) map of more than one cell "
+            "that all of the input passes through"
+        )
+
+    def pick(group: list, prefer: Callable[[Any], bool]) -> Any:
+        preferred = [r for r in group if prefer(r)] or group
+        return min(preferred, key=lambda r: (r.name.count("."), r.index))
+
+    def verdict_of(rec: Any, group: list) -> Verdict:
+        aliases = [r.name for r in group if r.name != rec.name]
+        return _verdict(network, rec, tr, x, output_selector, 0, aliases=aliases, default=True)
+
+    for group in reversed(groups):
+        linear = [r for r in group if r.first_nonlinear is None]
+        if not linear:
+            continue
+        verdict = verdict_of(pick(linear, lambda r: True), group)
+        if verdict.guaranteed:
+            return LayerChoice(verdict, None, output_shape)
+    convs = [g for g in groups if any(_has_conv(modules[r.name]) for r in g)]
+    group = (convs or groups)[-1]
+    rec = pick(group, lambda r: isinstance(modules[r.name], _conv_types()))
+    verdict = verdict_of(rec, group)
+    what = "the last convolutional layer" if convs else "the deepest layer explain can use"
+    note = (
+        f"no layer of this network has a HiResCAM guarantee; the default layer is {what}, "
+        f"{verdict.layer!r}, where HiResCAM is not guaranteed faithful ({verdict.reason})"
+    )
+    return LayerChoice(verdict, note, output_shape)
+
+
+def _conv_types() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.modules.conv._ConvNd,)
+
+
+def _check_output(output_shape: tuple[int, ...], info: ModelInfo, where: Any) -> None:
+    """ModelError if the network's output does not match the recorded classes or kind."""
+    segmentation = len(output_shape) > 2
+    channels = output_shape[1] if len(output_shape) > 1 else 1
+    if channels != len(info.class_names):
+        raise ModelError(
+            f"{where}: the metadata names {len(info.class_names)} classes "
+            f"({', '.join(info.class_names)}) but the network outputs {channels} channels "
+            f"(output shape {output_shape})"
+        )
+    if info.bundle_format == "monai" and segmentation != info.segmentation:
+        actual = "segmentation" if segmentation else "classification"
+        raise ModelError(
+            f"{where}: the metadata describes a {info.kind} output, but the network's output "
+            f"{output_shape} is a {actual} output: fix network_data_format.outputs.pred "
+            "('type': 'image' and 'format': 'segmentation' for segmentation)"
+        )
 
 
 def _is_module(obj: Any) -> bool:

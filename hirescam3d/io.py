@@ -1,4 +1,4 @@
-"""Reading scans and writing explanation volumes, with the geometry kept exact.
+"""Reading scans, with the geometry kept exact (writing: :mod:`hirescam3d.outputs`).
 
 Arrays are in NIfTI index order ``(I, J, K)`` (what nibabel gives; ITK images are
 transposed to the same x, y, z order) and every affine maps voxel indices to RAS mm.
@@ -13,25 +13,29 @@ values, affine) and single ITK files are here.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .dicom import _SUPPORTED, _itk_to_array, _quiet_itk, _read_dicom_series, looks_like_dicom
+from .dicom import (
+    _SUPPORTED,
+    DicomSource,
+    _itk_to_array,
+    _quiet_itk,
+    _read_dicom_series,
+    looks_like_dicom,
+    read_dicom_file,
+)
 from .errors import HiResCAMError, ScanError
-from .nifti import _matrix_problem, _read_nifti, affine_distance_mm
+from .nifti import _matrix_problem, _read_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-# An output's qform is written (code 1) only where it matches the sform this closely.
-QFORM_TOLERANCE_MM = 1e-4
 
 
 class ScanWarning(UserWarning):
@@ -49,7 +53,9 @@ class Scan:
     ``array``: float32 ``(I, J, K)``; ``affine``: 4x4 voxel index -> RAS mm (for NIfTI
     exactly the file's affine); ``header``: the nibabel header (None for ITK formats);
     ``sha256``: of the file, or of the sorted series files for DICOM; ``warnings``: the
-    texts of the :class:`ScanWarning` s issued while reading.
+    texts of the :class:`ScanWarning` s issued while reading; ``dicom``: for DICOM input,
+    the source series (UIDs, slice files in K order or the one multi-frame file, and
+    whether the array is still on the slices' grid), else None.
     """
 
     array: np.ndarray
@@ -58,6 +64,7 @@ class Scan:
     header: Any = None
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
+    dicom: DicomSource | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -184,45 +191,65 @@ def _check_affine(path: Path, affine: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray, Any, list[Path], list[str]]:
-    """:func:`read_image` plus the texts of the geometry warnings (not yet issued)."""
+def _read_image(
+    path: Path, series: str | None = None
+) -> tuple[np.ndarray, np.ndarray, Any, list[Path], list[str], DicomSource | None]:
+    """:func:`read_image` plus the texts of the geometry warnings (not yet issued) and, for
+    DICOM input, the :class:`DicomSource`."""
     header, notes = None, []
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
-        arr, affine, names = _read_dicom_series(path)
-        return arr, _check_affine(path, affine), None, sorted(Path(n) for n in names), notes
+        got = _read_dicom_series(path, series)
+        affine = _check_affine(path, got.affine)
+        return got.array, affine, None, got.files, got.notes, got.source
     suffix = _suffix(path)
+    is_dicom = suffix == ".dcm" or looks_like_dicom(path)
+    if series is not None and not is_dicom:
+        raise ScanError(
+            f"{path}: --series (series= in Python) selects a series of a DICOM folder, and "
+            "this is not DICOM; drop it"
+        )
+    got = read_dicom_file(path, series) if is_dicom else None
+    if got is not None:
+        affine = _check_affine(path, got.affine)
+        return got.array, affine, None, got.files, got.notes, got.source
     if suffix in NIFTI_SUFFIXES:
         arr, affine, header, notes = _read_nifti(path)
-    elif suffix in ITK_SUFFIXES or looks_like_dicom(path):
+    elif suffix in ITK_SUFFIXES or is_dicom:
         arr, affine = _read_itk_file(path)
     else:
         raise ScanError(
             f"{path}: not a supported image file (suffix {suffix or 'none'!r}); "
             f"expected {_SUPPORTED}"
         )
-    return np.asarray(arr), _check_affine(path, affine), header, [path], notes
+    return np.asarray(arr), _check_affine(path, affine), header, [path], notes, None
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray, Any, list[Path]]:
+def read_image(
+    path: str | Path, series: str | None = None
+) -> tuple[np.ndarray, np.ndarray, Any, list[Path]]:
     """Read any supported image without validating its content.
 
     Returns ``(array in (I, J, K, ...) order, voxel -> RAS affine, nibabel header or None,
-    the files read)``. Raises :class:`ScanError` for missing, unsupported or unreadable
+    the files read)``. ``series``: the SeriesInstanceUID to read from a DICOM folder
+    holding several. Raises :class:`ScanError` for missing, unsupported or unreadable
     paths, and for geometry that cannot be trusted (see :func:`read_scan`); warns with
-    :class:`ScanWarning` where the geometry had to be chosen.
+    :class:`ScanWarning` where the geometry had to be chosen or the slices resampled.
     """
-    arr, affine, header, files, notes = _read_image(Path(path))
+    arr, affine, header, files, notes, _ = _read_image(Path(path), series)
     for text in notes:
         warnings.warn(text, ScanWarning, stacklevel=2)
     return arr, affine, header, files
 
 
-def read_scan(path: str | Path) -> Scan:
-    """Read a NIfTI, NRRD, MHA/MHD file or a folder with one DICOM series; validate it.
+def read_scan(path: str | Path, series: str | None = None) -> Scan:
+    """Read a NIfTI, NRRD, MHA/MHD file, a DICOM folder or an enhanced multi-frame DICOM
+    file; validate it.
 
     Returns a :class:`Scan` with a float32 ``(I, J, K)`` array and a voxel -> RAS affine.
+    ``series``: the SeriesInstanceUID to read where a DICOM folder holds several series
+    (without it such a folder is a :class:`ScanError` listing the series).
     Raises :class:`ScanError` (naming the file and what to do) for a missing path, an
     unsupported or unreadable file, a 2D or 4D image, NaN/Inf voxels, a constant volume.
     Warns with :class:`ScanWarning` when intensities do not look like Hounsfield units.
@@ -235,197 +262,46 @@ def read_scan(path: str | Path) -> Scan:
       default (LAS, centred) is used with a warning. A sheared sform, or an sform and qform
       that disagree: the sform is used, with a warning. An unusable sform (NaN, singular)
       falls back to a usable qform with a warning, else is a :class:`ScanError`.
-    - DICOM series: a slice file that cannot be read, or unevenly spaced slices, is a
-      :class:`ScanError` naming the file and the gap (a slice is never dropped silently).
+    - DICOM: values are RescaleSlope * stored + RescaleIntercept (per slice or frame, so
+      HU for CT). For a series in a folder (I, J, K) = (column, row, slice) with the
+      slices sorted along the slice normal (cross product of the row and column
+      directions of ImageOrientationPatient). An enhanced multi-frame file is placed
+      frame by frame from its functional groups (plane position and orientation, pixel
+      measures, pixel value transformation). A slice file that cannot be read is a
+      :class:`ScanError` naming the file and the gap it leaves (a slice is never dropped
+      silently); so are slices of several sizes, pixel spacings or orientations, two
+      slices at one position, several stacks in one multi-frame file, and gantry tilt
+      (slice positions off the slice normal: convert with dcm2niix, which corrects it).
+      Unevenly spaced slices (e.g. a missing slice) are read with a :class:`ScanWarning`
+      naming each gap (its positions in mm along the slice normal and the files on either
+      side) and resampled onto a regular grid from the first to the last slice at the
+      median slice spacing (linear interpolation along the normal; grid points that fall
+      on a slice keep its values), and ``scan.dicom.on_source_grid`` is False.
     - Every format: a non-finite or singular affine is a :class:`ScanError`.
     """
     path = Path(path)
-    arr, affine, header, files, notes = _read_image(path)
+    arr, affine, header, files, notes, dicom = _read_image(path, series)
     arr = np.ascontiguousarray(as_volume(arr, path), dtype=np.float32)
     texts = notes + _check_values(arr, path)
     for text in texts:
         warnings.warn(text, ScanWarning, stacklevel=2)
-    return Scan(arr, affine, path, header, sha256_files(files), texts)
+    return Scan(arr, affine, path, header, sha256_files(sorted(files)), texts, dicom)
 
 
-# -- writing ------------------------------------------------------------------------------
-def check_writable(paths: Iterable[str | Path], force: bool = False) -> None:
-    """Raise :class:`OutputError` if any path exists (without ``force``) or cannot be written.
-
-    Call it for every output of a run before writing the first one.
-    """
-    paths = [Path(p) for p in paths]
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        shown = ", ".join(str(p) for p in existing[:3])
-        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        raise OutputError(
-            f"output {'file' if len(existing) == 1 else 'files'} {shown}{more} already "
-            "exist; use --force (force=True) to overwrite, or choose another output folder"
-        )
-    for folder in sorted({p.parent for p in paths}):
-        ensure_folder(folder)
+# -- writing: in hirescam3d.outputs (one implementation); the names stay importable here --
+_WRITERS = (
+    "QFORM_TOLERANCE_MM", "_check_geometry", "_nifti_image", "atomic_write", "check_writable",
+    "ensure_folder", "write_explanation", "write_labels",
+)
 
 
-def ensure_folder(folder: str | Path) -> None:
-    """Create ``folder`` if needed; :class:`OutputError` if that fails or it is read-only."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(
-            f"cannot create output folder {folder}: {err.strerror or err}; choose another "
-            "output folder"
-        ) from err
-    if not os.access(folder, os.W_OK):
-        raise OutputError(
-            f"output folder {folder} is not writable; choose another output folder or fix "
-            "its permissions"
-        )
+def __getattr__(name: str) -> Any:
+    """``hirescam3d.io.write_labels`` etc.: the writers of :mod:`hirescam3d.outputs`."""
+    if name in _WRITERS:
+        from . import outputs
 
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``.
-
-    The temporary name keeps ``path``'s suffix (writers pick the format from it). Nothing
-    is left behind if ``write`` raises. Refuses to replace an existing file unless ``force``.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(
-            f"{path} already exists; use --force (force=True) to overwrite it"
-        )
-    ensure_folder(path.parent)
-    suffix = _suffix(path) or path.suffix
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
-        )
-    except OSError as err:
-        raise OutputError(
-            f"cannot write to {path.parent}: {err.strerror or err}; choose another output folder"
-        ) from err
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _check_geometry(volume: np.ndarray, affine: np.ndarray, what: str) -> np.ndarray:
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise HiResCAMError(f"{what}: the affine must be a 4x4 matrix; got shape {affine.shape}")
-    problem = _matrix_problem(affine, ("row x", "row y", "row z"))
-    if problem:
-        raise HiResCAMError(f"{what}: the affine is unusable: {problem}; pass the scan's affine")
-    if volume.ndim != 3:
-        raise HiResCAMError(f"{what}: expected a 3D (I, J, K) volume; got shape {volume.shape}")
-    return affine
-
-
-def _nifti_image(data: np.ndarray, affine: np.ndarray, source_header: Any = None):
-    """A NIfTI-1 image with sform = ``affine`` (code 1) and no intensity scaling.
-
-    The qform holds the same affine with code 1 where it can, i.e. where the nearest
-    rotation + zooms puts every voxel within :data:`QFORM_TOLERANCE_MM` of the sform; a
-    sheared affine gets qform_code 0 (a viewer reading a qform would misplace the map).
-    Only the spatial unit is taken from ``source_header`` (so the affine keeps its
-    meaning); nothing else of the source (scaling, intent, extensions) carries over.
-    """
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_data_dtype(data.dtype)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    hdr = img.header
-    if affine_distance_mm(hdr.get_qform(), hdr.get_sform(), data.shape) > QFORM_TOLERANCE_MM:
-        img.set_qform(affine, code=0)
-    img.header.set_slope_inter(np.nan, np.nan)
-    unit = "mm"
-    if source_header is not None and hasattr(source_header, "get_xyzt_units"):
-        source_unit = source_header.get_xyzt_units()[0]
-        unit = source_unit if source_unit != "unknown" else unit
-    img.header.set_xyzt_units(unit, "sec")
-    return img
-
-
-def write_explanation(
-    path: str | Path,
-    volume: np.ndarray,
-    affine: np.ndarray,
-    method: str,
-    source_header: Any = None,
-    force: bool = False,
-    values: str = "unit",
-) -> Path:
-    """Write an explanation map as NIfTI that overlays on its scan in any viewer.
-
-    ``volume``: ``(I, J, K)`` on the scan's grid (stored as float32): in [0, 1] for
-    ``values="unit"``; signed logit contributions per voxel for ``values="logit"``
-    (intent name ``logit/voxel``, the unit also in the description, ``cal_min`` /
-    ``cal_max`` symmetric about 0 so viewers centre a diverging colormap on 0);
-    ``affine``: the scan's voxel -> RAS mm affine, stored exactly as the sform (code 1) and
-    as the qform (code 1) unless it is sheared (then qform code 0; see :func:`_nifti_image`).
-    Intent "estimate" with ``method`` as intent name, ``cal_min`` 0 / ``cal_max`` 1, no
-    intensity scaling. Written atomically; an existing file is an :class:`OutputError`
-    unless ``force``.
-    """
-    volume = np.asarray(volume)
-    affine = _check_geometry(volume, affine, str(path))
-    data = np.nan_to_num(volume, nan=0.0)
-    if values == "unit":
-        data, low, high, name = np.clip(data, 0.0, 1.0), 0.0, 1.0, method[:16]
-        text = f"hirescam3d {method} explanation"
-    else:
-        high = float(np.abs(data).max()) if data.size else 0.0
-        low, name = -high, "logit/voxel"
-        text = f"hirescam3d {method} contribution, logit per voxel"
-    data = np.ascontiguousarray(data, np.float32)
-
-    def write(tmp: Path) -> None:
-        import nibabel as nib
-
-        img = _nifti_image(data, affine, source_header)
-        img.header.set_intent("estimate", (), name=name)
-        img.header["cal_min"] = low
-        img.header["cal_max"] = high
-        img.header["descrip"] = text[:80].encode()
-        nib.save(img, str(tmp))
-
-    return atomic_write(path, write, force=force)
-
-
-def write_labels(
-    path: str | Path, labels: np.ndarray, affine: np.ndarray, force: bool = False
-) -> Path:
-    """Write a label map ``(I, J, K)`` (uint8) as NIfTI with ``affine`` (sform code 1; qform
-    code 1 unless sheared, as in :func:`write_explanation`)."""
-    labels = np.asarray(labels)
-    affine = _check_geometry(labels, affine, str(path))
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise HiResCAMError(f"{path}: labels must lie in 0..255 to be stored as uint8")
-    data = np.ascontiguousarray(labels, dtype=np.uint8)
-
-    def write(tmp: Path) -> None:
-        import nibabel as nib
-
-        img = _nifti_image(data, affine)
-        img.header.set_intent("label", (), name="organs")
-        img.header["cal_min"] = 0.0
-        img.header["cal_max"] = float(data.max()) if data.size else 0.0
-        nib.save(img, str(tmp))
-
-    return atomic_write(path, write, force=force)
+        return getattr(outputs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def reorient(

@@ -171,6 +171,7 @@ def make_chest_ct(
     shape: tuple[int, int, int] = (96, 128, 128),
     spacing: tuple[float, float, float] = (3.0, 2.5, 2.5),
     shortcut: str | None = None,
+    marker: bool | None = None,
 ) -> ChestPhantom:
     """Build a synthetic chest CT of ``shape`` voxels at ``spacing`` mm.
 
@@ -178,7 +179,9 @@ def make_chest_ct(
     from the seed; otherwise exactly the named findings are drawn. With
     ``shortcut`` set to a finding name, a bright marker (1500 HU ball, 12 mm)
     is drawn in the air at the anterior-right corner whenever that finding is
-    present. Raises :class:`InputError` for unknown names or bad geometry.
+    present. ``marker=True`` / ``False`` draws the marker always / never, whatever the
+    findings (test sets that decouple the marker from the finding). Raises
+    :class:`InputError` for unknown names or bad geometry.
     """
     seed = _check_seed(seed)
     shape = _check_shape(shape)
@@ -245,11 +248,14 @@ def make_chest_ct(
                 "of at least about 200 x 250 x 250 mm"
             )
 
-    marker = None
-    if shortcut is not None and shortcut in present:
-        marker = _marker(grid, scene.body2d)
-        ct[marker] = MARKER_HU
+    if marker is None:
+        marker = shortcut is not None and shortcut in present
+    if marker:
+        marker_mask = _marker(grid, scene.body2d)
+        ct[marker_mask] = MARKER_HU
         details["shortcut"] = {"finding": shortcut}
+    else:
+        marker_mask = None
 
     # Partial-volume blur: a ~1 mm scanner PSF plus the voxel's own extent.
     sigma = [float(np.hypot(0.4, anat["psf_mm"] / s)) for s in spacing]
@@ -268,7 +274,7 @@ def make_chest_ct(
         spacing=spacing,
         seed=seed,
         shortcut=shortcut,
-        marker=marker,
+        marker=marker_mask,
         body=np.broadcast_to(scene.body2d, shape).copy(),
         details=details,
     )

@@ -1,21 +1,32 @@
-"""Scan -> MONAI preprocessing -> one explained forward pass -> Invertd -> scan-grid maps.
+"""Scan -> MONAI preprocessing -> one explained forward pass -> maps on the scan's grid.
 
-The CLI and the napari plugin are thin shells over :func:`explain_image` (arrays in
-memory) and :func:`explain_scan` (a file in; NIfTI maps and ``report.json`` out).
-:func:`preprocess_transforms` builds the model's input with MONAI dictionary transforms;
-the :class:`~hirescam3d.explainer.Explainer` gives the raw maps; contributions and organ
-shares are computed on the explanation grid (:mod:`hirescam3d.attribution`); the maps
-are placed on the model's grid by the layer's traced geometry and brought back to the
-scan's grid with ``Invertd`` (linear interpolation).
+The data path, top to bottom:
+
+1. :func:`explain_scan` reads the scan (and organ map) from files;
+2. :func:`explain_arrays` preprocesses it with the model's MONAI dictionary transforms
+   (:func:`preprocess_transforms`), runs the :class:`~hirescam3d.explainer.Explainer`
+   (one pass for every finding and method) and computes contributions and organ shares
+   on the explanation grid (:mod:`hirescam3d.attribution`; the organ map is pooled onto
+   the cells straight from the scan's grid), returning a typed :class:`Explanation`;
+3. :meth:`Explanation.scan_map` puts one map at a time on the scan's grid: placed by the
+   layer's traced geometry and resampled as MONAI ``Invertd`` would, in one separable
+   pass (:class:`ModelGrid`; ``Invertd`` itself, :func:`invert_maps`, is the reference
+   and the fallback); :meth:`Explanation.model_map` gives it on the model's grid;
+4. :func:`explain_scan` streams the maps to :mod:`hirescam3d.outputs` and writes
+   ``report.json`` last.
+
+:func:`explain_image` (every map on the scan's grid in memory) serves the napari widget
+and ``compare``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +40,7 @@ from .bundle import PREPROCESSING_TRANSFORMS, ModelInfo, preprocessing_transform
 from .errors import HiResCAMError, InputError, ModelError, TargetError
 from .handle import ModelHandle, match_findings
 from .methods import get_method
+from .outputs import _json_safe, output_paths  # noqa: F401 - kept importable from here
 
 Progress = Callable[[str, float], None]
 ModelArg = str | Path | tuple[nn.Module, ModelInfo] | ModelHandle | None
@@ -45,7 +57,9 @@ class ScanExplanation:
     """Explanations of one scan.
 
     ``maps``: ``{(finding, method): float32 (I, J, K)}`` on the scan's grid: in [0, 1]
-    (``values == "unit"``) or logits per voxel (``values == "logit"``).
+    (``values == "unit"``) or logits per voxel (``values == "logit"``). A dict from
+    :func:`explain_image`; from :func:`explain_scan` a mapping that computes each map when
+    it is read (the run streamed them to disk and kept none).
     ``probabilities`` / ``logits``: ``{finding: value}`` for every class of the model.
     ``report``: JSON-ready dict (what ``report.json`` holds).
     ``warnings``: texts of everything worth telling the user (also in the report).
@@ -55,6 +69,8 @@ class ScanExplanation:
     post-processing, on the explained layer's grid (cells; the input grid for methods
     that work at input resolution), on the CPU: signed, logits per cell for HiResCAM at
     a guaranteed layer. What :func:`hirescam3d.metrics.l2_to_exact` compares.
+    ``masks``: segmentation models with ``region="predicted"``: ``{finding: uint8 (I, J,
+    K)}`` the predicted mask each finding's score was summed over, on the scan's grid.
     """
 
     maps: dict[tuple[str, str], np.ndarray]
@@ -67,6 +83,7 @@ class ScanExplanation:
     organ_names: dict[int, str] | None = None
     values: str = "unit"
     raw: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def findings(self) -> list[str]:
@@ -194,6 +211,40 @@ def preprocess_transforms(
     return mt.Compose(transforms)
 
 
+def _preprocess(pre: Any, data: dict[str, Any]) -> Any:
+    """The preprocessed ``"image"`` of :func:`_preprocess_all`."""
+    return _preprocess_all(pre, data)["image"]
+
+
+def _preprocess_all(pre: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``pre`` (a ``Compose``) to ``data``; return the preprocessed dict (label
+    keys, e.g. a region, ride along as ``pre`` says).
+
+    MONAI 1.6.1's ``ResizeWithPadOrCropd`` can leave the affine of an image that went
+    through ``Orientationd``/``Spacingd`` without the translation of some padded or
+    cropped axes (the voxels are moved, the affine is not): maps would land up to the
+    padding's width away from their place. The affine is therefore recomputed from the
+    one before that step and the recorded padding and cropping, and set on the image
+    (``Invertd`` then undoes the steps correctly too).
+    """
+    before = None
+    for transform in pre.transforms:
+        if type(transform).__name__ == "ResizeWithPadOrCropd":
+            before = np.asarray(data["image"].affine, dtype=np.float64)
+        data = transform(data)
+    image = data["image"]
+    ops = image.applied_operations
+    if before is not None and ops and ops[-1].get("class") == "ResizeWithPadOrCrop":
+        shape = tuple(image.shape[1:])
+        lo, _ = _fast_extent([ops[-1]], shape) or ((0.0,) * len(shape), None)
+        shift = np.eye(4)
+        shift[: len(shape), 3] = [-v for v in lo]
+        correct = before @ shift
+        if not np.allclose(np.asarray(image.affine, np.float64), correct, atol=1e-6):
+            image.affine = torch.as_tensor(correct, dtype=image.affine.dtype)
+    return data
+
+
 def _crop_warning(image: Any, info: ModelInfo) -> str | None:
     """Text if ``ResizeWithPadOrCrop`` cut part of the scan off (it gets no explanation)."""
     for op in getattr(image, "applied_operations", []):
@@ -262,63 +313,771 @@ def invert_maps(
 
 
 VALUES = ("unit", "logit")
+Pair = tuple[str, str]
+# Fast inversion: the applied operations it knows how to undo (anything else: Invertd).
+_FAST_OPS = ("Orientation", "SpatialResample", "ResizeWithPadOrCrop")
+# Scan voxels per slab when pooling organ labels onto the cells (bounds temporary memory).
+_SLAB_VOXELS = 1 << 23
 
 
-def _model_grid_maps(
-    raw: torch.Tensor, geometry: Any, values: str, size: Sequence[int]
-) -> torch.Tensor:
-    """``(1, *size)`` on the model's input grid: a [0, 1] display map (``unit``) or the
-    contribution density in logits per model voxel (``logit``)."""
-    from . import postprocess
-
-    grid = raw[None, None].float()
-    if values == "logit":
-        return postprocess.density(grid, geometry, size)[0]
-    return postprocess.unit_maps(grid, geometry, size)[0]
+# -- the model's grid and the scan's grid -------------------------------------------------
+def _apply_axis(x: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
+    """Apply the ``(out, in)`` matrix ``m`` along axis ``dim`` of ``x`` (one matmul)."""
+    if dim == x.ndim - 1:
+        return x @ m.T
+    lead, trail = x.shape[:dim], x.shape[dim + 1 :]
+    flat = x.reshape(-1, x.shape[dim], math.prod(trail))
+    return torch.matmul(m, flat).reshape(*lead, m.shape[0], *trail)
 
 
-def explain_image(
-    image: np.ndarray,
-    affine: np.ndarray,
-    model: ModelArg = "demo",
-    findings: Sequence[str] | None = None,
-    methods: Sequence[str] = ("hirescam",),
-    layer: str | None = None,
-    organs: np.ndarray | None = None,
-    organ_names: dict[int, str] | None = None,
-    device: str | torch.device = "cpu",
-    progress: Progress | None = None,
-    values: str = "unit",
-) -> ScanExplanation:
-    """Explain a scan on its own grid.
+def _apply_separable(x: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Apply one ``(out, in)`` matrix per axis of ``x``, in the order with the fewest
+    multiply-adds (the result does not depend on the order)."""
+    best, best_cost = None, math.inf
+    for order in itertools.permutations(range(x.ndim)):
+        shape, cost = list(x.shape), 0
+        for d in order:
+            cost += math.prod(shape) // shape[d] * matrices[d].shape[0] * shape[d]
+            shape[d] = matrices[d].shape[0]
+        if cost < best_cost:
+            best, best_cost = order, cost
+    for d in best or ():
+        x = _apply_axis(x, matrices[d], d)
+    return x
 
-    ``image``: ``(I, J, K)`` intensities (HU for CT); ``affine``: voxel -> RAS mm.
-    ``findings=None``: every finding with probability >= 0.5 (none -> no maps, a warning).
-    All findings and methods come from one forward pass at the model grid. Each raw map
-    is placed on the model's grid by the layer's traced geometry and mapped back with
-    MONAI ``Invertd`` (linear interpolation) to ``(I, J, K)``:
 
-    - ``values="unit"``: display maps in [0, 1] (ReLU, divided by the maximum);
-    - ``values="logit"``: signed contribution density in logits per scan voxel, summing
-      (over the scan) to the part of the contributions inside the scan. Only for
-      HiResCAM at a layer where the audit proves the guarantee (ModelError otherwise).
+@dataclass
+class ModelGrid:
+    """How the model's input grid ``(S, H, W)`` lies on the scan's grid ``(I, J, K)``.
 
-    The report holds, per finding and method, the logit contributions (HiResCAM at a
-    guaranteed layer: total, bias, outside the scan and per organ) and, with ``organs``
-    (integer labels ``(I, J, K)`` on the same grid, named by ``organ_names``), each map's
-    shares of positive evidence per organ, all computed on the explanation grid.
-    ``progress(stage, fraction)`` is called as stages start. The network is moved to
-    ``device`` ("auto": CUDA if available) and left there.
+    ``affine``: model voxel -> RAS mm. ``scan_axis[a]``: the scan axis that model axis
+    ``a`` runs along, with model index ``u = scale[a] * v + offset[a]`` for scan index
+    ``v`` (set when the preprocessing only reorients, resamples and pads or crops, as it
+    does for every axis-aligned or oblique scan; else None and maps go back with MONAI
+    ``Invertd``). ``lo``/``hi``: the model indices of the resampled scan before padding
+    or cropping, where MONAI's inverse clamps (its ``border`` padding mode).
     """
-    from monai.data import MetaTensor
 
-    from . import attribution, postprocess
-    from .explainer import Explainer
+    scan_shape: tuple[int, ...]
+    scan_affine: np.ndarray
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    scan_axis: tuple[int, ...] | None
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    pre: Any = field(default=None, repr=False)
+    image: Any = field(default=None, repr=False)
+    support: torch.Tensor | None = field(default=None, repr=False)  # Invertd path only
 
-    def step(stage: str, fraction: float) -> None:
-        if progress is not None:
-            progress(stage, fraction)
+    @classmethod
+    def of(cls, image: Any, pre: Any, scan_shape: Sequence[int], scan_affine: np.ndarray):
+        """From the preprocessed MetaTensor ``image`` ``(1, S, H, W)`` and its transforms."""
+        shape = tuple(int(n) for n in image.shape[1:])
+        affine = np.asarray(image.affine.cpu(), dtype=np.float64)
+        scan_shape = tuple(int(n) for n in scan_shape)
+        mapping = np.linalg.solve(affine, np.asarray(scan_affine, np.float64))
+        fast = _fast_extent(image.applied_operations, shape)
+        axes = _axis_mapping(mapping, scan_shape) if fast is not None else None
+        lo, hi = fast if fast is not None else ((0.0,) * len(shape), (0.0,) * len(shape))
+        if axes is None:
+            scale = offset = (0.0,) * len(shape)
+        else:
+            scale = tuple(float(mapping[a, q]) for a, q in enumerate(axes))
+            offset = tuple(float(mapping[a, 3]) for a in range(len(shape)))
+        return cls(scan_shape, np.asarray(scan_affine, np.float64), shape, affine, axes,
+                   scale, offset, lo, hi, pre, image)
 
+    @property
+    def fast(self) -> bool:
+        """Whether maps go back by the separable resampling (else by ``Invertd``)."""
+        return self.scan_axis is not None
+
+    def inside(self) -> torch.Tensor:
+        """Bool ``(S, H, W)``: model voxels that hold the resampled scan (not padding)."""
+        if self.support is not None:
+            return self.support > 0
+        masks = [
+            (torch.arange(n, dtype=torch.float64) >= lo - 1e-6)
+            & (torch.arange(n, dtype=torch.float64) <= hi + 1e-6)
+            for n, lo, hi in zip(self.shape, self.lo, self.hi, strict=True)
+        ]
+        return masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :]
+
+    def _inverse_matrix(self, a: int) -> torch.Tensor:
+        """``(scan length, model length)``: linear interpolation of model axis ``a`` at each
+        scan voxel of its scan axis, clamped to ``[lo, hi]``; model indices outside the
+        grid (cropped-away scan) count as 0. MONAI ``Invertd``'s weights, in float64."""
+        q, n = self.scan_axis[a], self.shape[a]
+        v = torch.arange(self.scan_shape[q], dtype=torch.float64)
+        u = (self.scale[a] * v + self.offset[a]).clamp(self.lo[a], self.hi[a])
+        i0 = u.floor()
+        w1 = u - i0
+        m = torch.zeros(len(v), n, dtype=torch.float64)
+        rows = torch.arange(len(v))
+        for index, weight in ((i0, 1.0 - w1), (i0 + 1, w1)):
+            ok = (index >= 0) & (index <= n - 1)
+            m.index_put_((rows[ok], index[ok].long()), weight[ok], accumulate=True)
+        return m
+
+    def to_scan(self, cells: torch.Tensor, geometry: Any, kind: str) -> np.ndarray:
+        """A cell map ``(*grid)`` on the scan's grid: float32 ``(I, J, K)``, F-ordered.
+
+        ``kind="place"``: linear between cell centres (:func:`postprocess.place`);
+        ``"density"``: each cell spread over its tile (:func:`postprocess.density`); then
+        linear interpolation at every scan voxel, as ``Invertd`` does, in one separable
+        pass per axis: the model-grid map is never resampled voxel by voxel.
+        """
+        from . import postprocess
+
+        taps = postprocess._taps_linear if kind == "place" else postprocess._taps_tile
+        matrices = {}
+        for a, geo in enumerate(geometry.axes):
+            n_cells = geometry.grid_shape[a]
+            placing = postprocess._matrix(taps(geo, n_cells, self.shape[a], torch.device("cpu")),
+                                          n_cells, torch.float64)
+            matrices[a] = (self._inverse_matrix(a) @ placing).float()
+        # Work on axes in reversed scan order, so the result is the F-ordered (I, J, K).
+        model_axis = {q: a for a, q in enumerate(self.scan_axis)}
+        order = [model_axis[q] for q in reversed(range(len(self.scan_shape)))]
+        x = cells.detach().float().cpu().permute(order)
+        out = _apply_separable(x, [matrices[a] for a in order])
+        return out.contiguous().numpy().T
+
+    def nearest_on_scan(self, volume: torch.Tensor | np.ndarray) -> np.ndarray:
+        """A model-grid label volume ``(S, H, W)`` on the scan's grid by nearest neighbour:
+        uint8 ``(I, J, K)``; scan voxels whose nearest model index (rounded half up) lies
+        outside the model's grid get 0. Works slab by slab for any affine."""
+        labels = np.asarray(volume.cpu() if isinstance(volume, torch.Tensor) else volume)
+        labels = np.pad(labels.astype(np.uint8), [(0, 1)] * labels.ndim)  # the pad reads 0
+        n = np.array(self.shape)
+        mapping = np.linalg.solve(self.affine, self.scan_affine)  # scan index -> model index
+        out = np.zeros(self.scan_shape, np.uint8)
+        j, k = np.meshgrid(np.arange(self.scan_shape[1]), np.arange(self.scan_shape[2]),
+                           indexing="ij")  # fmt: skip
+        rest = mapping[:3, 1:3] @ np.stack([j.ravel(), k.ravel()]) + mapping[:3, 3:4]
+        for i in range(self.scan_shape[0]):
+            u = np.floor(rest + mapping[:3, 0:1] * i + 0.5).astype(np.int64)
+            outside = ((u < 0) | (u >= n[:, None])).any(axis=0)
+            u = np.where(outside[None], n[:, None], u)
+            out[i] = labels[u[0], u[1], u[2]].reshape(self.scan_shape[1:])
+        return out
+
+    def invert(self, model_map: torch.Tensor, clip: bool) -> np.ndarray:
+        """A model-grid map ``(S, H, W)`` on the scan's grid with MONAI ``Invertd``."""
+        back = invert_maps(self.pre, self.image, {("", ""): model_map[None].float()},
+                           self.scan_shape, self.scan_affine, clip=clip)
+        return back[("", "")]
+
+    def _pool_matrix(self, a: int, geo: Any, n_cells: int) -> torch.Tensor:
+        """``(cells, scan length)``: the share of each cell's tile (inside the model's
+        input) that each scan voxel of model axis ``a``'s scan axis covers."""
+        q = self.scan_axis[a]
+        v = torch.arange(self.scan_shape[q], dtype=torch.float64)
+        centre = self.scale[a] * v + self.offset[a]
+        half = abs(self.scale[a]) / 2
+        i = torch.arange(n_cells, dtype=torch.float64)[:, None]
+        tile_lo = (geo.first + (i - 0.5) * geo.step).clamp(-0.5, self.shape[a] - 0.5)
+        tile_hi = (geo.first + (i + 0.5) * geo.step).clamp(-0.5, self.shape[a] - 0.5)
+        overlap = (torch.minimum(tile_hi, centre + half) - torch.maximum(tile_lo, centre - half))
+        return overlap.clamp_min(0) / geo.step
+
+    def cell_regions(
+        self, geometry: Any, labels: np.ndarray | None, names: dict[int, str] | None
+    ) -> Any:
+        """:class:`~hirescam3d.attribution.CellRegions` of ``geometry``'s cells, pooled
+        straight from the scan's grid: per cell, the share of its tile inside the scan and
+        inside each organ of ``labels`` (``(I, J, K)`` integers, 0 = background), each
+        scan voxel counted by the part of the tile it covers. Labels sharing a name are
+        summed. One pass over the scan, in slabs (:func:`_pool_labels`)."""
+        from .attribution import CellRegions
+
+        pools = {
+            self.scan_axis[a]: self._pool_matrix(a, geo, geometry.grid_shape[a]).float()
+            for a, geo in enumerate(geometry.axes)
+        }
+        to_model = list(self.scan_axis)  # result axis q -> model axis order
+        shares = [pools[q].double().sum(dim=1) for q in range(3)]
+        inside = torch.einsum("i,j,k->ijk", *shares).permute(to_model)
+        organs: dict[str, torch.Tensor] = {}
+        if labels is None:
+            return CellRegions(inside, organs)
+        values = _label_values(labels)
+        if values:
+            pooled, order = _pool_labels(labels, values, pools)
+            to_model = [order.index(q) for q in self.scan_axis]
+            for i, v in enumerate(values, start=1):
+                name = (names or {}).get(v, f"label_{v}")
+                share = pooled[:, :, i, :].permute(to_model)
+                organs[name] = organs[name] + share if name in organs else share
+        return CellRegions(inside, organs)
+
+
+def _pool_labels(
+    labels: np.ndarray, values: list[int], pools: dict[int, torch.Tensor]
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pool every label at once: ``(pooled (c0, c1, 1 + len(values), c2), axis order)``.
+
+    ``pools[q]``: ``(cells, length)`` weights of scan axis ``q``. The labels are walked in
+    memory order (axis ``order[2]`` fastest): that axis is contracted by a scatter-add of
+    each voxel's weight into its (label, cell) bin (a voxel overlaps one or two cells),
+    slab by slab, the other two by small matrix products. Index 0 is the background.
+    """
+    if labels.flags.c_contiguous:
+        view, order = labels, (0, 1, 2)
+    elif labels.flags.f_contiguous:
+        view, order = labels.T, (2, 1, 0)
+    else:
+        view, order = np.ascontiguousarray(labels), (0, 1, 2)
+    mats = [pools[q].double() for q in order]
+    n_labels, cells = len(values) + 1, mats[2].shape[0]
+    lut = np.zeros(int(max(values)) + 1, np.int64)
+    lut[values] = np.arange(1, n_labels) * cells
+    taps = _column_taps(mats[2].float())
+    rows = view.shape[1]
+    acc = torch.zeros(mats[0].shape[0], mats[1].shape[0], n_labels, cells, dtype=torch.float64)
+    step = max(1, _SLAB_VOXELS // (view.shape[1] * view.shape[2]))
+    for start in range(0, view.shape[0], step):
+        slab = view[start : start + step]
+        n = slab.shape[0]
+        base = torch.from_numpy(lut[slab].reshape(n * rows, -1))  # label offset per voxel
+        out = torch.zeros(n * rows, n_labels * cells, dtype=torch.float32)
+        for cell, weight, cols in taps:
+            if cols is None:
+                out.scatter_add_(1, base + cell, weight.expand(n * rows, -1))
+            elif len(cols):
+                out.scatter_add_(1, base[:, cols] + cell[cols], weight[cols].expand(n * rows, -1))
+        per_row = out.double().reshape(n, rows, n_labels, cells)
+        per_row = torch.einsum("bj,sjlc->sblc", mats[1], per_row)
+        acc += torch.einsum("as,sblc->ablc", mats[0][:, start : start + n], per_row)
+    return acc, order
+
+
+def _column_taps(matrix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """The nonzero rows of each column of ``(cells, length)`` as taps ``(cell, weight,
+    columns)``: the first tap covers every column, later ones only the columns that have
+    them (voxels on a tile border)."""
+    nonzero = matrix > 0
+    count = int(nonzero.sum(0).max()) if matrix.numel() else 0
+    ranked = torch.argsort((~nonzero).to(torch.int8), dim=0, stable=True)  # nonzero first
+    taps: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+    for t in range(max(count, 1)):
+        cell = ranked[t]
+        weight = matrix.gather(0, cell[None])[0] * nonzero.gather(0, cell[None])[0]
+        cols = None if t == 0 else torch.nonzero(weight > 0)[:, 0]
+        taps.append((cell, weight, cols))
+    return taps
+
+
+def _label_values(labels: np.ndarray) -> list[int]:
+    """The nonzero values in an integer label map, counted in slabs (no full-size copy)."""
+    if labels.dtype.kind not in "ub":
+        return [int(v) for v in np.unique(labels) if v != 0]
+    flat = np.ravel(labels, order="K")
+    counts = np.zeros(1, np.int64)
+    for start in range(0, flat.size, _SLAB_VOXELS):
+        part = np.bincount(flat[start : start + _SLAB_VOXELS])
+        if len(part) > len(counts):
+            counts = np.concatenate([counts, np.zeros(len(part) - len(counts), np.int64)])
+        counts[: len(part)] += part
+    return [v for v in range(1, len(counts)) if counts[v] > 0]
+
+
+def _fast_extent(
+    operations: Sequence[dict], shape: tuple[int, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(lo, hi)``: model indices of the resampled scan (before pad or crop), or None if
+    an applied operation is one the separable inverse does not reproduce."""
+    lo, hi = [0.0] * len(shape), [float(n - 1) for n in shape]
+    for op in operations:
+        name = op.get("class")
+        info = op.get("extra_info", {}) or {}
+        if name not in _FAST_OPS:
+            return None
+        if name == "SpatialResample" and (
+            info.get("mode") not in ("bilinear", 1) or info.get("padding_mode") != "border"
+        ):
+            return None
+        if name == "ResizeWithPadOrCrop":
+            size = [int(n) for n in op.get("orig_size", shape)]
+            crop = (info.get("crop_info") or {}).get("extra_info", {}).get("cropped")
+            pad = (info.get("pad_info") or {}).get("extra_info", {}).get("padded")
+            crop = list(crop) if crop else [0] * (2 * len(shape))
+            pad = list(pad)[-len(shape):] if pad else [(0, 0)] * len(shape)
+            for a in range(len(shape)):
+                lo[a] = float(pad[a][0] - crop[2 * a])
+                hi[a] = lo[a] + size[a] - 1
+    return tuple(lo), tuple(hi)
+
+
+def _axis_mapping(mapping: np.ndarray, scan_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The scan axis each model axis runs along, if scan -> model index is a scaled
+    permutation (off-axis terms move no voxel by more than 1e-4 model voxels), else None."""
+    axes = []
+    for a in range(3):
+        row = np.abs(mapping[a, :3])
+        q = int(np.argmax(row))
+        off = sum(row[k] * scan_shape[k] for k in range(3) if k != q)
+        if off > 1e-4 or row[q] == 0:
+            return None
+        axes.append(q)
+    return tuple(axes) if sorted(axes) == [0, 1, 2] else None
+
+
+# -- the typed result ---------------------------------------------------------------------
+@dataclass
+class FindingScore:
+    """The model's output for one finding. Segmentation models: ``logit`` is the region
+    score (the finding's logits summed over its region, in logits), ``probability`` the
+    mean probability over the region (NaN for an empty one) and ``region_voxels`` the
+    region's size (model-grid voxels, or the sum of its weights)."""
+
+    logit: float
+    probability: float
+    explained: bool
+    region_voxels: float | None = None
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain_arrays` returns: scores, units, organ shares and the maps, which
+    are put on a grid only when asked (one at a time, so a caller can stream them).
+
+    ``raw``: ``{(finding, method): tensor (*grid)}`` each method's raw map on its grid
+    (the explained layer's cells; the model's input grid for input-resolution methods), on
+    the CPU. ``contributions``: per finding and method, HiResCAM's parts in logits (at a
+    guaranteed layer). ``organ_shares``: per finding and method, the shares of positive
+    evidence per organ (None without organs). ``grid``: the model grid on the scan.
+    Segmentation models: ``masks``: ``{finding: bool (S, H, W)}`` the predicted mask each
+    explained finding's score was summed over (``region="predicted"``), on the model's
+    grid (:meth:`mask_on_scan` puts one on the scan's grid); ``region``: what the report
+    says about the region (None for classifiers).
+    """
+
+    model: ModelInfo
+    layer: str
+    methods: list[str]
+    values: str
+    scores: dict[str, FindingScore]
+    explained: list[str]
+    selection: str
+    verdict: Any
+    contributions: dict[str, dict[str, dict[str, Any]]]
+    organ_shares: dict[str, dict[str, dict[str, Any]]] | None
+    raw: dict[Pair, torch.Tensor]
+    geometry: dict[str, Any]
+    grid: ModelGrid
+    coverage: float
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    region: dict[str, Any] | None = None
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """``(finding, method)`` of every map, findings first, in the requested order."""
+        return list(self.raw)
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {n: s.probability for n, s in self.scores.items()}
+
+    @property
+    def logits(self) -> dict[str, float]:
+        return {n: s.logit for n, s in self.scores.items()}
+
+    def _placed(self, pair: Pair) -> tuple[torch.Tensor, float]:
+        """``(model-grid map before scaling, scale)`` for ``pair``: the placed ReLU map and
+        its maximum (``unit``), or the logit density and 1 (``logit``)."""
+        from . import postprocess
+
+        cells = self.raw[pair][None, None].float()
+        geometry = self.geometry[pair[1]]
+        if self.values == "logit":
+            return postprocess.density(cells, geometry, self.grid.shape)[0, 0], 1.0
+        placed = postprocess.place(postprocess.relu(cells), geometry, self.grid.shape)[0, 0]
+        return placed, float(placed.max())
+
+    def model_map(self, pair: Pair) -> np.ndarray:
+        """Float32 ``(S, H, W)`` on the model's input grid (affine ``grid.affine``): a [0, 1]
+        display map (``unit``) or logits per model voxel (``logit``)."""
+        placed, top = self._placed(pair)
+        if self.values == "logit":
+            return placed.numpy().astype(np.float32)
+        out = placed / top if top > 0 else torch.zeros_like(placed)
+        return out.numpy().astype(np.float32)
+
+    def scan_map(self, pair: Pair) -> np.ndarray:
+        """Float32 ``(I, J, K)`` on the scan's grid (F-ordered): a [0, 1] display map, or
+        logits per scan voxel summing to the model-grid contributions inside the scan."""
+        unit = self.values == "unit"
+        if not self.grid.fast:
+            volume = self.grid.invert(torch.from_numpy(self.model_map(pair)), clip=unit)
+        elif unit:
+            _, top = self._placed(pair)
+            if top <= 0:
+                return np.zeros(self.grid.scan_shape, np.float32, order="F")
+            cells = self.raw[pair].float().clamp_min(0) / top
+            volume = self.grid.to_scan(cells, self.geometry[pair[1]], "place")
+            np.clip(volume, 0.0, 1.0, out=volume)
+            return volume
+        else:
+            volume = self.grid.to_scan(self.raw[pair], self.geometry[pair[1]], "density")
+        if unit:
+            return volume
+        density, _ = self._placed(pair)
+        ratio = abs(np.linalg.det(self.grid.scan_affine[:3, :3])) / abs(
+            np.linalg.det(self.grid.affine[:3, :3])
+        )
+        volume *= np.float32(ratio)
+        factors = _conserve(volume, density, self.grid.inside())
+        self.contributions[pair[0]][pair[1]]["resampling_correction"] = factors
+        return volume
+
+    def mask_on_scan(self, finding: str) -> np.ndarray:
+        """The predicted mask of ``finding`` on the scan's grid: uint8 ``(I, J, K)``, 1
+        inside. Each scan voxel takes the value of the model-grid voxel nearest to its
+        centre (index rounded half up; 0 where the model's grid does not reach, e.g. a
+        cropped-away part of the scan)."""
+        return self.grid.nearest_on_scan(self.masks[finding])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready report (what ``report.json`` holds, before file details)."""
+        info = self.model
+        report: dict[str, Any] = {
+            "created": self.created,
+            "model": {
+                "name": info.name,
+                "weights_sha256": info.weights_sha256,
+                "trained": info.trained,
+                "task": info.task,
+                "bundle": None if info.bundle_path is None else str(info.bundle_path),
+                "input": info.input.to_dict(),
+            },
+            "image": {
+                "shape": list(self.grid.scan_shape),
+                "affine": self.grid.scan_affine.tolist(),
+                "model_grid_shape": list(self.grid.shape),
+                "model_grid_affine": self.grid.affine.tolist(),
+                "model_field_of_view_covered": self.coverage,
+            },
+            "layer": self.layer,
+            "hirescam_guaranteed_faithful": self.verdict.guaranteed,
+            "audit": self.verdict.to_dict(),
+            "values": self.values,
+            "methods": self.methods,
+            "finding_selection": self.selection,
+            "findings": {
+                n: {"logit": s.logit, "probability": s.probability, "explained": s.explained}
+                for n, s in self.scores.items()
+            },
+            "explained": self.explained,
+            "contributions": self.contributions,
+            "device": self.device,
+            "timings_s": dict(self.timings),
+            "versions": software_versions(),
+            "warnings": self.warnings,
+        }
+        if self.organ_shares is not None:
+            report["organs"] = self.organ_shares
+        if self.region is not None:
+            for n, s in self.scores.items():
+                report["findings"][n] = {
+                    "region_score": s.logit,
+                    "region_voxels": s.region_voxels,
+                    "mean_probability": None if math.isnan(s.probability) else s.probability,
+                    **report["findings"][n],
+                }
+            report["region"] = dict(self.region)
+        return report
+
+
+class _LazyMaps(Mapping):
+    """``{(finding, method): (I, J, K)}`` computed on access (nothing held in memory)."""
+
+    def __init__(self, explanation: Explanation) -> None:
+        self._explanation = explanation
+
+    def __getitem__(self, pair: Pair) -> np.ndarray:
+        if pair not in self._explanation.raw:
+            raise KeyError(pair)
+        return self._explanation.scan_map(pair)
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self._explanation.raw)
+
+    def __len__(self) -> int:
+        return len(self._explanation.raw)
+
+
+# -- segmentation models: regions and sliding windows ----------------------------------------
+#: A region on the scan's grid must match it this closely (largest voxel offset, mm).
+REGION_TOLERANCE_MM = 1e-3
+RegionArg = str | Path | np.ndarray | None
+
+
+def grid_text(shape: Sequence[int], affine: np.ndarray) -> str:
+    """One grid in words: ``64x64x48 voxels of 5 x 5 x 6 mm, LPS, origin (x, y, z) mm``."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    codes = "".join(nib.aff2axcodes(affine))
+    origin = ", ".join(f"{v:.4g}" for v in affine[:3, 3])
+    size = "x".join(str(int(n)) for n in shape)
+    mm = " x ".join(f"{v:.4g}" for v in spacing)
+    return f"{size} voxels of {mm} mm, {codes}, origin ({origin}) mm"
+
+
+def check_region_grid(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    scan_shape: Sequence[int],
+    scan_affine: np.ndarray,
+    what: str = "region",
+) -> None:
+    """InputError naming both grids unless ``shape``/``affine`` is the scan's grid (same
+    shape, every voxel within :data:`REGION_TOLERANCE_MM`). A region is never resampled:
+    a mask made on another grid would explain other voxels than the user drew."""
+    from .nifti import affine_distance_mm, grid_differences
+
+    shape, scan_shape = tuple(int(n) for n in shape), tuple(int(n) for n in scan_shape)
+    same = shape == scan_shape
+    if same and affine_distance_mm(affine, scan_affine, shape) <= REGION_TOLERANCE_MM:
+        return
+    differ = grid_differences(shape, affine, scan_shape, scan_affine, atol=REGION_TOLERANCE_MM)
+    if not differ:
+        off = affine_distance_mm(affine, scan_affine, shape)
+        differ = [f"voxel positions up to {off:.3g} mm apart"]
+    raise InputError(
+        f"{what} is not on the scan's grid: region grid {grid_text(shape, affine)}; scan grid "
+        f"{grid_text(scan_shape, scan_affine)} ({'; '.join(differ)}); a region must have the "
+        f"scan's shape and affine (within {REGION_TOLERANCE_MM:g} mm): resample it onto the "
+        "scan's grid with nearest-neighbour interpolation first"
+    )
+
+
+def load_region(
+    path: str | Path, scan_shape: Sequence[int], scan_affine: np.ndarray
+) -> np.ndarray:
+    """A region mask file (nonzero = region) on the scan's grid: bool ``(I, J, K)``.
+
+    InputError if it is not on the scan's grid (:func:`check_region_grid`), not finite or
+    empty; ScanError if it cannot be read."""
+    from .io import as_volume, read_image
+
+    path = Path(path)
+    arr, region_affine, _, _ = read_image(path)
+    arr = as_volume(arr, path)
+    check_region_grid(arr.shape, region_affine, scan_shape, scan_affine, f"region {path}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"region {path} has non-finite values (NaN or Inf); pass a 0/1 mask")
+    mask = arr != 0
+    if not mask.any():
+        raise InputError(f"region {path} is empty (every voxel is 0): there is nothing to explain")
+    return mask
+
+
+def _region_array(region: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A region given as an array on the scan's grid, checked: bool (a mask) or float32
+    (weights)."""
+    r = np.asarray(region)
+    if r.shape != tuple(shape):
+        raise InputError(
+            f"region {r.shape} is not on the scan's grid {tuple(shape)}: pass a mask or "
+            "weight map with the scan's shape (and affine)"
+        )
+    if r.dtype == bool:
+        mask = r
+    elif r.dtype.kind in "iu":
+        values = np.unique(r)
+        if not set(values.tolist()) <= {0, 1}:
+            raise InputError(
+                f"region is an integer array with values {', '.join(map(str, values[:6]))}: "
+                "pass a 0/1 mask (e.g. labels == k) or floating-point weights"
+            )
+        mask = r.astype(bool)
+    elif r.dtype.kind == "f":
+        if not np.isfinite(r).all():
+            raise InputError("region has non-finite values (NaN or Inf); pass a mask or weights")
+        if not r.any():
+            raise InputError("region is empty (all zero): there is nothing to explain")
+        return r.astype(np.float32, copy=False)
+    else:
+        raise InputError(f"region must be a bool, 0/1 or floating-point array, not {r.dtype}")
+    if not mask.any():
+        raise InputError("region is empty (all zero): there is nothing to explain")
+    return mask
+
+
+def _window(
+    info: ModelInfo, shape: tuple[int, ...], roi_size: Sequence[int] | None, overlap: float
+) -> tuple[int, ...] | None:
+    """The sliding window on the model's grid: ``roi_size`` as given, else the bundle's
+    patch size when the model sees patches (as MONAI's bundle inferer runs it) and the
+    volume is not exactly one patch; None: the whole volume in one pass."""
+    if not 0.0 <= float(overlap) < 1.0:
+        raise InputError(f"overlap must lie in [0, 1); got {overlap}")
+    if roi_size is None:
+        if not info.patch:
+            return None
+        patch = tuple(int(n) for n in info.input.spatial_size)
+        return None if tuple(shape) == patch else patch
+    roi = tuple(int(n) for n in roi_size)
+    if len(roi) != len(shape) or any(n <= 0 for n in roi):
+        raise InputError(
+            f"roi_size {tuple(roi_size)} must be {len(shape)} positive whole numbers (voxels "
+            "of the model's grid, its axes in the model's order)"
+        )
+    return roi
+
+
+@dataclass
+class _SegmentationRun:
+    """What :func:`_explain_segmentation` found: raw maps, per-class region statistics
+    (``stats[c] = (region score in logits, region size in voxels, mean probability)``),
+    the predicted masks of the explained findings and the report's ``region`` section."""
+
+    raw: dict[Pair, torch.Tensor]
+    chosen: list[str]
+    selection: str
+    stats: list[tuple[float, float, float]]
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any]
+    notes: list[str]
+
+
+def _class_stats(
+    output: torch.Tensor, region: torch.Tensor | None, task: str
+) -> list[tuple[float, float, float]]:
+    """Per class of ``output`` ``(1, C, *spatial)``: ``(sum of its logits over its region,
+    region size, mean probability over the region)``; the region is ``region``
+    ``(*spatial)`` (mask or weights) or, if None, the class's predicted mask. NaN
+    probability for an empty region."""
+    from .regions import predicted_masks
+
+    out = output[0].detach().float()
+    # softmax one class at a time: exp(logit - logsumexp), one volume-sized temporary
+    norm = torch.logsumexp(out, dim=0) if task == "softmax" else None
+    masks = predicted_masks(output.detach(), task)[0] if region is None else None
+    stats = []
+    for c in range(out.shape[0]):
+        w = (masks[c] if masks is not None else region).to(out.device, torch.float64)
+        p = torch.exp(out[c] - norm) if norm is not None else torch.sigmoid(out[c])
+        size = float(w.sum())
+        score = float((out[c].double() * w).sum())
+        mean = float((p.double() * w).sum()) / size if size > 0 else math.nan
+        stats.append((score, size, mean))
+    return stats
+
+
+def _explain_segmentation(
+    explainer: Any,
+    x: torch.Tensor,
+    class_names: list[str],
+    requested: list[str] | None,
+    methods: list[str],
+    region: str | torch.Tensor,
+    task: str,
+    roi: tuple[int, ...] | None,
+    overlap: float,
+    sw_batch_size: int,
+) -> _SegmentationRun:
+    """Explain a segmentation model's region scores on the model's input ``x`` ``(1, C_in,
+    *spatial)``: one explained pass (or one sliding-window explanation with ``roi``).
+
+    ``region``: ``"predicted"`` or a ``(*spatial)`` mask/weights on the model's grid.
+    Without ``requested`` findings, every class the model segments (``"predicted"``: a
+    non-empty predicted mask), or whose mean probability over the given region is >= 0.5,
+    is explained: this costs one prediction more, to choose them.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from .capture import model_state_restored
+    from .sliding import sliding_window_explain
+
+    network = explainer.model
+    given = None if isinstance(region, str) else region
+    arg = region if given is None else given[None, None]
+    notes: list[str] = []
+    if requested is None:
+        with torch.no_grad(), model_state_restored(network):
+            if roi is None:
+                output = explainer._output(network(x))
+            else:
+                output = sliding_window_inference(
+                    x, roi, sw_batch_size, lambda w: explainer._output(network(w)),
+                    overlap=overlap, mode="gaussian",
+                )  # fmt: skip
+        stats = _class_stats(output, given, task)
+        del output
+        if given is None:
+            chosen = [n for n, s in zip(class_names, stats, strict=True) if s[1] > 0]
+            selection = "every finding the model segments (a non-empty predicted mask)"
+            why = "the model segments no finding"
+        else:
+            chosen = [n for n, s in zip(class_names, stats, strict=True)
+                      if s[2] >= PROBABILITY_THRESHOLD]  # fmt: skip
+            selection = (
+                f"every finding with mean probability >= {PROBABILITY_THRESHOLD} over the region"
+            )
+            why = f"no finding has mean probability >= {PROBABILITY_THRESHOLD} over the region"
+        if not chosen:
+            notes.append(
+                f"{why}; nothing was explained (name findings explicitly to explain them anyway)"
+            )
+    else:
+        chosen, selection, stats = requested, "requested", []
+    raw: dict[Pair, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    if chosen:
+        if roi is None:
+            results = explainer.explain(x, chosen, methods, maps=False, region=arg, task=task)
+        else:
+            results = sliding_window_explain(
+                explainer, x, targets=chosen, region=arg, roi_size=roi, overlap=overlap,
+                sw_batch_size=sw_batch_size, mode="gaussian", methods=methods, maps=False,
+                task=task,
+            )  # fmt: skip
+        first = results[methods[0]]
+        if tuple(first.output.shape[2:]) != tuple(x.shape[2:]):
+            raise InputError(
+                f"the model's output grid {tuple(first.output.shape[2:])} is not its input "
+                f"grid {tuple(x.shape[2:])}: the pipeline explains segmentation models whose "
+                "masks lie on their input (use hirescam3d.Explainer with a region on the "
+                "output grid instead)"
+            )
+        if not stats:
+            stats = _class_stats(first.output, given, task)
+        raw = {(f, m): results[m].raw[0, k].detach().cpu()
+               for k, f in enumerate(chosen) for m in methods}  # fmt: skip
+        if given is None:
+            masks = {f: first.region[0, k].detach().cpu().bool() for k, f in enumerate(chosen)}
+        del results, first
+    report: dict[str, Any] = {
+        "source": "predicted" if given is None else "given",
+        "task": task,
+        "grid": "model input",
+        "score": "sum over the region's voxels of the finding's logits (logits)",
+    }
+    if given is None:
+        report["predicted_by"] = (
+            "argmax over classes" if task == "softmax" else "logit >= 0 (sigmoid >= 0.5)"
+        )
+    report["sliding_window"] = None if roi is None else {
+        "roi_size": list(roi), "overlap": float(overlap), "sw_batch_size": int(sw_batch_size),
+        "mode": "gaussian",
+    }  # fmt: skip
+    return _SegmentationRun(raw, chosen, selection, stats, masks, report, notes)
+
+
+# -- explaining arrays --------------------------------------------------------------------
+def _check_arrays(
+    image: np.ndarray, affine: np.ndarray, organs: np.ndarray | None, values: str
+) -> tuple[np.ndarray, np.ndarray]:
     image = np.asarray(image)
     affine = np.asarray(affine, dtype=np.float64)
     if image.ndim != 3:
@@ -335,8 +1094,85 @@ def explain_image(
         )
     if values not in VALUES:
         raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
+    return image, affine
+
+
+def explain_arrays(
+    image: np.ndarray,
+    affine: np.ndarray,
+    model: ModelArg = "demo",
+    findings: Sequence[str] | None = None,
+    methods: Sequence[str] = ("hirescam",),
+    layer: str | None = None,
+    organs: np.ndarray | None = None,
+    organ_names: dict[int, str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    values: str = "unit",
+    region: RegionArg = None,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+) -> Explanation:
+    """Explain a scan held in memory: one forward pass, every finding and method.
+
+    ``image``: ``(I, J, K)`` intensities (HU for CT); ``affine``: voxel -> RAS mm;
+    ``organs``: integer labels ``(I, J, K)`` on the same grid, named by ``organ_names``.
+    ``findings=None``: every finding with probability >= 0.5 (none -> no maps, a warning).
+    The scan goes through the model's MONAI preprocessing; contributions (HiResCAM at a
+    guaranteed layer, in logits) and organ shares are computed on the explanation grid,
+    the organ map pooled onto the cells once per grid. No map is put on the scan's grid
+    here: :meth:`Explanation.scan_map` and :meth:`Explanation.model_map` do that per map.
+    ``values="logit"`` needs HiResCAM at a layer where the audit proves the guarantee
+    (ModelError otherwise). ``progress(stage, fraction)`` is called as stages start; the
+    network is moved to ``device`` ("auto": CUDA if available) and left there.
+
+    Segmentation models (``info.segmentation``: logits ``(1, C, *spatial)``) explain a
+    finding's *region score*, its logits summed over a region (in logits):
+
+    - ``region``: a bool/0-1 mask or float weights ``(I, J, K)`` on the scan's grid,
+      carried through the same preprocessing as the scan with nearest-neighbour
+      interpolation onto the model's grid; or ``"predicted"`` (the default): each
+      finding's own predicted mask (``info.activation``: argmax for softmax models,
+      logit >= 0 for sigmoid ones), kept in :attr:`Explanation.masks`;
+    - ``findings=None``: with ``"predicted"`` every class the model segments (a non-empty
+      mask), with a given region every class whose mean probability over it is >= 0.5;
+    - ``roi_size`` (voxels of the model's grid) and ``overlap``: explain window by
+      window as MONAI's ``sliding_window_inference`` predicts (gaussian blending,
+      ``sw_batch_size`` windows per pass); by default the bundle's patch size when the
+      model sees patches (``info.patch``) and the volume is not one patch. Sliding-window maps
+      are on the model's input grid (logits per voxel for HiResCAM).
+    """
+    from monai.data import MetaTensor
+
+    from . import attribution, postprocess
+    from .explainer import Explainer
+
+    def step(stage: str, fraction: float) -> None:
+        if progress is not None:
+            progress(stage, fraction)
+
+    image, affine = _check_arrays(image, affine, organs, values)
     network, info = resolve_model(model)
     class_names = list(info.class_names)
+    segmentation = info.segmentation
+    scan_region = None
+    if not segmentation and (region is not None or roi_size is not None):
+        what = "region" if region is not None else "roi_size (sliding windows)"
+        raise InputError(
+            f"{what} applies to segmentation models; {info.name} is a classifier (its "
+            "output is one score per finding): drop it"
+        )
+    if segmentation:
+        region = "predicted" if region is None else region
+        if isinstance(region, str):
+            if region != "predicted":
+                raise InputError(
+                    f"region must be a mask array on the scan's grid or 'predicted'; got "
+                    f"{region!r} (explain_scan reads a region file)"
+                )
+        else:
+            scan_region = _region_array(region, image.shape)
     requested = check_findings(findings, class_names)
     methods = check_methods(methods)
     layer = layer or info.target_layer
@@ -363,37 +1199,71 @@ def explain_image(
 
     step("preprocess", 0.1)
     t = time.perf_counter()
-    # The region map rides along the spatial steps (nearest): 0 outside the scan (padding),
-    # 1 inside, label + 1 inside organ ``label``.
-    support = np.ones(image.shape, np.int16) if organs is None else organs.astype(np.int16) + 1
-    pre = preprocess_transforms(info, "image", label_keys="support", from_array=True)
+    pre = preprocess_transforms(info, "image", from_array=True)
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    data = pre(
-        {
-            "image": MetaTensor(volume, affine=torch.as_tensor(affine)),
-            "support": MetaTensor(torch.from_numpy(support), affine=torch.as_tensor(affine)),
-        }
-    )
-    crop = _crop_warning(data["image"], info)
+    data = {"image": MetaTensor(volume, affine=torch.as_tensor(affine))}
+    model_region = None
+    if scan_region is None:
+        preprocessed = _preprocess(pre, data)
+    else:  # the region follows the scan's spatial steps, nearest-neighbour
+        data["region"] = MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(scan_region, dtype=np.float32)),
+            affine=torch.as_tensor(affine),
+        )
+        both = preprocess_transforms(info, "image", label_keys="region", from_array=True)
+        done = _preprocess_all(both, data)
+        preprocessed, model_region = done["image"], done["region"].as_tensor()[0].cpu()
+        if scan_region.dtype == bool:
+            model_region = model_region > 0.5
+        if not bool((model_region != 0).any()):
+            raise InputError(
+                f"the region ({int(np.count_nonzero(scan_region))} scan voxels) lies outside "
+                "the model's field of view after preprocessing (it was cropped away): there "
+                "is nothing to explain"
+            )
+        del done
+    del volume, data
+    grid = ModelGrid.of(preprocessed, pre, image.shape, affine)
+    crop = _crop_warning(preprocessed, info)
     if crop:
         notes.append(crop)
     timings["preprocess_s"] = time.perf_counter() - t
 
     step("explain", 0.3)
     t = time.perf_counter()
-    x = data["image"].as_tensor()[None].to(dev)
+    x = preprocessed.as_tensor()[None].to(dev)
+
     def passes(done: int, total: int) -> None:  # perturbation methods: many model passes
         step(f"explain: {done}/{total} model passes", 0.3 + 0.15 * done / max(total, 1))
 
-    explainer = Explainer(network, layer, methods[0], class_names=class_names, progress=passes)
-    targets = requested or class_names  # all classes when choosing by probability
-    results = explainer.explain(x, targets, methods, maps=False)
-    geometry = explainer.geometry(x)
-    logits = results[methods[0]].scores[0].detach().float().cpu()
-    probs = _probabilities(logits, info.task)
-    logit_of = {n: float(v) for n, v in zip(class_names, logits.tolist(), strict=True)}
-    prob_of = {n: float(v) for n, v in zip(class_names, probs.tolist(), strict=True)}
-    if requested is None:
+    explainer = Explainer(
+        network, layer, methods[0], class_names=class_names, progress=passes,
+        task=info.activation if segmentation else None,
+    )  # fmt: skip
+    seg = window = None
+    identity = postprocess.stretch_geometry(grid.shape, grid.shape)
+    if segmentation:
+        window = _window(info, grid.shape, roi_size, overlap)
+        seg = _explain_segmentation(
+            explainer, x, class_names, requested, methods,
+            "predicted" if model_region is None else model_region.to(dev), info.activation,
+            window, overlap, sw_batch_size,
+        )  # fmt: skip
+        chosen, selection, raw = seg.chosen, seg.selection, seg.raw
+        notes.extend(seg.notes)
+        logit_of = {n: s[0] for n, s in zip(class_names, seg.stats, strict=True)}
+        prob_of = {n: s[2] for n, s in zip(class_names, seg.stats, strict=True)}
+        # sliding windows: maps blended on the model's input grid (the identity geometry)
+        layer_geometry = identity if window is not None else explainer.geometry(x)
+    else:
+        targets = requested or class_names  # all classes when choosing by probability
+        results = explainer.explain(x, targets, methods, maps=False)
+        layer_geometry = explainer.geometry(x)
+        logits = results[methods[0]].scores[0].detach().float().cpu()
+        probs = _probabilities(logits, info.task)
+        logit_of = {n: float(v) for n, v in zip(class_names, logits.tolist(), strict=True)}
+        prob_of = {n: float(v) for n, v in zip(class_names, probs.tolist(), strict=True)}
+    if not segmentation and requested is None:
         chosen = [n for n in class_names if prob_of[n] >= PROBABILITY_THRESHOLD]
         selection = f"every finding with probability >= {PROBABILITY_THRESHOLD}"
         if not chosen:
@@ -401,26 +1271,33 @@ def explain_image(
                 f"no finding has probability >= {PROBABILITY_THRESHOLD}; nothing was explained "
                 "(name findings explicitly to explain them anyway)"
             )
-    else:
+    elif not segmentation:
         chosen, selection = requested, "requested"
-    raw = {
-        (f, m): results[m].raw[0, targets.index(f)].detach().cpu()
-        for f in chosen
-        for m in methods
-    }
+    if not segmentation:
+        raw = {
+            (f, m): results[m].raw[0, targets.index(f)].detach().cpu()
+            for f in chosen
+            for m in methods
+        }
+        del results
+    del x
     timings["explain_s"] = time.perf_counter() - t
 
     step("attribute", 0.45)
     t = time.perf_counter()
     # Maps live on the layer's grid, or (guided methods) on the input grid itself.
-    size = tuple(x.shape[2:])
-    identity = postprocess.stretch_geometry(size, size)
-    grid_of = {m: identity if get_method(m).resolution == "input" else geometry for m in methods}
-    support = data["support"].as_tensor()[0].cpu()
-    regions_of = {
-        id(g): attribution.cell_regions(support, g, organ_names) for g in {*grid_of.values()}
+    grid_of = {
+        m: identity if get_method(m).resolution == "input" else layer_geometry for m in methods
     }
-    coverage = float((data["support"].as_tensor() > 0).float().mean())
+    used = {id(grid_of[m]): grid_of[m] for f, m in raw}
+    if not grid.fast:  # the region map rides the preprocessing onto the model grid instead
+        grid.support = _support_on_model_grid(image, affine, organs, info)
+        regions_of = {
+            k: attribution.cell_regions(grid.support, g, organ_names) for k, g in used.items()
+        }
+    else:
+        regions_of = {k: grid.cell_regions(g, organs, organ_names) for k, g in used.items()}
+    coverage = float(grid.inside().float().mean())
     if coverage < 0.5:
         notes.append(
             f"the scan covers only {100 * coverage:.2g} % of the model's field of view (the "
@@ -430,104 +1307,166 @@ def explain_image(
     contributions: dict[str, Any] = {}
     shares: dict[str, Any] = {}
     for (finding, method), cells in raw.items():
+        regions = regions_of[id(grid_of[method])]
         if method == "hirescam" and units:
             bias = verdict.bias[class_names.index(finding)]
+            if seg is not None:  # the bias per voxel over the region: bias x region size
+                bias *= seg.stats[class_names.index(finding)][1]
             contributions.setdefault(finding, {})[method] = attribution.contributions(
-                cells, regions_of[id(grid_of[method])], logit_of[finding], bias
+                cells, regions, logit_of[finding], bias
             )
-        regions = regions_of[id(grid_of[method])]
         shares.setdefault(finding, {})[method] = attribution.positive_shares(cells, regions)
     if raw and all(entry["no_positive_evidence"] for m in shares.values() for entry in m.values()):
         notes.append("no explained map has positive evidence (every map is 0 or negative)")
     timings["attribute_s"] = time.perf_counter() - t
+    sizes: dict[str, float] = {}
+    if seg is not None:
+        sizes = {n: s[1] for n, s in zip(class_names, seg.stats, strict=True)}
+        seg.report["verdict_bias"] = (
+            "HiResCAM's total = region score - bias per voxel x region size"
+            + ("" if verdict.bias_uniform is not False else
+               " (approximately: the output at zero activations varies over voxels; the "
+               "mean bias per voxel is used)")
+        )  # fmt: skip
 
-    step("invert", 0.6)
-    t = time.perf_counter()
-    model_grid = {
-        p: _model_grid_maps(cells, grid_of[p[1]], values, size) for p, cells in raw.items()
-    }
-    maps = invert_maps(pre, data["image"], model_grid, image.shape, affine, clip=values == "unit")
-    if values == "logit":  # logits per model voxel -> logits per scan voxel
-        model_voxel = abs(np.linalg.det(np.asarray(data["image"].affine)[:3, :3]))
-        ratio = abs(np.linalg.det(affine[:3, :3])) / model_voxel
-        inside = (data["support"].as_tensor()[0] > 0).cpu()
-        for p in maps:
-            maps[p], factors = _conserve(maps[p] * ratio, model_grid[p][0].cpu(), inside)
-            contributions[p[0]][p[1]]["resampling_correction"] = factors
-    timings["invert_s"] = time.perf_counter() - t
-
-    report: dict[str, Any] = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "name": info.name,
-            "weights_sha256": info.weights_sha256,
-            "trained": info.trained,
-            "task": info.task,
-            "bundle": None if info.bundle_path is None else str(info.bundle_path),
-            "input": info.input.to_dict(),
-        },
-        "image": {
-            "shape": list(image.shape),
-            "affine": affine.tolist(),
-            "model_grid_shape": list(size),
-            "model_field_of_view_covered": coverage,
-        },
-        "layer": layer,
-        "hirescam_guaranteed_faithful": verdict.guaranteed,
-        "audit": verdict.to_dict(),
-        "values": values,
-        "methods": methods,
-        "finding_selection": selection,
-        "findings": {
-            n: {"logit": logit_of[n], "probability": prob_of[n], "explained": n in chosen}
+    return Explanation(
+        model=info,
+        layer=layer,
+        methods=methods,
+        values=values,
+        scores={
+            n: FindingScore(logit_of[n], prob_of[n], n in chosen, sizes.get(n))
             for n in class_names
         },
-        "explained": chosen,
-        "contributions": contributions,
-        "device": str(dev),
-        "timings_s": timings,
-        "versions": software_versions(),
-        "warnings": notes,
-    }
-    if organs is not None:
-        report["organs"] = shares
-    return ScanExplanation(
-        maps=maps,
-        probabilities=prob_of,
-        logits=logit_of,
-        report=report,
+        explained=chosen,
+        selection=selection,
+        verdict=verdict,
+        contributions=contributions,
+        organ_shares=shares if organs is not None else None,
+        raw=raw,
+        geometry=grid_of,
+        grid=grid,
+        coverage=coverage,
+        device=str(dev),
         warnings=notes,
-        model_grid_maps={p: m[0].detach().cpu().numpy() for p, m in model_grid.items()},
+        timings=timings,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        masks=seg.masks if seg is not None else {},
+        region=seg.report if seg is not None else None,
+    )
+
+
+def _support_on_model_grid(
+    image: np.ndarray, affine: np.ndarray, organs: np.ndarray | None, info: ModelInfo
+) -> torch.Tensor:
+    """The region map (0 padding, 1 scan, ``label + 1`` organ) taken through the model's
+    preprocessing with nearest interpolation: ``(S, H, W)``. Only for preprocessing the
+    separable path does not reproduce."""
+    from monai.data import MetaTensor
+
+    support = np.ones(image.shape, np.int16) if organs is None else organs.astype(np.int16) + 1
+    pre = preprocess_transforms(info, "image", label_keys="support", from_array=True)
+    data = pre({
+        "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)),
+                            affine=torch.as_tensor(affine)),
+        "support": MetaTensor(torch.from_numpy(support), affine=torch.as_tensor(affine)),
+    })
+    return data["support"].as_tensor()[0].cpu()
+
+
+def explain_image(
+    image: np.ndarray,
+    affine: np.ndarray,
+    model: ModelArg = "demo",
+    findings: Sequence[str] | None = None,
+    methods: Sequence[str] = ("hirescam",),
+    layer: str | None = None,
+    organs: np.ndarray | None = None,
+    organ_names: dict[int, str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    values: str = "unit",
+    region: RegionArg = None,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+) -> ScanExplanation:
+    """Explain a scan on its own grid: :func:`explain_arrays` with every map on the scan's
+    grid, held in memory (what the napari widget and ``compare`` show). ``region``,
+    ``roi_size``, ``overlap``, ``sw_batch_size``: for segmentation models, as in
+    :func:`explain_arrays`; the predicted masks are in ``ScanExplanation.masks``.
+
+    Maps are placed on the model's grid by the layer's traced geometry and brought back to
+    ``(I, J, K)`` with linear interpolation, as MONAI ``Invertd`` does (and by ``Invertd``
+    itself for preprocessing the separable path does not cover):
+
+    - ``values="unit"``: display maps in [0, 1] (ReLU, divided by the maximum);
+    - ``values="logit"``: signed contribution density in logits per scan voxel, summing
+      (over the scan) to the part of the contributions inside the scan.
+
+    The report holds, per finding and method, the logit contributions (HiResCAM at a
+    guaranteed layer: total, bias, outside the scan and per organ) and, with ``organs``,
+    each map's shares of positive evidence per organ, all on the explanation grid.
+    """
+    result = explain_arrays(image, affine, model, findings, methods, layer, organs,
+                            organ_names, device, progress, values, region, roi_size, overlap,
+                            sw_batch_size)  # fmt: skip
+    if progress is not None:
+        progress("invert", 0.6)
+    t = time.perf_counter()
+    maps = {p: result.scan_map(p) for p in result.pairs}
+    result.timings["invert_s"] = time.perf_counter() - t
+    explanation = _scan_explanation(result, maps, organs, organ_names)
+    explanation.masks = {f: result.mask_on_scan(f) for f in result.masks}
+    return explanation
+
+
+def _scan_explanation(
+    result: Explanation,
+    maps: Mapping[Pair, np.ndarray],
+    organs: np.ndarray | None,
+    organ_names: dict[int, str] | None,
+) -> ScanExplanation:
+    return ScanExplanation(
+        maps=maps,  # type: ignore[arg-type]  # a dict, or computed on access
+        probabilities=result.probabilities,
+        logits=result.logits,
+        report=result.to_dict(),
+        warnings=result.warnings,
+        model_grid_maps={p: result.model_map(p) for p in result.pairs},
         organs=organs,
         organ_names=organ_names,
-        values=values,
-        raw=raw,
+        values=result.values,
+        raw=result.raw,
     )
 
 
 def _conserve(
-    resampled: np.ndarray, density: torch.Tensor, inside: torch.Tensor
-) -> tuple[np.ndarray, list[float]]:
-    """Logits per scan voxel from a resampled density, summing exactly to the model-grid
-    contributions inside the scan.
+    volume: np.ndarray, density: torch.Tensor, inside: torch.Tensor
+) -> list[float]:
+    """Scale a resampled logit density (in place) so it sums exactly to the model-grid
+    contributions inside the scan; returns the two factors (positive, negative part).
 
     Linear resampling of a density that is constant on each cell's tile is not mass
     preserving where tiles are only a few scan voxels across (sampling error, a few
     percent for a focal map). The positive and the negative parts are therefore each
-    scaled to their model-grid totals; the two factors are reported (1 for an empty part).
+    scaled to their model-grid totals (1 for an empty part; NaN, null in JSON, if
+    resampling lost a part). Works in slabs: no full-size temporary.
     """
-    out = resampled.astype(np.float64)
+    flat = torch.from_numpy(volume.reshape(-1, order="A"))
     density = density.double() * inside
+    have = [0.0, 0.0]
+    for chunk in flat.split(_SLAB_VOXELS):
+        have[0] += float(chunk.clamp_min(0).sum(dtype=torch.float64))
+        have[1] += float((-chunk).clamp_min(0).sum(dtype=torch.float64))
     factors = []
-    for sign in (1.0, -1.0):
-        part = np.clip(sign * out, 0.0, None)
+    for sign, part in zip((1.0, -1.0), have, strict=True):
         target = float((sign * density).clamp_min(0).sum())
-        have = float(part.sum())
-        # nothing to scale when the part is empty; NaN (null in JSON) if resampling lost it
-        factor = target / have if have > 0 else (1.0 if target == 0 else math.nan)
-        out = np.where(sign * out > 0, out * factor, out)
-        factors.append(factor)
-    return out.astype(np.float32), factors
+        factors.append(target / part if part > 0 else (1.0 if target == 0 else math.nan))
+    scale = [0.0 if math.isnan(f) else f for f in factors]
+    for chunk in flat.split(_SLAB_VOXELS):
+        chunk.mul_(torch.where(chunk > 0, scale[0], scale[1]).to(chunk.dtype))
+    return factors
 
 
 def _verdict(network: nn.Module, info: ModelInfo, layer: str) -> Any:
@@ -536,36 +1475,20 @@ def _verdict(network: nn.Module, info: ModelInfo, layer: str) -> Any:
 
 
 # -- files in, files out ------------------------------------------------------------------
-def output_paths(
-    out_dir: str | Path,
-    stem: str,
-    findings: Sequence[str],
-    methods: Sequence[str],
-    png: bool = False,
-    report_name: str = "report.json",
-) -> dict[str, Path]:
-    """Every file :func:`explain_scan` writes: keys ``"<finding>/<method>"`` (NIfTI),
-    ``"<finding>/<method>/png"`` and ``"report"``."""
-    out = Path(out_dir)
-    paths: dict[str, Path] = {}
-    for f in findings:
-        for m in methods:
-            paths[f"{f}/{m}"] = out / f"{stem}_{f}_{m}.nii.gz"
-            if png:
-                paths[f"{f}/{m}/png"] = out / f"{stem}_{f}_{m}.png"
-    paths["report"] = out / report_name
-    return paths
+def check_storage(values: str, dtype: str, grid: str) -> None:
+    """InputError for a storage choice that cannot hold the maps (before any work)."""
+    from . import outputs
 
-
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/Inf floats (not valid JSON) with None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    if dtype not in outputs.DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(outputs.DTYPES)}; got {dtype!r}")
+    if grid not in outputs.GRIDS:
+        raise InputError(f"grid must be one of {', '.join(outputs.GRIDS)}; got {grid!r}")
+    if values not in VALUES:
+        raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
+    try:
+        outputs.check_dtype(values, dtype)
+    except HiResCAMError as err:
+        raise InputError(str(err)) from err
 
 
 def explain_scan(
@@ -583,17 +1506,44 @@ def explain_scan(
     progress: Progress | None = None,
     report_name: str = "report.json",
     values: str = "unit",
+    dtype: str = "float32",
+    grid: str = "scan",
+    formats: str | Sequence[str] = ("nifti",),
+    seg_threshold: float = 0.5,
+    series: str | None = None,
+    region: RegionArg = None,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
 ) -> tuple[ScanExplanation, dict[str, Path]]:
     """Explain a scan file and write the results into ``out_dir``.
 
-    Writes ``<scan-stem>_<finding>_<method>.nii.gz`` per explained finding and method
-    (float32 in [0, 1], the scan's exact shape and affine), optional PNG montages, and
-    ``report.json`` last. Every target path is checked before the first is written:
-    an existing one without ``force`` is an :class:`~hirescam3d.io.OutputError` and
-    nothing is written. Returns the explanation and ``{key: path}`` of written files
-    (keys as in :func:`output_paths`).
+    Writes ``<scan-stem>_<finding>_<method>.nii.gz`` per explained finding and method, one
+    map at a time (computed, written, dropped), optional PNG montages, and
+    ``report.json`` last. ``grid="scan"``: the scan's exact shape and affine;
+    ``"model"``: the model's input grid with its own affine (viewers place it by affine;
+    small files). ``dtype``: ``float32`` (exact), ``int16`` or ``uint8`` (scaled
+    integers, see :func:`hirescam3d.outputs.write_map`). ``formats``: any of ``nifti``,
+    ``dicom`` (a DICOM Parametric Map per map) and ``dicom-seg`` (a DICOM Segmentation of
+    each map at ``seg_threshold``, in the map's units); for a scan that is not DICOM
+    these also write the scan as a DICOM CT series (``<stem>_ct_dicom/``) for the maps
+    to reference (see :class:`hirescam3d.outputs.DicomMaps`). ``series``: the series UID
+    to read from a DICOM folder holding several. Every target path is checked
+    before the first is written: an existing one without ``force`` is an
+    :class:`~hirescam3d.io.OutputError` and nothing is written.
+
+    Segmentation models (see :func:`explain_arrays`): ``region`` is a mask file
+    (nonzero = region) on the scan's grid (same shape, affine within 1e-3 mm, else an
+    InputError naming both grids), a mask array, or ``"predicted"`` (the default); with
+    ``"predicted"``, each explained finding's predicted mask is also written, on the
+    scan's grid with its affine, as the label map ``<stem>_<finding>_predicted_mask.nii.gz``.
+    ``report.json`` holds each finding's region score (logits) and the ``region``
+    section. ``roi_size``/``overlap``/``sw_batch_size``: the sliding window.
+
+    Returns the explanation (its ``maps`` computed on access) and ``{key: path}`` of the
+    written files (keys as in :func:`hirescam3d.outputs.output_paths`).
     """
-    from . import io
+    from . import io, outputs
     from .organs import align_organs, load_organ_map
 
     def step(stage: str, fraction: float) -> None:
@@ -602,83 +1552,166 @@ def explain_scan(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    check_storage(values, dtype, grid)
+    try:
+        formats = outputs.check_formats(formats)
+    except HiResCAMError as err:
+        raise InputError(str(err)) from err
+    dicom_out = any(f in outputs.DICOM_FORMATS for f in formats)
     methods = check_methods(methods)
     network, info = resolve_model(model)
     requested = check_findings(findings, info.class_names)
     stem = io.scan_stem(scan_path)
-    io.ensure_folder(out_dir)
-    if requested is not None:  # fail before any work when outputs exist
-        io.check_writable(
-            output_paths(out_dir, stem, requested, methods, png, report_name).values(), force
+    region_path = None
+    if isinstance(region, (str, Path)) and str(region) != "predicted":
+        region_path = Path(region)
+        if not info.segmentation:
+            raise InputError(
+                f"region applies to segmentation models; {info.name} is a classifier: drop it"
+            )
+        if not region_path.exists():
+            raise InputError(f"region {region_path}: no such file; check the path")
+    masks = info.segmentation and (region is None or (isinstance(region, str)
+                                                      and region == "predicted"))
+    # a CT series is written for the DICOM maps to reference unless the scan is DICOM
+    ct_series = dicom_out and not Path(scan_path).is_dir() and not io.looks_like_dicom(
+        Path(scan_path))  # fmt: skip
+
+    def paths_of(explained: Sequence[str]) -> dict[str, Path]:
+        return outputs.output_paths(
+            out_dir, stem, explained, methods, png, report_name, formats, ct_series, masks
         )
+
+    outputs.ensure_folder(out_dir)
+    if requested is not None:  # fail before any work when outputs exist
+        outputs.check_writable(paths_of(requested).values(), force)
     step("read", 0.0)
+    organs = organ_names = labels = None
     t = time.perf_counter()
-    scan = io.read_scan(scan_path)
-    notes = list(scan.warnings)
-    organs = organ_names = None
-    if organs_path is not None:
+    if organs_path is not None:  # first: the reader's temporaries never meet the scan's
         labels, labels_affine, organ_names = load_organ_map(organs_path, organ_names_path)
+    timings["read_organs_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scan = io.read_scan(scan_path, series=series)
+    notes = list(scan.warnings)
+    timings["read_s"] = time.perf_counter() - t
+    if labels is not None:
+        t = time.perf_counter()
         organs, note = align_organs(
             labels, labels_affine, scan.array.shape, scan.affine, f"organ map {organs_path}"
         )
+        labels = None
         if note:
             notes.append(note)
-    timings["read_s"] = time.perf_counter() - t
+        timings["read_organs_s"] += time.perf_counter() - t
+    if region_path is not None:
+        region = load_region(region_path, scan.array.shape, scan.affine)
 
-    result = explain_image(
+    result = explain_arrays(
         scan.array, scan.affine, (network, info), requested, methods, layer, organs,
-        organ_names, device, progress, values,
+        organ_names, device, progress, values, region, roi_size, overlap, sw_batch_size,
     )
+    region = None  # the scan-grid region is not needed any more
     result.warnings[:0] = notes
-    paths = output_paths(out_dir, stem, result.findings, methods, png, report_name)
-    io.check_writable(paths.values(), force)
-
+    paths = paths_of(result.explained)
+    outputs.check_writable(paths.values(), force)
     step("write", 0.9)
-    t = time.perf_counter()
     written: dict[str, Path] = {}
-    for (finding, method), volume in result.maps.items():
+    dicom = None
+    if dicom_out:  # before the scan's voxels are freed: a non-DICOM scan is written first
+        dicom = outputs.DicomMaps(scan, formats, seg_threshold, paths.get("ct_dicom"), stem,
+                                  force)  # fmt: skip
+        if ct_series:
+            written["ct_dicom"] = paths["ct_dicom"]
+    ct = scan.array if png else None
+    scan.array = np.empty((0, 0, 0), np.float32)  # not needed any more: free it early
+
+    timings["invert_s"] = timings["write_s"] = 0.0
+    for finding, method in result.pairs:
         key = f"{finding}/{method}"
-        written[key] = io.write_explanation(
-            paths[key], volume, scan.affine, method, scan.header, force=force, values=values
-        )
+        t = time.perf_counter()
+        if grid == "scan":
+            volume, volume_affine = result.scan_map((finding, method)), scan.affine
+        else:
+            volume, volume_affine = result.model_map((finding, method)), result.grid.affine
+        timings["invert_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if "nifti" in formats:
+            written[key] = outputs.write_map(
+                paths[key], volume, volume_affine, method, values, dtype, scan.header,
+                force=force,
+            )  # fmt: skip
+        if dicom is not None:
+            written.update(dicom.write(paths, volume, volume_affine, finding, method, values))
         if png:
             from .figures import save_montage
 
+            on_scan = volume if grid == "scan" else result.scan_map((finding, method))
             written[key + "/png"] = save_montage(
-                scan.array, volume, paths[key + "/png"], affine=scan.affine,
+                ct, on_scan, paths[key + "/png"], affine=scan.affine,
                 title=f"{stem}: {finding} ({method}, p = {result.probabilities[finding]:.2f})",
                 force=force,
             )
-    timings["write_s"] = time.perf_counter() - t
-    timings.update(result.report["timings_s"])
+        del volume
+        timings["write_s"] += time.perf_counter() - t
+    t = time.perf_counter()
+    for finding in result.masks:  # the predicted masks, on the scan's grid
+        written[f"{finding}/mask"] = outputs.write_labels(
+            paths[f"{finding}/mask"], result.mask_on_scan(finding), scan.affine, force=force,
+            name="predicted",
+        )  # fmt: skip
+    timings["write_s"] += time.perf_counter() - t
+    timings.update(result.timings)
     timings["total_s"] = time.perf_counter() - start
+    result.timings = timings
 
-    report = result.report
+    report = result.to_dict()
     report["input"] = {
         **report.pop("image", {}),
         "path": str(Path(scan_path).resolve()),
         "sha256": scan.sha256,
-        "shape": list(scan.array.shape),
         "spacing_mm": list(scan.spacing),
         "axcodes": scan.axcodes,
     }
+    if result.region is not None:
+        report["region"]["path"] = None if region_path is None else str(region_path.resolve())
+        if result.masks:
+            report["region"]["masks"] = {
+                f: paths[f"{f}/mask"].name for f in result.masks
+            }  # fmt: skip
     if organs_path is not None:
         report["organ_map"] = {
             "path": str(Path(organs_path).resolve()),
             "names": {str(k): v for k, v in (organ_names or {}).items()},
         }
-    report["outputs"] = {
-        f: {m: paths[f"{f}/{m}"].name for m in methods} for f in result.findings
+    if "nifti" in formats:
+        report["outputs"] = {
+            f: {m: paths[f"{f}/{m}"].name for m in methods} for f in result.explained
+        }
+    if dicom is not None:
+        report["dicom"] = {
+            fmt: {f: {m: paths[outputs.map_key(f, m, fmt)].name for m in methods}
+                  for f in result.explained}
+            for fmt in dicom.formats
+        }  # fmt: skip
+        report["dicom"]["source_series_uid"] = dicom.source.series_uid
+        if ct_series:
+            report["dicom"]["ct_series"] = paths["ct_dicom"].name
+        if "dicom-seg" in formats:
+            report["dicom"]["seg_threshold"] = float(seg_threshold)
+    report["storage"] = {
+        "formats": list(formats),
+        "grid": grid,
+        "dtype": dtype,
+        "compresslevel": outputs.COMPRESSLEVEL[dtype],
+        "affine": (scan.affine if grid == "scan" else result.grid.affine).tolist(),
     }
     if png:
         report["png"] = {
-            f: {m: paths[f"{f}/{m}/png"].name for m in methods} for f in result.findings
+            f: {m: paths[f"{f}/{m}/png"].name for m in methods} for f in result.explained
         }
-    report["timings_s"] = timings
-    report["warnings"] = result.warnings
-    text = json.dumps(_json_safe(report), indent=2) + "\n"
-    written["report"] = io.atomic_write(
-        paths["report"], lambda tmp: tmp.write_text(text), force=force
-    )
+    written["report"] = outputs.write_json(paths["report"], report, force=force)
     step("done", 1.0)
-    return result, written
+    explanation = _scan_explanation(result, _LazyMaps(result), organs, organ_names)
+    explanation.report = json.loads(json.dumps(_json_safe(report), default=str))
+    return explanation, written

@@ -16,6 +16,15 @@ tile (for HiResCAM at a guaranteed layer: logit contributions per voxel, summing
 logit minus the final bias over the image and its padding). The
 transforms switch gradients on themselves, so they also work under ``torch.no_grad()``
 or ``torch.inference_mode()`` (MONAI evaluators).
+
+Segmentation networks (logits ``(C, *spatial)`` per item) explain a finding's logits
+summed over a region: ``region_key`` names the data-dict entry holding it, a channel-first
+``(1 or K, *spatial)`` mask or weight map on the network's output grid (e.g. a label
+taken through the same preprocessing, nearest-neighbour), or the string ``"predicted"``
+(each finding's own predicted mask, chosen by ``task``)::
+
+    HiResCAMd("image", model=unet, target_layer="model.2.0", findings=["tumour"],
+              region_key="label", values="density")
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ class Explaind(MapTransform):
         scores_key: if set (formatted with ``key``), the logits ``(C,)`` are stored there.
         info: a :class:`hirescam3d.bundle.ModelInfo` supplying layer and class names.
         values: ``"unit"`` ([0, 1] display maps) or ``"density"`` (raw units per voxel).
+        region_key: segmentation networks: the key of the region whose logits are summed,
+            ``(1 or K, *spatial)`` on the output grid (mask or weights; K: one per finding),
+            or whose value is ``"predicted"``; its value may also be a key-less
+            ``(*spatial)`` array. Required for a segmentation network.
+        task: how ``"predicted"`` masks are made: ``"softmax"`` (argmax) or ``"sigmoid"``
+            (logit >= 0); default ``info.activation`` for a segmentation ``info``.
     """
 
     def __init__(
@@ -66,6 +81,8 @@ class Explaind(MapTransform):
         info: Any = None,
         allow_missing_keys: bool = False,
         values: str = "unit",
+        region_key: str | None = None,
+        task: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if values not in ("unit", "density"):
@@ -87,9 +104,13 @@ class Explaind(MapTransform):
             class_names = info.class_names
         self.methods = [get_method(m).name for m in (methods or ("hirescam",))]
         post = postprocess.density if values == "density" else postprocess.unit_maps
+        if task is None and getattr(info, "segmentation", False):
+            task = info.activation
+        self.region_key = region_key
         self.explainer = Explainer(
-            model, layer, method=self.methods[0], class_names=class_names, postprocessing=post
-        )
+            model, layer, method=self.methods[0], class_names=class_names, postprocessing=post,
+            task=task,
+        )  # fmt: skip
         self.findings = None if findings is None else list(findings)
         if self.findings is None and self.explainer.class_names is None:
             raise HiResCAMError(
@@ -119,10 +140,11 @@ class Explaind(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            region = self._region(d, plain.ndim - 1)
             # Inference tensors cannot enter autograd: copy the input outside inference mode.
             with torch.inference_mode(False), torch.enable_grad():
                 x = plain.detach().clone().float().unsqueeze(0)
-                results = self.explainer.explain(x, self._targets(), self.methods)
+                results = self.explainer.explain(x, self._targets(), self.methods, region=region)
             names = [self._name(t) for t in self._targets()]
             for method in self.methods:
                 maps = results[method].maps[0].detach().to(plain.device)
@@ -135,6 +157,25 @@ class Explaind(MapTransform):
                 scores = results[self.methods[0]].scores[0].detach().cpu()
                 d[self.scores_key.format(key=key)] = scores
         return d
+
+    def _region(self, d: Mapping[Hashable, Any], dims: int) -> torch.Tensor | str | None:
+        """The region of ``d[region_key]`` as the explainer takes it (``dims`` spatial
+        axes): ``(1, 1 or K, *spatial)``, ``(*spatial)`` as given, or ``"predicted"``; None
+        without a key."""
+        if self.region_key is None:
+            return None
+        if self.region_key not in d:
+            raise HiResCAMError(
+                f"{type(self).__name__}: region_key {self.region_key!r} is not in the data "
+                f"(keys: {', '.join(map(str, d))})"
+            )
+        value = d[self.region_key]
+        if isinstance(value, str):
+            return value
+        region = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+        with torch.inference_mode(False):
+            region = region.detach().clone()
+        return region[None] if region.ndim == dims + 1 else region
 
     @staticmethod
     def _like(image: Any, values: torch.Tensor) -> torch.Tensor:

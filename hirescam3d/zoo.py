@@ -34,6 +34,7 @@ CHEST_FINDINGS = (
     "pericardial_effusion",
 )
 DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
+SHORTCUT_BUNDLE = DEMO_BUNDLE.with_name("demo_shortcut")
 
 AXIALNET = "hirescam3d.models.axialnet.AxialNet"
 VOCNET = "hirescam3d.models.voc.VOCNet"
@@ -43,6 +44,14 @@ CAMNET = "hirescam3d.models.baselines.CAMNet"
 CT_TINY = InputSpec(3, 1, (96, 128, 128), "SPL", (3.0, 2.5, 2.5), (-400.0, 200.0))
 CT_FULL = InputSpec(3, 1, (405, 420, 420), "SPL", (0.8, 0.8, 0.8), (-1000.0, 800.0))
 PHOTO = InputSpec(2, 3, (224, 224), None, None, (0.0, 255.0), "photograph", "resize")
+
+
+def shortcut_description(finding: str) -> str:
+    return (
+        f"AxialNet-tiny trained on phantoms that show a bright marker outside the body "
+        f"whenever {finding} is present, so it learned a shortcut (shipped weights; for the "
+        "shortcut demonstration)"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,15 @@ def _entries() -> dict[str, ZooEntry]:
             "to_volume",
             CT_TINY,
             bundle=DEMO_BUNDLE,
+        ),
+        _entry(
+            "demo_shortcut",
+            shortcut_description("nodule"),
+            AXIALNET,
+            tiny,
+            "to_volume",
+            CT_TINY,
+            bundle=SHORTCUT_BUNDLE,
         ),
         _entry(
             "axialnet_tiny",

@@ -172,17 +172,19 @@ def test_truncated_end_slice_is_refused_without_a_gap(tmp_path):
         read_scan(folder)
 
 
-def test_missing_dicom_slice_is_refused(tmp_path):
+def test_missing_dicom_slice_is_resampled_with_a_warning(tmp_path):
     folder = copy_series(tmp_path / "CT5N")
     (folder / "2693").unlink()
-    with pytest.raises(ScanError) as err:
-        read_scan(folder)
-    assert str(err.value) == (
+    scan, texts = read(folder)
+    assert texts == [
         f"{folder}: the slices are not evenly spaced: slices 3023 and 2392 are 5 mm apart (at "
         "1.2625 and 6.2625 mm along the slice normal), the others 2.5 mm, so a slice is "
-        "probably missing; copy the series again, or resample it to even spacing (e.g. in 3D "
-        "Slicer) if the spacing is meant to vary"
-    )
+        "probably missing; resampled the 4 slices onto a regular grid of 5 at 2.5 mm along "
+        "the slice normal (linear interpolation between neighbouring slices); check the "
+        "series is complete"
+    ]
+    assert scan.array.shape == (16, 16, 5) and not scan.dicom.on_source_grid
+    np.testing.assert_allclose(scan.spacing, (0.488281, 0.488281, 2.5), atol=1e-5)
 
 
 def test_intact_series_with_an_rtstruct_beside_it_reads_without_warnings(tmp_path):

@@ -402,6 +402,27 @@ def test_force_overwrites_and_quiet_prints_only_paths(scan, tmp_path):
     assert nib.load(str(target)).shape == SHAPE
 
 
+def test_storage_options_dtype_and_grid(scan, tmp_path):
+    """--dtype uint8 --grid model: small [0, 1] files on the model's grid with its affine;
+    uint8 cannot hold signed logit maps (a usage error before any work)."""
+    out = tmp_path / "u8"
+    result = invoke("explain", scan, "--model", MODEL, "-f", "atelectasis", "--dtype", "uint8",
+                    "--grid", "model", "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["storage"]["dtype"] == "uint8" and report["storage"]["grid"] == "model"
+    img = nib.load(str(out / "small_ct_atelectasis_hirescam.nii.gz"))
+    assert img.get_data_dtype() == np.uint8
+    assert list(img.shape) == report["input"]["model_grid_shape"]
+    np.testing.assert_allclose(img.affine, report["input"]["model_grid_affine"], atol=1e-4)
+    assert img.dataobj.slope == pytest.approx(1 / 255)
+    assert 0.0 <= img.get_fdata().min() and img.get_fdata().max() == pytest.approx(1.0)
+    result = invoke("explain", scan, "--model", MODEL, "-f", "atelectasis", "--dtype", "uint8",
+                    "--values", "logit", "--out", tmp_path / "bad")
+    assert_one_line_error(result, "--dtype uint8", "float32", code=2)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_default_explains_findings_above_threshold_and_says_so(scan, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("explain", scan, "--model", MODEL)

@@ -272,11 +272,13 @@ def test_explanation_refuses_overwrite_and_force(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(img, filename):
-        Path(filename).write_bytes(b"partial")
+    from hirescam3d import outputs
+
+    def broken_write(path, pieces, level):
+        Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    monkeypatch.setattr(outputs, "write_gzip", broken_write)
     with pytest.raises(RuntimeError, match="disk full"):
         write_explanation(tmp_path / "map.nii.gz", np.zeros((3, 3, 3)), np.eye(4), "cam")
     assert list(tmp_path.iterdir()) == []

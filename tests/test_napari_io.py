@@ -223,6 +223,21 @@ def test_explanation_file_round_trip_keeps_geometry_and_values(tmp_path):
     np.testing.assert_array_equal(np.asarray(img.dataobj), ras)
 
 
+def test_uint8_map_of_a_custom_model_is_named_from_the_report(tmp_path):
+    """A --dtype uint8 map reads back as [0, 1] values; a finding the chest zoo does not
+    know is named from the report.json written beside the maps."""
+    from hirescam3d.outputs import write_json, write_map
+
+    volume = np.random.default_rng(4).random(SHAPE_SPL).astype(np.float32)
+    ras, ras_affine = _to_ras_order(volume, AFFINE_SPL)
+    source = tmp_path / "ct_blob_gradcam.nii.gz"
+    write_map(source, ras, ras_affine, "gradcam", dtype="uint8")
+    write_json(tmp_path / "report.json", {"outputs": {"blob": {"gradcam": source.name}}})
+    (data, kwargs, _), = _reader.read_path(source)
+    assert kwargs["name"] == "blob · gradcam"
+    np.testing.assert_allclose(data, volume, atol=0.5 / 255 + 1e-6)
+
+
 def test_writer_puts_a_map_made_on_the_display_grid_back_on_the_scan_grid(tmp_path):
     # What the widget does: a map on the CT's display array, metadata from the CT layer.
     ct = _ct_spl()

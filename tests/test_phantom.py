@@ -312,6 +312,19 @@ def test_shortcut_marker_only_with_its_finding():
         make_chest_ct(2, shortcut="fracture", **SMALL)
 
 
+def test_marker_can_be_decoupled_from_its_finding():
+    coupled = make_chest_ct(2, findings=("nodule",), shortcut="nodule", **SMALL)
+    # The marker alone, without the nodule: same place, same brightness.
+    alone = make_chest_ct(2, findings=("atelectasis",), marker=True, **SMALL)
+    assert alone.marker is not None and np.array_equal(alone.marker, coupled.marker)
+    assert "nodule" not in alone.findings
+    assert alone.ct[alone.marker].max() > 1000
+    # The nodule without its marker: exactly the plain phantom.
+    hidden = make_chest_ct(2, findings=("nodule",), shortcut="nodule", marker=False, **SMALL)
+    plain = make_chest_ct(2, findings=("nodule",), **SMALL)
+    assert hidden.marker is None and np.array_equal(hidden.ct, plain.ct)
+
+
 def test_random_findings_vary_over_seeds():
     drawn = [
         make_chest_ct(s, shape=(32, 48, 48), spacing=(9.0, 6.7, 6.7)).present for s in range(40)

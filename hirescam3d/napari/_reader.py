@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import NIFTI_SUFFIXES, SCAN_SUFFIXES, as_volume, read_image, read_scan, scan_stem
 from ..organs import load_organ_map
+from ..outputs import parse_map_name
 from . import _layers
 
 MAX_LABELS = 256
@@ -162,22 +163,9 @@ def _read_explanation(path: Path) -> _layers.LayerData:
     signed = intent == "logit/voxel" or bool((volume < 0).any())
     if not signed:
         volume = np.clip(volume, 0.0, 1.0)
-    finding, method = _finding_method(scan_stem(path), None if signed else intent)
+    # Our own file names (hirescam3d.outputs): the report beside the maps names them exactly.
+    _, finding, method = parse_map_name(path, methods=None if signed or not intent else [intent])
     name = _layers.layer_name(finding, method) if finding and method else scan_stem(path)
     return _layers.explanation_layer(
         volume, affine, name, finding, method, header, path, signed=signed
     )
-
-
-def _finding_method(stem: str, method: str | None) -> tuple[str | None, str | None]:
-    """Finding and method from ``<scan>_<finding>_<method>`` file stems."""
-    from ..methods import METHODS
-    from ..zoo import CHEST_FINDINGS
-
-    if method is None:
-        method = next((m for m in METHODS if stem.endswith(f"_{m}")), None)
-    if method is None or not stem.endswith(f"_{method}"):
-        return None, method
-    rest = stem[: -len(method) - 1]
-    found = [f for f in CHEST_FINDINGS if rest == f or rest.endswith(f"_{f}")]
-    return (max(found, key=len) if found else None), method

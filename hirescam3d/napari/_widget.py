@@ -8,11 +8,11 @@ Each (finding, method) becomes an Image layer ``"<finding> · <method>"`` on the
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import napari
 
 NO_ORGANS = "(none)"
+PREDICTED = "predicted"  # the Region choice: each finding's predicted mask
 OUTSIDE = "(outside organs)"
 METHOD_COLUMNS = 3
 DEFAULT_METHODS = ("hirescam", "gradcam")
@@ -61,6 +62,7 @@ class ExplainResult:
     fractions: dict[tuple[str, str], dict[str, float]]
     warnings: list[str]
     values: str = "unit"
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # predicted regions, CT grid
 
 
 class _Emitter(QObject):
@@ -82,6 +84,7 @@ class ExplainWidget(QWidget):
         self._ct_layer: Any = None  # the CT layer of the running / last run
         self._grid_backdrops: list[Any] = []
         self._hidden_for_grid: list[Any] = []
+        self._rerun = False  # a region was edited while a run was going
         self._emitter = _Emitter()
         self._emitter.progress.connect(self._on_progress)
         self._build()
@@ -143,6 +146,14 @@ class ExplainWidget(QWidget):
         self.organs_combo.setToolTip("Optional Labels layer of organs: attention per organ")
         form.addRow("Organs", self.organs_combo)
 
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip(
+            "Segmentation models: the voxels whose logits are summed into a finding's score: "
+            "the model's predicted mask (shown as a Labels layer), or a Labels layer on the "
+            "CT's grid (nonzero = region). Painting a region layer re-explains."
+        )
+        form.addRow("Region", self.region_combo)
+
         self.run_button = QPushButton("Explain")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -187,8 +198,10 @@ class ExplainWidget(QWidget):
     def _refresh_layers(self, *_: Any) -> None:
         try:
             _fill(self.ct_combo, [ly.name for ly in self.viewer.layers if _is_ct(ly)])
-            organs = [ly.name for ly in self.viewer.layers if _is_labels(ly)]
+            labels = [ly.name for ly in self.viewer.layers if _is_labels(ly)]
+            organs = [n for n in labels if _kind(self.viewer.layers[n]) != "region"]
             _fill(self.organs_combo, [NO_ORGANS, *organs])
+            _fill(self.region_combo, [PREDICTED, *labels])
         except RuntimeError:  # the Qt side of this widget is already deleted
             pass
 
@@ -292,6 +305,14 @@ class ExplainWidget(QWidget):
             organs = np.asarray(organ_layer.data)
             names = organ_names(organ_layer)
             organs_affine = layer_affine(organ_layer)
+        region = None
+        region_layer = self._layer(self.region_combo.currentText())
+        if region_layer is not None:
+            from ..pipeline import check_region_grid
+
+            region = np.asarray(region_layer.data) != 0
+            check_region_grid(region.shape, layer_affine(region_layer), image.shape, affine,
+                              f"region layer {region_layer.name!r}")  # fmt: skip
         cancel, emitter, models = self._cancel, self._emitter, self._models
         values = self.values_combo.currentText()
 
@@ -304,7 +325,7 @@ class ExplainWidget(QWidget):
             try:
                 return _explain(
                     image, affine, model, findings, methods, organs, organs_affine, names,
-                    progress, models, values,
+                    progress, models, values, region,
                 )
             except Cancelled:
                 return None  # not an error: no notification
@@ -340,6 +361,20 @@ class ExplainWidget(QWidget):
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        if self._rerun:  # a region was painted during the run: explain it now
+            self._rerun = False
+            self.run()
+
+    def _on_region_edited(self, layer: Any, *_: Any) -> None:
+        """A region Labels layer was painted: explain that region (now, or after the run
+        in progress)."""
+        if layer not in self.viewer.layers:
+            return
+        self.region_combo.setCurrentText(layer.name)
+        if self.worker is not None:
+            self._rerun = True
+        else:
+            self.run()
 
     def _show_error(self, text: str) -> None:
         from napari.utils.notifications import show_error
@@ -364,9 +399,31 @@ class ExplainWidget(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(self.viewer.layers[name])
             self.viewer.add_image(volume, **kwargs)
+        for finding, mask in result.masks.items():
+            self._show_region(finding, mask, ct, geometry)
         self._fill_tables(result)
         self.grid_box.setEnabled(self._grid_pair() is not None)
         self.jump_to_max(result, ct)
+
+    def _show_region(self, finding: str, mask: np.ndarray, ct: Any, geometry: dict) -> Any:
+        """The predicted region of ``finding`` as a Labels layer on the CT's grid (updated
+        in place if it exists); painting it re-explains with the painted region."""
+        name = f"{finding} region"
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = mask
+            return layer
+        source = _layers.layer_source(ct.metadata)
+        entry = dict(source) if source else _geometry_entry(ct)
+        entry.update(kind="region", finding=finding)
+        layer = self.viewer.add_labels(
+            mask, name=name, opacity=0.4, metadata={_layers.META: entry}, **geometry
+        )
+        # napari emits "paint" before it writes the stroke: read the layer once it has
+        layer.events.paint.connect(
+            lambda event, ly=layer: QTimer.singleShot(0, lambda: self._on_region_edited(ly))
+        )
+        return layer
 
     def _fill_tables(self, result: ExplainResult) -> None:
         explained = {finding for finding, _ in result.maps}
@@ -571,8 +628,13 @@ def _explain(
     progress: Any,
     models: dict[str, Any],
     values: str = "unit",
+    region: np.ndarray | None = None,
 ) -> ExplainResult:
-    """The worker's job (no Qt): load the model (cached), align organs, explain."""
+    """The worker's job (no Qt): load the model (cached), align organs, explain.
+
+    Segmentation models explain each finding's logits summed over ``region`` (a bool
+    ``(I, J, K)`` mask on the CT's grid), or over its predicted mask without one; those
+    masks come back in ``ExplainResult.masks`` (uint8 on the CT's grid)."""
     from ..handle import ModelHandle
     from ..organs import align_organs
     from ..pipeline import explain_image
@@ -585,9 +647,18 @@ def _explain(
         organs, note = align_organs(organs, organs_affine, image.shape, affine, "organ layer")
         if note:
             notes.append(note)
+    segmentation = models[model][1].segmentation
+    if region is not None and not segmentation:
+        from ..errors import InputError
+
+        raise InputError(
+            f"a region applies to segmentation models; {model} is a classifier: choose "
+            f"Region '{PREDICTED}' (ignored for classifiers)"
+        )
     result = explain_image(
         image, affine, model=models[model], findings=findings, methods=methods,
         organs=organs, organ_names=names, device="auto", progress=progress, values=values,
+        region=region if segmentation else None,
     )
     fractions: dict[tuple[str, str], dict[str, float]] = {}
     for (finding, method) in result.maps:
@@ -604,4 +675,5 @@ def _explain(
         fractions=fractions,
         warnings=notes + list(result.warnings),
         values=values,
+        masks=dict(result.masks),
     )
