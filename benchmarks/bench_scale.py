@@ -55,9 +55,12 @@ def make_case(folder: Path) -> dict[str, Path]:
     """The issue's phantom as NIfTI files in ``folder`` (reused when already there)."""
     ct, organs = folder / "chest_ct.nii.gz", folder / "chest_organs.nii.gz"
     if not (ct.exists() and organs.exists()):
-        from hirescam3d.phantom import make_chest_ct
-
-        make_chest_ct(SEED, shape=SHAPE, spacing=SPACING).save(folder, "chest")
+        # In a child process: a child's peak RSS (wait4) counts its parent's resident
+        # memory at fork, so this process must stay small for the measurements.
+        code = ("import sys; from hirescam3d.phantom import make_chest_ct; "
+                f"make_chest_ct({SEED}, shape={SHAPE}, spacing={SPACING})"
+                ".save(sys.argv[1], 'chest')")  # fmt: skip
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return {"ct": ct, "organs": organs}
 
 
