@@ -88,6 +88,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def median_seconds(op, repeats: int) -> float:
+    """Median wall time (s) of ``op()`` on the CPU over ``repeats`` calls, after a warm-up."""
+    op()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_ops(size, device, repeats: int, names: list[str]) -> dict[str, float]:
     """Median wall time (s) of each op after one warm-up run."""
     net, x = _setup(size, device)

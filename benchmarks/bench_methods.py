@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from bench_core import machine_info, peak_cpu_of
+from bench_core import machine_info, median_seconds, peak_cpu_of
 
 SIZES = {"gradient": (64, 128, 128), "perturbation": (32, 64, 64)}
 PERTURBATION = ("scorecam", "ablationcam", "occlusion")
@@ -39,14 +37,7 @@ def _op(method: str, size: tuple[int, ...]):
 
 
 def seconds(method: str, size: tuple[int, ...], repeats: int) -> float:
-    op = _op(method, size)
-    op()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        op()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(_op(method, size), repeats)
 
 
 def main() -> None:

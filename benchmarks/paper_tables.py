@@ -291,21 +291,13 @@ def save_shortcut_figure(p: dict, res: dict, path: Path) -> None:
 
 
 # -- cost ----------------------------------------------------------------------------------
-def _median_seconds(op: Callable[[], object], repeats: int) -> float:
-    op()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        op()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def metrics_cost(repeats: int = 3) -> dict:
     """Seconds of every mask metric for 5 findings x 2 methods of the sample scan, against
     the ``explain`` command's work on it (``explain_scan``: read, preprocess, explain,
     invert, organs, write) and against the network part alone (``Explainer.explain``)."""
     import tempfile
+
+    from bench_core import median_seconds
 
     from hirescam3d.pipeline import explain_scan
     from hirescam3d.sample import sample_paths
@@ -321,12 +313,12 @@ def metrics_cost(repeats: int = 3) -> dict:
     maps = torch.cat([res[m].maps for m in METHODS], dim=1)
     paths = sample_paths(Path(__file__).resolve().parents[1] / "sample_data")
     with tempfile.TemporaryDirectory() as tmp:
-        t_scan = _median_seconds(lambda: explain_scan(
+        t_scan = median_seconds(lambda: explain_scan(
             paths["scan"], tmp, methods=METHODS, organs_path=paths["organs"], force=True
         ), repeats)  # fmt: skip
-    t_core = _median_seconds(lambda: explainer.explain(x, targets=targets, methods=METHODS),
+    t_core = median_seconds(lambda: explainer.explain(x, targets=targets, methods=METHODS),
                              repeats)  # fmt: skip
-    t_metrics = _median_seconds(lambda: metrics.localisation_metrics(maps, masks), repeats)
+    t_metrics = median_seconds(lambda: metrics.localisation_metrics(maps, masks), repeats)
     return {"explain_scan_s": t_scan, "explainer_s": t_core, "mask_metrics_s": t_metrics,
             "ratio": t_metrics / t_scan, "ratio_to_explainer": t_metrics / t_core,
             "target": 0.10}  # fmt: skip
