@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-fast bench lint constraints clean gui-deps
+.PHONY: demo test test-fast bench lint constraints clean gui-deps docs figures
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,napari]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,napari,docs]"
 	touch $@
 
 gui-deps:
@@ -29,6 +29,7 @@ demo: $(STAMP)
 # Qt's offscreen platform lacks. Without xvfb-run they skip themselves.
 test: $(STAMP) gui-deps
 	$(BIN)/ruff check .
+	$(MAKE) docs
 	if command -v xvfb-run >/dev/null 2>&1; then \
 		xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	else $(BIN)/python -m pytest $(PYTEST_ARGS); fi
@@ -42,6 +43,20 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py --out benchmarks/results.json
 	$(BIN)/python benchmarks/demo_quality.py --first-seed 0 --count 200 --results benchmarks/results.json
 	$(BIN)/python benchmarks/paper_tables.py --out docs/results --results benchmarks/results.json
+	$(BIN)/python benchmarks/seg_quality.py --first-seed 0 --count 100 --results benchmarks/results.json
+	$(BIN)/python benchmarks/bench_sliding.py --out benchmarks/results.json
+
+# The documentation site (MkDocs + Material + mkdocstrings); any warning fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Every figure of the docs, from the shipped models and phantoms; the napari screenshots
+# need a (virtual) X display, so they are made only where xvfb-run exists.
+figures: $(STAMP) gui-deps
+	if command -v xvfb-run >/dev/null 2>&1; then \
+		xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python docs/make_figures.py \
+			--out docs/images --napari; \
+	else $(BIN)/python docs/make_figures.py --out docs/images; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -51,4 +66,4 @@ constraints: $(STAMP)
 		| sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache

@@ -119,18 +119,29 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/results.json)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    seeds = held_out_seeds(parser, args)
+    torch.set_num_threads(args.threads)
+    report(evaluate(args.model, seeds, args.batch, args.workers), seeds, args.results,
+           "demo_quality")  # fmt: skip
+    return 0
+
+
+def held_out_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    """``first_seed .. first_seed + count - 1``; a parser error unless all are held out."""
     if args.first_seed < 0 or args.count < 1 or args.first_seed + args.count > 100_000:
         parser.error("seeds must lie in 0..99999 (training uses seeds >= 100000)")
-    torch.set_num_threads(args.threads)
-    seeds = list(range(args.first_seed, args.first_seed + args.count))
-    result = evaluate(args.model, seeds, args.batch, args.workers)
+    return list(range(args.first_seed, args.first_seed + args.count))
+
+
+def report(result: dict, seeds: list[int], results: Path | None, key: str) -> None:
+    """Print ``result`` (with its seed range) as the last stdout line; also store it under
+    ``key`` in the JSON file ``results`` when given (other keys are kept)."""
     result["seeds"] = [seeds[0], seeds[-1]]
-    if args.results is not None:
-        stored = json.loads(args.results.read_text()) if args.results.exists() else {}
-        stored["demo_quality"] = result
-        args.results.write_text(json.dumps(stored, indent=2) + "\n")
+    if results is not None:
+        stored = json.loads(results.read_text()) if results.exists() else {}
+        stored[key] = result
+        results.write_text(json.dumps(stored, indent=2) + "\n")
     print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

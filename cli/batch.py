@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .console import items_progress, out_console
 from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
@@ -46,13 +46,24 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+class Source(NamedTuple):
+    """One input as listed: the scan, the output folder name it asks for (manifest ``id``)
+    and its region mask for a segmentation model (manifest ``region``)."""
+
+    path: Path
+    id: str | None = None
+    region: Path | None = None
+
+
 @dataclass(frozen=True)
 class BatchItem:
-    """One scan of a batch: its position in the full list, its path and output folder name."""
+    """One scan of a batch: its position in the full list, its path, output folder name
+    and region mask (None: the batch's ``--region``)."""
 
     index: int
     path: Path
     id: str
+    region: Path | None = None
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -93,9 +104,15 @@ def scans_in_folder(folder: Path, depth: int = 3) -> list[tuple[Path, str | None
     return found
 
 
-def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
-    """Rows of a CSV manifest: a ``path`` column (relative to the CSV's folder) and an
-    optional ``id`` column naming the output subfolder."""
+def read_manifest(path: Path) -> list[Source]:
+    """Rows of a CSV manifest: a ``path`` column, an optional ``id`` column naming the
+    output subfolder and an optional ``region`` column (a mask on that scan's grid, for
+    segmentation models); paths are relative to the CSV's folder."""
+
+    def resolve(value: str) -> Path:
+        item = Path(value).expanduser()
+        return item if item.is_absolute() else path.parent / item
+
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -111,11 +128,9 @@ def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
                 value = (row.get(fields["path"]) or "").strip()
                 if not value:
                     raise CLIUsageError(f"manifest {path}, line {line}: empty 'path'")
-                item = Path(value).expanduser()
-                if not item.is_absolute():
-                    item = path.parent / item
                 ident = (row.get(fields["id"]) or "").strip() if "id" in fields else ""
-                rows.append((item, ident or None))
+                mask = (row.get(fields["region"]) or "").strip() if "region" in fields else ""
+                rows.append(Source(resolve(value), ident or None, resolve(mask) if mask else None))
     except UnicodeDecodeError as err:
         raise CLIUsageError(f"manifest {path}: not a UTF-8 text CSV file ({err})") from err
     except csv.Error as err:
@@ -125,13 +140,13 @@ def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
     return rows
 
 
-def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, str | None]]:
-    """Expand globs, folders and CSV manifests into ``(path, id or None)``, in order.
+def collect_inputs(inputs: Sequence[str]) -> list[Source]:
+    """Expand globs, folders and CSV manifests into :class:`Source` rows, in order.
 
     The same file named twice is kept once. Raises CLIUsageError for a missing path, a
     glob without matches or a folder without scans.
     """
-    found: list[tuple[Path, str | None]] = []
+    found: list[Source] = []
     for text in inputs:
         path = Path(text).expanduser()
         if path.exists():
@@ -142,40 +157,58 @@ def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, str | None]]:
                         f"folder {path}: holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or "
                         "DICOM series folders)"
                     )
-                found.extend(scans)
+                found.extend(Source(p, i) for p, i in scans)
             elif path.suffix.lower() == ".csv":
                 found.extend(read_manifest(path))
             else:
-                found.append((path, None))
+                found.append(Source(path))
         elif _GLOB_CHARS.search(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             if not matches:
                 raise CLIUsageError(f"no files match {text!r}")
-            found.extend((Path(m), None) for m in matches)
+            found.extend(Source(Path(m)) for m in matches)
         else:
             raise CLIUsageError(f"input {path}: no such file or folder; check the path")
-    unique: dict[str, tuple[Path, str | None]] = {}
-    for path, ident in found:
-        unique.setdefault(os.path.abspath(path), (path, ident))
+    unique: dict[str, Source] = {}
+    for source in found:
+        unique.setdefault(os.path.abspath(source.path), source)
     return list(unique.values())
 
 
-def assign_ids(inputs: Sequence[tuple[Path, str | None]]) -> list[BatchItem]:
+def assign_ids(inputs: Sequence[Source | tuple[Path, str | None]]) -> list[BatchItem]:
     """Items with unique output folder names: the manifest id or the scan stem, with
     ``_2``, ``_3``... appended to repeats (deterministic, so every rank agrees)."""
     from hirescam3d.io import scan_stem
 
     items: list[BatchItem] = []
     used: set[str] = set()
-    for index, (path, ident) in enumerate(inputs):
+    for index, row in enumerate(inputs):
+        path, ident, region = Source(*row)
         base = _SAFE_ID.sub("_", ident or scan_stem(path)).strip("._") or f"item{index}"
         name, n = base, 1
         while name in used or name in (RANK_LOG_DIR,):
             n += 1
             name = f"{base}_{n}"
         used.add(name)
-        items.append(BatchItem(index, path, name))
+        items.append(BatchItem(index, path, name, region))
     return items
+
+
+def check_item_regions(items: Sequence[BatchItem], opts: ExplainOptions) -> None:
+    """CLIUsageError when the manifest gives region masks to a classifier, or names a mask
+    that does not exist."""
+    given = [item for item in items if item.region is not None]
+    if given and opts.handle.kind != "segmentation":
+        raise CLIUsageError(
+            f"the manifest gives region masks (first: {given[0].region}), but {opts.model} is "
+            "a classifier (one score per finding): drop the 'region' column"
+        )
+    for item in given:
+        if not item.region.exists():
+            raise CLIUsageError(
+                f"region mask {item.region} (manifest row of {item.path.name}): no such file; "
+                "check the 'region' column"
+            )
 
 
 def shard(items: Sequence[BatchItem], rank: int, world_size: int) -> list[BatchItem]:
@@ -389,6 +422,9 @@ def process_item(
         "started": _now(),
     }
     start = time.perf_counter()
+    if item.region is not None:  # the manifest's mask for this scan
+        opts = dataclasses.replace(opts, region=str(item.region))
+        signature = {**signature, "region": os.path.abspath(item.region)}
     state = "todo" if opts.force else done_state(folder, signature)
     if state != "todo":
         note = (
@@ -481,6 +517,7 @@ def batch_command(
     explain = explain or run_pipeline
     items = assign_ids(collect_inputs(inputs))
     opts = check_options(opts)
+    check_item_regions(items, opts)
     loaded = load_checked(opts.handle, opts.layer)
     # New weights under the same model name make earlier outputs stale.
     signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from .console import out_console, stage_progress
 from .errors import CLIUsageError, print_warning, warnings_to_stderr
-from .explain import ExplainOptions, check_options, default_out_dir, require_path
+from .explain import (
+    ExplainOptions,
+    check_options,
+    default_out_dir,
+    region_arg,
+    require_path,
+)
 from .models import load_checked
 
 DEFAULT_METHODS = ["hirescam", "gradcam"]
@@ -50,7 +56,7 @@ def compare_command(
         record, paths = compare_scan(
             scan, opts.findings[0], out, methods=opts.methods, model=loaded, layer=opts.layer,
             organs_path=opts.organs, organ_names_path=opts.organ_names, mask_path=mask,
-            device=opts.device, force=opts.force, progress=progress,
+            device=opts.device, force=opts.force, progress=progress, region=region_arg(opts),
         )
     for text in record["warnings"]:
         if text not in shown:

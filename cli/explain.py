@@ -39,7 +39,7 @@ class ExplainOptions:
     formats: str = "nifti"
     seg_threshold: float = 0.5
     series: str | None = None  # explain only: a batch reads every scan whole
-    # segmentation models (explain only): region mask file or "predicted"; sliding window
+    # segmentation models: region mask file or "predicted"; sliding window
     region: str | None = None
     roi_size: tuple[int, ...] | None = None
     overlap: float = 0.25
@@ -64,7 +64,11 @@ class ExplainOptions:
             **({"grid": self.grid} if self.grid != "scan" else {}),
             **({"formats": self.formats} if self.formats != "nifti" else {}),
             **({"seg_threshold": self.seg_threshold} if "dicom-seg" in self.formats else {}),
-        }
+            **({"region": self.region if self.region == "predicted"
+                else os.path.abspath(self.region)} if self.region else {}),
+            **({"roi_size": list(self.roi_size), "overlap": self.overlap}
+               if self.roi_size else {}),
+        }  # fmt: skip
 
 
 def require_path(path: Path | None, what: str) -> None:
@@ -142,6 +146,13 @@ def default_out_dir(scan: Path) -> Path:
     return Path.cwd() / f"{scan_stem(scan)}_explanations"
 
 
+def region_arg(opts: ExplainOptions) -> str | Path | None:
+    """``--region`` as the pipeline takes it: None, ``"predicted"`` or a mask file."""
+    if opts.region is None or opts.region == "predicted":
+        return opts.region
+    return Path(opts.region)
+
+
 def run_pipeline(
     scan: Path,
     out: Path,
@@ -175,9 +186,7 @@ def run_pipeline(
         formats=opts.formats,
         seg_threshold=opts.seg_threshold,
         series=opts.series,
-        region=None if opts.region is None else (
-            "predicted" if opts.region == "predicted" else Path(opts.region)
-        ),
+        region=region_arg(opts),
         roi_size=opts.roi_size,
         overlap=opts.overlap,
         sw_batch_size=opts.sw_batch_size,

@@ -36,6 +36,10 @@ class DtypeChoice(str, enum.Enum):
     uint8 = "uint8"
 
 
+class BatchRegionChoice(str, enum.Enum):
+    predicted = "predicted"
+
+
 class GridChoice(str, enum.Enum):
     scan = "scan"
     model = "model"
@@ -220,6 +224,15 @@ Region = Annotated[
         show_default=False,
     ),
 ]
+BatchRegion = Annotated[
+    BatchRegionChoice | None,
+    typer.Option(
+        "--region",
+        help="Segmentation models: 'predicted' sums each finding's logits over its own "
+        "predicted mask (the default). Masks per scan go in a CSV manifest's 'region' column.",
+        show_default=False,
+    ),
+]
 RoiSize = Annotated[
     tuple[int, int, int] | None,
     typer.Option(
@@ -352,16 +365,23 @@ def batch(
     grid: Grid = GridChoice.scan,
     formats: Formats = "nifti",
     seg_threshold: SegThreshold = 0.5,
+    region: BatchRegion = None,
+    roi_size: RoiSize = None,
+    overlap: Overlap = 0.25,
+    sw_batch_size: SwBatchSize = 1,
     json_out: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Explain many scans; resumable, and sharded over ranks under torchrun."""
+    """Explain many scans; resumable, and sharded over ranks under torchrun.
+
+    Segmentation models: a CSV manifest's 'region' column gives each scan's mask."""
     from .batch import batch_command
 
     opts = _options(
         finding, all_findings, method, model, layer, organs, organ_names, png, device, force,
-        values, dtype, grid, formats, seg_threshold,
+        values, dtype, grid, formats, seg_threshold, None,
+        None if region is None else region.value, roi_size, overlap, sw_batch_size,
     )
     with reported_errors(debug):
         code = batch_command(inputs, out, opts, json_out=json_out, quiet=quiet, debug=debug)
@@ -461,6 +481,7 @@ def compare(
             show_default=False,
         ),
     ] = None,
+    region: Region = None,
     out: Out = None,
     device: Device = DeviceChoice.auto,
     force: Force = False,
@@ -472,7 +493,7 @@ def compare(
     from .compare import DEFAULT_METHODS, compare_command
 
     opts = _options(finding, False, method, model, layer, organs, organ_names, False, device,
-                    force)
+                    force, region=region)
     if not method:
         opts.methods = list(DEFAULT_METHODS)
     with reported_errors(debug):

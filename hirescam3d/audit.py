@@ -199,13 +199,15 @@ def _numerical_checks(
     return float(comp), float(lin), f0
 
 
-def _candidates(tr: TraceResult) -> dict[int, list[ModuleRecord]]:
+def _candidates(tr: TraceResult) -> dict[tuple[int, int], list[ModuleRecord]]:
     """Layers explain accepts and all of the input's influence passes through, grouped by
-    output tensor (a block and its last child share one output)."""
-    groups: dict[int, list[ModuleRecord]] = {}
+    output value (a block and its last child share one output; an in-place module after
+    them, such as ``ReLU(inplace=True)``, returns the same tensor with new values, so it
+    gets a group of its own)."""
+    groups: dict[tuple[int, int], list[ModuleRecord]] = {}
     for rec in tr.modules.values():
         if rec.batch_ok and rec.reaches and rec.cut and rec.serial is not None:
-            groups.setdefault(rec.serial, []).append(rec)
+            groups.setdefault((rec.serial, rec.version), []).append(rec)
     return groups
 
 

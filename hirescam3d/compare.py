@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, TargetError
-from .pipeline import ModelArg, Progress
+from .pipeline import ModelArg, Progress, RegionArg
 
 __all__ = ["COMPARE_JSON", "VIEWS", "compare_paths", "compare_scan", "most_attended_planes"]
 
@@ -247,6 +247,7 @@ def compare_scan(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
+    region: RegionArg = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Explain ``finding`` on a scan with every method in one pass and compare them.
 
@@ -259,7 +260,9 @@ def compare_scan(
     relevance mass per organ with ``organs_path``, and ``l2_to_exact`` against the
     HiResCAM raw map where the audit proves the guarantee (HiResCAM is computed for that
     even when not requested). Existing outputs need ``force``
-    (:class:`~hirescam3d.io.OutputError`). Returns ``(record, {"png": path, "json": path})``.
+    (:class:`~hirescam3d.io.OutputError`). ``region``: for a segmentation model, as in
+    :func:`hirescam3d.pipeline.explain_scan` (default: the finding's predicted mask).
+    Returns ``(record, {"png": path, "json": path})``.
     """
     from . import io
     from .organs import align_organs, load_organ_map
@@ -268,6 +271,7 @@ def compare_scan(
         check_findings,
         check_methods,
         explain_image,
+        load_region,
         resolve_model,
         software_versions,
     )
@@ -300,11 +304,14 @@ def compare_scan(
         if note:
             notes.append(note)
 
+    if isinstance(region, (str, Path)) and str(region) != "predicted":
+        region = load_region(Path(region), shape, scan.affine)
+
     # One forward pass for every method; HiResCAM rides along as the exact reference.
     run = list(methods) + ([] if "hirescam" in methods else ["hirescam"])
     result = explain_image(
         scan.array, scan.affine, (network, info), [finding], run, layer, organs,
-        organ_names, device, progress,
+        organ_names, device, progress, region=region,
     )
     notes += result.warnings
     report = result.report
@@ -359,6 +366,7 @@ def compare_scan(
         "model": report["model"],
         "layer": report["layer"],
         "hirescam_guaranteed_faithful": guaranteed,
+        "region": report.get("region"),
         "methods": list(methods),
         "mask": None if mask_path is None else str(Path(mask_path).resolve()),
         "organ_map": None if organs_path is None else str(Path(organs_path).resolve()),

@@ -529,7 +529,7 @@ class ModelHandle:
             if not self._bundle.is_dir():
                 raise ModelError(
                     f"the {self._name} bundle is not installed at {self._bundle}; build it "
-                    "with `python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo`"
+                    f"with `{zoo.TRAINING_COMMANDS.get(self._name, 'its training script')}`"
                 )
             network, info = load_bundle(self._bundle)
             if self.source == "zoo":

@@ -378,6 +378,11 @@ def register_method(
     METHODS[name] = Method(name, fn, needs, description, resolution)
 
 
+def unregister_method(name: str) -> None:
+    """Remove a method added with :func:`register_method` (unknown names: KeyError)."""
+    del METHODS[name]
+
+
 def get_method(name: str) -> Method:
     """Look up a registered method; unknown names raise with the valid choices."""
     try:

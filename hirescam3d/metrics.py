@@ -580,7 +580,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor, spatial_dims: int | None = None) 
     """Spearman rank correlation of ``a`` and ``b`` over their last ``spatial_dims`` axes.
 
     Args:
-        a, b: ``(..., *S)`` of the same shape; ``spatial_dims`` defaults to
+        a: ``(..., *S)`` maps.
+        b: ``(..., *S)``, the same shape as ``a``.
+        spatial_dims: the number of trailing axes to correlate over; defaults to
             ``a.ndim - 2`` (maps ``(B, K, *S)``).
 
     Returns:

@@ -268,6 +268,7 @@ class ModuleRecord:
     cut: bool = False
     reaches: bool = False
     serial: int | None = None  # the output tensor's identity within the trace
+    version: int = 0  # its in-place version counter then: an in-place op makes a new value
 
 
 @dataclass
@@ -669,6 +670,7 @@ def trace(
             bits[name] = bit
             tracer.taint[s] = tracer.taint.get(s, 0) | bit
             rec.serial = s
+            rec.version = output._version
         if name == stop_at:
             raise _StopTrace
 

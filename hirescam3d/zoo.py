@@ -35,8 +35,28 @@ CHEST_FINDINGS = (
 )
 DEMO_BUNDLE = Path(__file__).resolve().parent / "bundles" / "demo"
 SHORTCUT_BUNDLE = DEMO_BUNDLE.with_name("demo_shortcut")
+SEG_BUNDLE = DEMO_BUNDLE.with_name("demo_seg")
+TRAINING_COMMANDS = {
+    "demo": "python -m hirescam3d.models.train_demo --out hirescam3d/bundles/demo",
+    "demo_shortcut": "python -m hirescam3d.models.train_demo --out "
+    "hirescam3d/bundles/demo_shortcut --shortcut nodule --n-train 600 --epochs 5 "
+    "--triplet-findings --max-minutes 20",
+    "demo_seg": "python -m hirescam3d.models.train_seg --out hirescam3d/bundles/demo_seg",
+}
+
+# demo_seg: one sigmoid channel per organ a finding lives in and per finding.
+SEG_CHANNELS = ("right_lung", "heart", "left_lung", *CHEST_FINDINGS)
+SEG_UNET: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": len(SEG_CHANNELS),
+    "channels": [16, 32, 64, 128, 128],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 1,
+}
 
 AXIALNET = "hirescam3d.models.axialnet.AxialNet"
+UNET = "monai.networks.nets.UNet"
 VOCNET = "hirescam3d.models.voc.VOCNet"
 CAMNET = "hirescam3d.models.baselines.CAMNet"
 
@@ -81,11 +101,13 @@ def _entry(
     spec: InputSpec,
     guaranteed: bool = True,
     bundle: Path | None = None,
+    class_names: tuple[str, ...] | None = None,
+    kind: str = "classification",
 ) -> ZooEntry:
     info = ModelInfo(
         name=name,
         description=description,
-        class_names=tuple(kwargs["class_names"]),
+        class_names=class_names or tuple(kwargs["class_names"]),
         target_layer=target_layer,
         input=spec,
         preprocessing=preprocessing_transforms(spec),
@@ -93,6 +115,7 @@ def _entry(
         guaranteed=guaranteed,
         trained=bundle is not None,
         bundle_path=bundle,
+        kind=kind,
     )
     return ZooEntry(info, architecture, kwargs)
 
@@ -123,6 +146,19 @@ def _entries() -> dict[str, ZooEntry]:
             "to_volume",
             CT_TINY,
             bundle=SHORTCUT_BUNDLE,
+        ),
+        _entry(
+            "demo_seg",
+            "3D MONAI UNet trained on synthetic chest CT phantoms to segment both lungs, the "
+            "heart and 5 findings, one sigmoid channel each (shipped weights; research and "
+            "teaching only)",
+            UNET,
+            SEG_UNET,
+            "model.2.0",
+            CT_TINY,
+            bundle=SEG_BUNDLE,
+            class_names=SEG_CHANNELS,
+            kind="segmentation",
         ),
         _entry(
             "axialnet_tiny",

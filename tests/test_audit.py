@@ -248,3 +248,31 @@ def test_audit_leaves_the_network_unchanged(nets):
     assert hooks_before == [len(m._forward_hooks) + len(m._forward_pre_hooks)
                             for m in net.modules()]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_an_in_place_activation_gets_its_own_verdict():
+    """``ReLU(inplace=True)`` returns the tensor it was given with new values. By hand:
+    the batch norm's output is followed by that ReLU (not guaranteed); the ReLU's output
+    only by average pooling and a linear layer (guaranteed, cells sum to logit - bias)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    net.add_module("features", features)
+    net.add_module(
+        "head",
+        torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(4, 2)),
+    )  # fmt: skip
+    verdicts = {v.layer: v for v in audit_model(net.eval(), (1, 12, 12))}
+    assert verdicts["features.1"].aliases == ("features",)
+    assert not verdicts["features.1"].guaranteed
+    assert "relu" in verdicts["features.1"].reason
+    assert verdicts["head.0"].aliases == () and verdicts["head.0"].guaranteed
+    # the guarantee holds numerically: sum_f,s w_kf A_fs / |S| = logit - bias
+    x = torch.randn(1, 1, 12, 12)
+    with torch.no_grad():
+        acts = net.head[0](net.features(x).clone())
+        logits = net(x)
+    w, b = net.head[3].weight, net.head[3].bias
+    cells = torch.einsum("kf,fhw->khw", w, acts[0]) / acts[0, 0].numel()
+    assert torch.allclose(cells.sum((1, 2)), logits[0] - b, atol=1e-5)

@@ -74,17 +74,17 @@ def test_folders_globs_and_manifests(tmp_path):
     series = tmp_path / "scans" / "series"
     touch(series / "1.dcm")
     touch(series / "2.dcm")
-    found = [p for p, _ in batch.collect_inputs([str(tmp_path / "scans")])]
+    found = [s.path for s in batch.collect_inputs([str(tmp_path / "scans")])]
     assert found == [a, b, c, series]  # a DICOM folder is one scan
 
     found = batch.collect_inputs([str(tmp_path / "scans" / "*.n*"), str(a)])
-    assert [p for p, _ in found] == [a, b]  # the repeated file is kept once
+    assert [s.path for s in found] == [a, b]  # the repeated file is kept once
 
     manifest = tmp_path / "list.csv"
-    manifest.write_text("id,path\npatient 1,scans/a.nii.gz\n,/abs/x.nii.gz\n")
+    manifest.write_text("id,path,region\npatient 1,scans/a.nii.gz,m/a.nii.gz\n,/abs/x.nii.gz,\n")
     assert batch.collect_inputs([str(manifest)]) == [
-        (tmp_path / "scans" / "a.nii.gz", "patient 1"),
-        (Path("/abs/x.nii.gz"), None),
+        (tmp_path / "scans" / "a.nii.gz", "patient 1", tmp_path / "m" / "a.nii.gz"),
+        (Path("/abs/x.nii.gz"), None, None),
     ]
 
 

@@ -11,6 +11,7 @@ scores summed by hand and masks mapped onto the scan's grid by the affines alone
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -350,3 +351,75 @@ def test_without_findings_every_segmented_finding_is_explained(tmp_path, state, 
         assert report["findings"][name]["region_voxels"] == int((top == c).sum())
     written = sorted(p.name for p in out.glob("*_predicted_mask.nii.gz"))
     assert written == sorted(f"scan_{n}_predicted_mask.nii.gz" for n in segmented)
+
+
+# -- batch: a region mask per scan from the manifest ---------------------------------------
+def test_batch_takes_each_scans_region_from_the_manifest(tmp_path, state, lps_scan):
+    scan, ct, affine = lps_scan
+    model = bundle(tmp_path, state, "softmax", patch=False)
+    masks = {}
+    for name, box in (("a", np.s_[3:11, 12:19, 5:13]), ("b", np.s_[10:20, 2:9, 1:6])):
+        mask = np.zeros(ct.shape, np.uint8)
+        mask[box] = 1
+        masks[name] = mask
+        save(tmp_path / f"mask_{name}.nii.gz", mask, affine)
+    copies = [shutil.copy(scan, tmp_path / f"scan_{n}.nii.gz") for n in "abc"]  # one scan each
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"id,path,region\na,{copies[0]},mask_a.nii.gz\n"
+                        f"b,{copies[1]},mask_b.nii.gz\nc,{copies[2]},\n")  # fmt: skip
+    out = tmp_path / "out"
+    result = invoke("batch", manifest, "--model", model, "-f", "liver", "--out", out,
+                    "--quiet")  # fmt: skip
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    x = torch.from_numpy(window(ct)[::-1, ::-1].copy())[None, None]
+    with torch.no_grad():
+        logits = network(state)(x)[0, 1].double()
+    for name, mask in masks.items():
+        report = json.loads((out / name / "report.json").read_text())
+        expected = float(logits[torch.from_numpy(mask[::-1, ::-1].copy()).bool()].sum())
+        assert report["region"]["source"] == "given"
+        assert report["findings"]["liver"]["region_score"] == pytest.approx(expected, rel=1e-5)
+        marker = json.loads((out / name / "batch_done.json").read_text())
+        assert marker["options"]["region"] == str((tmp_path / f"mask_{name}.nii.gz").resolve())
+    report = json.loads((out / "c" / "report.json").read_text())  # no mask: predicted
+    assert report["region"]["source"] == "predicted"
+    with torch.no_grad():  # the oracle: where the argmax is liver
+        predicted = network(state)(x)[0].argmax(0) == 1
+    assert report["findings"]["liver"]["region_voxels"] == int(predicted.sum())
+
+
+def test_batch_region_errors_are_one_line(tmp_path, state, lps_scan):
+    scan, ct, affine = lps_scan
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,region\n{scan},missing.nii.gz\n")
+    model = bundle(tmp_path, state, "softmax", patch=False)
+    result = invoke("batch", manifest, "--model", model, "--out", tmp_path / "o1")
+    assert_one_line_error(result, "missing.nii.gz", "no such file", "'region' column", code=2)
+    mask = save(tmp_path / "m.nii.gz", np.ones(ct.shape, np.uint8), affine)
+    manifest.write_text(f"path,region\n{scan},{mask}\n")
+    result = invoke("batch", manifest, "--model", "demo", "--out", tmp_path / "o2")
+    assert_one_line_error(result, "classifier", "drop the 'region' column", code=2)
+    result = invoke("batch", scan, "--model", model, "--region", "given", "--out", tmp_path)
+    assert result.exit_code == 2 and "predicted" in result.stderr
+
+
+def test_compare_explains_a_segmentation_finding_over_its_region(tmp_path, state, lps_scan):
+    scan, ct, affine = lps_scan
+    model = bundle(tmp_path, state, "softmax", patch=False)
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[3:11, 12:19, 5:13] = 1
+    region = save(tmp_path / "mask.nii.gz", mask, affine)
+    out = tmp_path / "out"
+    result = invoke("compare", scan, "--model", model, "-f", "liver", "--region", region,
+                    "--mask", region, "--out", out, "--json")  # fmt: skip
+    record = report_of(result)
+    x = torch.from_numpy(window(ct)[::-1, ::-1].copy())[None, None]
+    with torch.no_grad():
+        logits = network(state)(x)[0].double()
+    inside = torch.from_numpy(mask[::-1, ::-1].copy()).bool()
+    assert record["region"]["source"] == "given"
+    assert record["logit"] == pytest.approx(float(logits[1][inside].sum()), rel=1e-5)
+    probability = torch.softmax(logits, 0)[1][inside].mean()
+    assert record["probability"] == pytest.approx(float(probability), rel=1e-5)
+    assert set(record["metrics"]) == {"hirescam", "gradcam"}
+    assert (out / "scan_liver_compare.png").stat().st_size > 1000

@@ -1,0 +1,135 @@
+"""Quality of the segmentation demo ``demo_seg`` on held-out phantoms, and where its
+explanations lie.
+
+    python benchmarks/seg_quality.py --first-seed 0 --count 100 [--results benchmarks/results.json]
+
+For phantoms with seeds ``first_seed .. first_seed + count - 1`` (training uses seeds
+>= 100000), the predicted mask of a channel is sigmoid >= 0.5 (logit >= 0). Reported:
+
+* ``dice``: per organ, the mean Dice over all phantoms; per finding, the mean Dice over
+  the phantoms where the finding is present;
+* ``false_positive_rate``: per finding, the share of phantoms without it where the
+  model predicts at least one voxel of it;
+* for every finding the model segments (any predicted voxel), HiResCAM at the model's
+  default layer with ``region="predicted"`` (the finding's logits summed over its own
+  predicted mask): ``in_organ``, the mean share of the positive contributions inside
+  the finding's allowed organ (lungs for atelectasis, pleural effusion and nodule; heart
+  for cardiomegaly and pericardial effusion; ground-truth organ masks, voxel exact), and
+  ``in_finding``, inside the true finding mask (0 for a false-positive finding).
+
+Progress goes to stderr; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from demo_quality import held_out_seeds, report
+
+from hirescam3d.bundle import apply_window
+from hirescam3d.explainer import Explainer
+from hirescam3d.handle import ModelHandle
+from hirescam3d.models.train_seg import seg_targets
+from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.zoo import SEG_CHANNELS
+
+ORGAN_LABEL = {name: label for label, name in ORGAN_NAMES.items()}
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """``2 |P & T| / (|P| + |T|)``; 1.0 when both are empty."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def positive_share(raw: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of the positive part of ``raw`` inside ``mask`` (same shape); None if none."""
+    pos = np.clip(raw, 0, None)
+    total = float(pos.sum())
+    return None if total <= 0 else float(pos[mask].sum()) / total
+
+
+def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    p = make_chest_ct(seed)
+    allowed = {f: np.isin(p.organs, [ORGAN_LABEL[o] for o in FINDING_ORGANS[f]]) for f in FINDINGS}
+    return p.ct, seg_targets(p.organs, p.organ_names, p.findings), allowed
+
+
+def evaluate(model: str, seeds: list[int], workers: int) -> dict:
+    network, info = ModelHandle.resolve(model).load()
+    if tuple(info.class_names) != SEG_CHANNELS:
+        raise SystemExit(f"model {model!r} does not segment the channels {SEG_CHANNELS}")
+    explainer = Explainer(
+        network, info.target_layer, "hirescam", class_names=info.class_names, task="sigmoid"
+    )
+    n_organs = len(SEG_CHANNELS) - len(FINDINGS)
+    dices: dict[str, list[float]] = {c: [] for c in SEG_CHANNELS}
+    false_pos: dict[str, list[bool]] = {f: [] for f in FINDINGS}
+    in_organ: dict[str, list[float]] = {f: [] for f in FINDINGS}
+    in_finding: dict[str, list[float]] = {f: [] for f in FINDINGS}
+    start = time.time()
+    with mp.get_context("fork").Pool(workers) as pool:
+        for done, (ct, truth, allowed) in enumerate(pool.imap(_phantom, seeds, chunksize=2), 1):
+            x = apply_window(ct[None], info.input.window).unsqueeze(1)
+            with torch.no_grad():
+                pred = (network(x)[0] >= 0).numpy()
+            for c, name in enumerate(SEG_CHANNELS):
+                if c < n_organs or truth[c].any():
+                    dices[name].append(dice(pred[c], truth[c]))
+                else:
+                    false_pos[name].append(bool(pred[c].any()))
+            segmented = [f for f in FINDINGS if pred[SEG_CHANNELS.index(f)].any()]
+            if segmented:
+                res = explainer(x, targets=segmented, region="predicted")
+                for k, f in enumerate(segmented):
+                    raw = res.raw[0, k].numpy()
+                    share = positive_share(raw, allowed[f])
+                    if share is not None:
+                        in_organ[f].append(share)
+                        in_finding[f].append(positive_share(raw, truth[SEG_CHANNELS.index(f)]))
+            print(f"{done}/{len(seeds)} phantoms ({time.time() - start:.0f} s)", file=sys.stderr)
+
+    def mean(values: list[float]) -> float | None:
+        return round(float(np.mean(values)), 4) if values else None
+
+    return {
+        "dice": {c: mean(v) for c, v in dices.items()},
+        "false_positive_rate": {f: mean(v) for f, v in false_pos.items()},
+        "present": {f: len(dices[f]) for f in FINDINGS},
+        "hirescam_predicted_region": {
+            "in_organ": {f: mean(v) for f, v in in_organ.items()},
+            "in_finding": {f: mean(v) for f, v in in_finding.items()},
+            "explained": {f: len(v) for f, v in in_organ.items()},
+        },
+        "count": len(seeds),
+        "model": model,
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--model", default="demo_seg", help="zoo name or bundle folder")
+    parser.add_argument("--workers", type=int, default=1, help="phantom-generation processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--results", type=Path, default=None,
+        help="also store the result under 'demo_seg_quality' in this JSON file",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    seeds = held_out_seeds(parser, args)
+    torch.set_num_threads(args.threads)
+    report(evaluate(args.model, seeds, args.workers), seeds, args.results, "demo_seg_quality")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
