@@ -64,16 +64,27 @@ def make_case(folder: Path) -> dict[str, Path]:
     return {"ct": ct, "organs": organs}
 
 
-def run_process(args: list[str]) -> dict[str, float]:
-    """Run ``args``; ``{"wall_s", "peak_rss_bytes"}`` of that process (wait4's rusage)."""
+def run_measured(args: list[str]) -> dict[str, Any]:
+    """Run the command ``args`` in a child process: ``{"stdout", "wall_s",
+    "peak_rss_bytes"}``, the peak resident memory of that child alone (``wait4``'s
+    rusage; this process must stay small, see :func:`make_case`). RuntimeError with the
+    end of its stderr if it fails."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args[:4])}... failed: {stderr.decode()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
+        out = proc.stdout.read() if proc.stdout else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(args[:4])}... failed: {err.read().decode()[-2000:]}")
+    return {"stdout": out.decode(), "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def run_process(args: list[str]) -> dict[str, float]:
+    """Run ``args``; ``{"wall_s", "peak_rss_bytes"}`` of that process."""
+    measured = run_measured(args)
+    return {"wall_s": measured["wall_s"], "peak_rss_bytes": measured["peak_rss_bytes"]}
 
 
 def explain_args(case: dict[str, Path], out: Path, extra: list[str]) -> list[str]:

@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_scale import run_measured
 
 HERE = Path(__file__).resolve().parent
 SEED, SHAPE, SPACING = 20260105, (300, 512, 512), (1.0, 0.7, 0.7)
@@ -86,17 +87,9 @@ print(json.dumps({"call_s": seconds, **extra}))
 
 def run(args: list[str]) -> dict:
     """Run ``args``: its last stdout line (JSON), wall seconds and peak RSS (wait4)."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read() if proc.stdout else b""
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(args[3:6])} failed: {err.read().decode()[-2000:]}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    return {**result, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    measured = run_measured(args)
+    result = json.loads(measured.pop("stdout").strip().splitlines()[-1])
+    return {**result, **measured}
 
 
 def main() -> None:

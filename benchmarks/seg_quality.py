@@ -35,6 +35,7 @@ from demo_quality import held_out_seeds, report
 from hirescam3d.bundle import apply_window
 from hirescam3d.explainer import Explainer
 from hirescam3d.handle import ModelHandle
+from hirescam3d.metrics import relevance_mass
 from hirescam3d.models.train_seg import seg_targets
 from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
 from hirescam3d.zoo import SEG_CHANNELS
@@ -46,13 +47,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """``2 |P & T| / (|P| + |T|)``; 1.0 when both are empty."""
     total = int(pred.sum()) + int(truth.sum())
     return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
-
-
-def positive_share(raw: np.ndarray, mask: np.ndarray) -> float | None:
-    """Share of the positive part of ``raw`` inside ``mask`` (same shape); None if none."""
-    pos = np.clip(raw, 0, None)
-    total = float(pos.sum())
-    return None if total <= 0 else float(pos[mask].sum()) / total
 
 
 def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -87,12 +81,14 @@ def evaluate(model: str, seeds: list[int], workers: int) -> dict:
             segmented = [f for f in FINDINGS if pred[SEG_CHANNELS.index(f)].any()]
             if segmented:
                 res = explainer(x, targets=segmented, region="predicted")
+                organ = torch.from_numpy(np.stack([allowed[f] for f in segmented]))[None]
+                found = torch.from_numpy(truth[[SEG_CHANNELS.index(f) for f in segmented]])[None]
+                shares = relevance_mass(res.raw, organ)[0]  # NaN: no positive contribution
+                inside = relevance_mass(res.raw, found)[0]
                 for k, f in enumerate(segmented):
-                    raw = res.raw[0, k].numpy()
-                    share = positive_share(raw, allowed[f])
-                    if share is not None:
-                        in_organ[f].append(share)
-                        in_finding[f].append(positive_share(raw, truth[SEG_CHANNELS.index(f)]))
+                    if not torch.isnan(shares[k]):
+                        in_organ[f].append(float(shares[k]))
+                        in_finding[f].append(float(inside[k]))
             print(f"{done}/{len(seeds)} phantoms ({time.time() - start:.0f} s)", file=sys.stderr)
 
     def mean(values: list[float]) -> float | None:

@@ -392,6 +392,44 @@ def _equipment(method: str, version: str) -> dict[str, Any]:
     }
 
 
+def _derived(
+    build: Any,
+    what: str,
+    path: str | Path,
+    placement: _Placement,
+    series_number: int,
+    method: str,
+    version: str,
+    **kwargs: Any,
+) -> Any:
+    """A highdicom ``build`` (ParametricMap, Segmentation) of ``placement``'s frames as a
+    new series derived from its source images; DicomOutputError naming ``path`` and
+    ``what`` if highdicom refuses it. Off the source grid, per-frame source references
+    are dropped."""
+    import highdicom as hd
+
+    try:
+        dataset = build(
+            source_images=placement.source_images,
+            pixel_array=placement.frames,
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            **kwargs,
+            **_equipment(method, version),
+            **placement.kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        raise DicomOutputError(
+            f"{path}: cannot build the DICOM {what}: {err}; check that the source "
+            "series is a consistent CT series"
+        ) from err
+    if not placement.on_source_grid:
+        _drop_frame_references(dataset)
+    return dataset
+
+
 def _save(path: str | Path, dataset: Any, force: bool) -> Path:
     return atomic_write(
         path, lambda tmp: dataset.save_as(tmp, enforce_file_format=True), force=force
@@ -500,30 +538,15 @@ def write_parametric_map(
         window = hd.VOILUTTransformation(window_center=UNIT_SCALE / 2.0, window_width=65536.0)
     else:
         window = hd.VOILUTTransformation(window_center=float(LOGIT_ZERO), window_width=65535.0)
-    try:
-        pm = hd.pm.ParametricMap(
-            source_images=placement.source_images,
-            pixel_array=placement.frames,
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            contains_recognizable_visual_features=False,
-            real_world_value_mappings=[mapping],
-            voi_lut_transformations=[window],
-            content_label="CLASS_ACTIVATION",
-            content_description=_text(f"hirescam3d {method} explanation of {finding}"),
-            series_description=_text(f"hirescam3d: {finding} ({method})"),
-            **_equipment(method, version),
-            **placement.kwargs,
-        )
-    except (ValueError, TypeError) as err:
-        raise DicomOutputError(
-            f"{path}: cannot build the DICOM Parametric Map: {err}; check that the source "
-            "series is a consistent CT series"
-        ) from err
-    if not placement.on_source_grid:
-        _drop_frame_references(pm)
+    pm = _derived(
+        hd.pm.ParametricMap, "Parametric Map", path, placement, series_number, method, version,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[window],
+        content_label="CLASS_ACTIVATION",
+        content_description=_text(f"hirescam3d {method} explanation of {finding}"),
+        series_description=_text(f"hirescam3d: {finding} ({method})"),
+    )  # fmt: skip
     pm.DerivationDescription = _text(
         f"hirescam3d {method} {version}: class activation of {finding} "
         f"({'logit per voxel' if values_kind == 'logit' else 'display score 0..1'})",
@@ -589,29 +612,14 @@ def write_segmentation(
     description.SegmentDescription = _text(
         f"class activation of {finding} by hirescam3d {method} >= {threshold:g}"
     )
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=placement.source_images,
-            pixel_array=placement.frames,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            content_label="CAM_REGION",
-            content_description=_text(f"hirescam3d {method}: {finding} >= {threshold:g}"),
-            series_description=_text(f"hirescam3d: {finding} ({method}) >= {threshold:g}"),
-            **_equipment(method, version),
-            **placement.kwargs,
-        )
-    except (ValueError, TypeError) as err:
-        raise DicomOutputError(
-            f"{path}: cannot build the DICOM Segmentation: {err}; check that the source "
-            "series is a consistent CT series"
-        ) from err
-    if not placement.on_source_grid:
-        _drop_frame_references(seg)
+    seg = _derived(
+        hd.seg.Segmentation, "Segmentation", path, placement, series_number, method, version,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        content_label="CAM_REGION",
+        content_description=_text(f"hirescam3d {method}: {finding} >= {threshold:g}"),
+        series_description=_text(f"hirescam3d: {finding} ({method}) >= {threshold:g}"),
+    )  # fmt: skip
     return _save(path, seg, force)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ import torch
 from torch import nn
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny networks: more only oversubscribes shared
+    CPUs (tens of seconds lost to thread contention in DenseNet121's many small operations).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 SPATIAL = {2: (8, 8), 3: (4, 6, 6)}
 
 

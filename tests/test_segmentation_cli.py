@@ -40,12 +40,7 @@ MODEL_SPACING = (1.5, 1.5, 2.0)  # CT_PREPROCESSING's Spacingd (RAS)
 CLASSES = ("background", "liver", "tumour")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ from hirescam3d.napari._widget import _explain  # noqa: E402
 WORKER_TIMEOUT_MS = 120_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

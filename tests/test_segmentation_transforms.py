@@ -20,12 +20,7 @@ CLASSES = ("background", "liver", "tumour")
 LAYER = "model.2.0"  # the last map before the output convolution (test_user_bundles)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

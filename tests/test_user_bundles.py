@@ -16,6 +16,7 @@ import torch
 from conftest import installed_console_script
 from monai.bundle import ConfigParser
 from monai.networks.nets import DenseNet121, SegResNet, UNet
+from test_zoo import Payload
 from torch import nn
 
 from hirescam3d import Explainer
@@ -66,14 +67,7 @@ PHOTO_PREPROCESSING: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """These networks are tiny: one intra-op thread avoids oversubscribing shared CPUs
-    (tens of seconds lost to thread contention in DenseNet121's many small operations)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(build: Any, seed: int, **kwargs: Any) -> nn.Module:
@@ -474,14 +468,6 @@ def test_malicious_densenet_bundles_are_refused(tmp_path, monkeypatch):
         text = refusal(lambda f=folder: load_bundle(f))
         assert expected in text and str(folder / INFERENCE) in text
     assert not (tmp_path / "pwned").exists()
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_weights_that_are_not_weights_only_loadable_are_refused(tmp_path, unet_state):
