@@ -5,16 +5,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-fast bench lint constraints clean gui-deps docs figures
+.PHONY: demo test test-fast bench bench-gpu lint constraints clean gui-deps judges docs figures
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,napari,docs]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,napari,docs,nnunet]"
+	@# nnunetv2 brings torchvision (through timm, for architectures we never build); its
+	@# PyPI wheel does not load against the CPU torch, and hirescam3d must not use it.
+	$(BIN)/python -m pip uninstall -q -y torchvision
 	touch $@
 
 gui-deps:
 	@bash .ci/install-gui-deps.sh
+
+# The outside judges of the DICOM outputs (dciodvfy from dicom3tools, dcm2niix), installed
+# with apt-get where root; without them tests/test_dicom_validators.py skips, saying why.
+judges:
+	@bash .ci/install-judges.sh
 
 # The main job on the bundled sample CT with the bundled demo model.
 demo: $(STAMP)
@@ -27,7 +35,7 @@ demo: $(STAMP)
 
 # GUI tests need a real (virtual) X display: napari canvases need OpenGL, which
 # Qt's offscreen platform lacks. Without xvfb-run they skip themselves.
-test: $(STAMP) gui-deps
+test: $(STAMP) gui-deps judges
 	$(BIN)/ruff check .
 	$(MAKE) docs
 	if command -v xvfb-run >/dev/null 2>&1; then \
@@ -45,6 +53,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/paper_tables.py --out docs/results --results benchmarks/results.json
 	$(BIN)/python benchmarks/seg_quality.py --first-seed 0 --count 100 --results benchmarks/results.json
 	$(BIN)/python benchmarks/bench_sliding.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_nnunet.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_bundle.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_write.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_batch.py --out benchmarks/results.json
+
+# On a machine with a CUDA GPU: explain vs inference, full AxialNet, sliding-window demo_seg.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py --device cuda --out benchmarks/results_gpu.json
 
 # The documentation site (MkDocs + Material + mkdocstrings); any warning fails the build.
 docs: $(STAMP)

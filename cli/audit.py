@@ -38,7 +38,15 @@ def _user_network(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CLIUsageError(f"--model {spec}: {module_name} has no callable {attr!r}")
-    network = factory()
+    try:
+        network = factory()
+    except Exception as err:  # noqa: BLE001 - the user's code: name it and what it raised
+        from hirescam3d.errors import ModelError
+
+        raise ModelError(
+            f"--model {spec}: calling {attr}() raised {type(err).__name__}: {err}; fix "
+            f"{module_name}.{attr} (rerun with --debug for the traceback)"
+        ) from err
     if not isinstance(network, nn.Module):
         raise CLIUsageError(
             f"--model {spec}: {attr}() returned {type(network).__name__}, not a torch nn.Module"
@@ -47,34 +55,47 @@ def _user_network(spec: str) -> Any:
 
 
 def run_audit(
-    model: str | None, layer: str | None, input_shape: Sequence[int] | None
+    model: str | None,
+    layer: str | None,
+    input_shape: Sequence[int] | None,
+    output: str | None = None,
 ) -> tuple[list[Any], str | None, str]:
     """``(verdicts, audited layer or None for "any", model label)``."""
     from hirescam3d.audit import audit_layer, audit_model
 
+    from .model_outputs import check_model_output, output_selector
     from .models import resolve_handle
 
+    selector = output_selector(output)
     if model is not None and ":" in model and not model.startswith((".", "/")):
         network = _user_network(model)
         if not input_shape:
             raise CLIUsageError(
                 f"--model {model}: give --input-shape C D H W (one input, without batch)"
             )
+        check_model_output(network, input_shape, f"--model {model}", output)
         default = layer or getattr(network, "default_layer", None)
         if layer is not None:
-            return [audit_layer(network, layer, input_shape)], layer, model
-        return audit_model(network, input_shape, default_layer=default), default, model
+            return [audit_layer(network, layer, input_shape, selector)], layer, model
+        verdicts = audit_model(network, input_shape, default_layer=default,
+                               output_selector=selector)  # fmt: skip
+        return verdicts, default, model
     handle = resolve_handle(model)
     shape = tuple(input_shape) if input_shape else None
     if layer is not None:
         handle.check_layer(layer)
     if shape is not None:
         network = handle.load()[0]
+        check_model_output(network, shape, f"--model {handle.name}", output)
         if layer is not None:
-            return [audit_layer(network, layer, shape)], layer, handle.name
-        return audit_model(network, shape, default_layer=handle.default_layer), (
-            handle.default_layer
-        ), handle.name
+            return [audit_layer(network, layer, shape, selector)], layer, handle.name
+        return audit_model(network, shape, default_layer=handle.default_layer,
+                           output_selector=selector), handle.default_layer, handle.name
+    if output is not None:
+        raise CLIUsageError(
+            f"--output applies to models that return several outputs, audited on "
+            f"--input-shape; {handle.name} returns its logits: drop --output"
+        )
     if layer is not None:
         return [handle.audit(layer)], layer, handle.name
     return handle.layers(), handle.default_layer, handle.name
@@ -89,7 +110,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise CLIUsageError(
             f"--input-shape {text!r}: expected positive integers C x spatial, e.g. 1x96x128x128"
         )
-    return tuple(int(p) for p in parts)
+    shape = tuple(int(p) for p in parts)
+    from .model_outputs import check_input_size
+
+    check_input_size(shape, text)
+    return shape
 
 
 def audit_command(
@@ -97,9 +122,20 @@ def audit_command(
     layer: str | None,
     input_shape: str | None,
     json_out: bool = False,
+    output: str | None = None,
+    show_all: bool = False,
 ) -> int:
-    """Print the verdicts; return the exit code."""
-    verdicts, audited, label = run_audit(model, layer, parse_shape(input_shape))
+    """Print the verdicts (the certified layers, the default and the audited one; every
+    layer with ``show_all``; ``--json`` always has every layer); return the exit code."""
+    from .model_outputs import no_layer_reason
+
+    shape = parse_shape(input_shape)
+    verdicts, audited, label = run_audit(model, layer, shape, output)
+    if not verdicts:  # a reason, not an empty table
+        from .errors import print_error
+
+        print_error(no_layer_reason(label, shape))
+        return EXIT_NOT_GUARANTEED
     names = {v.layer: v for v in verdicts}
     for v in verdicts:
         names.update({alias: v for alias in v.aliases})
@@ -124,21 +160,44 @@ def audit_command(
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
-        _print_table(verdicts, label)
+        _print_table(verdicts, label, audited, show_all)
         out_console().print(summary)
     return 0 if ok else EXIT_NOT_GUARANTEED
 
 
-def _print_table(verdicts: Sequence[Any], label: str) -> None:
+def shown_verdicts(
+    verdicts: Sequence[Any], audited: str | None = None, show_all: bool = False
+) -> list[Any]:
+    """The rows a table shows: every verdict with ``show_all``, else the certified
+    layers, the default layer and the audited one, in execution order."""
+    if show_all:
+        return list(verdicts)
+    return [
+        v for v in verdicts
+        if v.guaranteed or v.default or (audited is not None and audited in (v.layer, *v.aliases))
+    ]  # fmt: skip
+
+
+def _print_table(
+    verdicts: Sequence[Any], label: str, audited: str | None = None, show_all: bool = False
+) -> None:
     from rich.table import Table
 
+    rows = shown_verdicts(verdicts, audited, show_all)
     table = Table(title=f"HiResCAM audit of {label}", title_justify="left")
     table.add_column("layer", no_wrap=True)
     table.add_column("guaranteed", justify="center")
     table.add_column("why", overflow="fold")
-    for v in verdicts:
+    for v in rows:
         name = v.layer + (" (default)" if v.default else "")
         if v.aliases:
             name += f"\n= {', '.join(v.aliases)}"
         table.add_row(name, "yes" if v.guaranteed else "no", v.reason)
-    out_console().print(table)
+    console = out_console()
+    console.print(table)
+    hidden = len(verdicts) - len(rows)
+    if hidden:
+        console.print(
+            f"and {hidden} other layer(s) where HiResCAM is not guaranteed (--all lists "
+            "every layer)"
+        )

@@ -18,6 +18,7 @@ Under ``torchrun --nproc-per-node N`` (env ``RANK``/``WORLD_SIZE``) rank r takes
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -34,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .console import items_progress, out_console
+from hirescam3d import stages
+
+from .console import items_progress, out_console, throughput
 from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
 from .explain import ExplainOptions, check_options, run_pipeline
 from .models import load_checked
@@ -137,7 +140,27 @@ def read_manifest(path: Path) -> list[Source]:
         raise CLIUsageError(f"manifest {path}: malformed CSV ({err})") from err
     if not rows:
         raise CLIUsageError(f"manifest {path}: has a header but no rows")
+    check_duplicate_rows(path, rows)
     return rows
+
+
+def check_duplicate_rows(manifest: Path, rows: Sequence[Source]) -> None:
+    """CLIUsageError listing the scans a manifest names on more than one row (each would be
+    explained twice, or one row silently dropped)."""
+    lines: dict[str, list[int]] = {}
+    for line, row in enumerate(rows, start=2):
+        lines.setdefault(os.path.realpath(row.path), []).append(line)
+    repeated = {p: ls for p, ls in lines.items() if len(ls) > 1}
+    if repeated:
+        shown = "; ".join(
+            f"{Path(p).name} on lines {', '.join(map(str, ls))}"
+            for p, ls in list(repeated.items())[:3]
+        )
+        more = f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        raise CLIUsageError(
+            f"manifest {manifest}: {len(repeated)} scan{'s are' if len(repeated) > 1 else ' is'}"
+            f" listed more than once ({shown}{more}); keep one row per scan"
+        )
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Source]:
@@ -171,7 +194,12 @@ def collect_inputs(inputs: Sequence[str]) -> list[Source]:
             raise CLIUsageError(f"input {path}: no such file or folder; check the path")
     unique: dict[str, Source] = {}
     for source in found:
-        unique.setdefault(os.path.abspath(source.path), source)
+        first = unique.setdefault(os.path.abspath(source.path), source)
+        if first is not source and (first.id, first.region) != (source.id, source.region):
+            raise CLIUsageError(
+                f"input {source.path} is given twice with different ids or regions "
+                f"({first.id or '-'} / {source.id or '-'}); list each scan once"
+            )
     return list(unique.values())
 
 
@@ -403,6 +431,29 @@ class Distributed:
 Explain = Callable[..., tuple[Any, dict[str, Path]]]
 
 
+def reads_ahead(
+    item: BatchItem, out: Path, opts: ExplainOptions, signature: dict[str, Any]
+) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
+    """The reads :func:`hirescam3d.pipeline.explain_scan` will make for ``item`` (its scan
+    and the organ map), for :class:`hirescam3d.stages.ReadAhead`; none for an item that
+    :func:`process_item` will skip."""
+    from hirescam3d import io
+    from hirescam3d.organs import load_organ_map
+
+    if not opts.force:
+        if item.region is not None:
+            signature = {**signature, "region": os.path.abspath(item.region)}
+        if done_state(out / item.id, signature) != "todo":
+            return {}
+    reads: dict[Any, tuple[Any, tuple[Any, ...]]] = {
+        stages.scan_key(item.path, opts.series): (io.read_scan, (item.path, opts.series))
+    }
+    if opts.organs is not None:
+        reads[stages.organs_key(opts.organs, opts.organ_names)] = (
+            load_organ_map, (opts.organs, opts.organ_names))  # fmt: skip
+    return reads
+
+
 def process_item(
     item: BatchItem,
     out: Path,
@@ -515,6 +566,9 @@ def batch_command(
     work; ``explain`` replaces :func:`run_pipeline` (tests).
     """
     explain = explain or run_pipeline
+    from .explain import check_out_folder
+
+    check_out_folder(out)
     items = assign_ids(collect_inputs(inputs))
     opts = check_options(opts)
     check_item_regions(items, opts)
@@ -531,7 +585,9 @@ def batch_command(
             "permissions"
         )
     dist = Distributed(opts.device)
+    lock = OutputFolderLock(out, dist, opts.wait)  # one writer per --out (rank 0 holds it)
     try:
+        lock.acquire()
         if dist.rank == 0:
             fold_rank_logs(out)  # records of an earlier, interrupted run
         run_id = dist.broadcast(f"{_now()}-{uuid.uuid4().hex[:8]}")
@@ -540,18 +596,24 @@ def batch_command(
         log = RankLog(out, dist.rank)
         prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
         show = not quiet and dist.rank == 0
-        with items_progress(show) as progress:
+        with items_progress(show) as progress, stages.read_ahead() as ahead:
             label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
-            task = progress.add_task(label, total=len(mine))
-            for item in mine:
+            task = progress.add_task(label, total=len(mine), rate="")
+            worked, work_s = 0, 0.0  # scans explained (not skipped) and their seconds
+            for index, item in enumerate(mine):
+                left, item_start = len(mine) - index - 1, time.perf_counter()
                 progress.update(task, description=f"{label}: {item.path.name}")
+                if index + 1 < len(mine) and explain is run_pipeline:  # read k+1 during k
+                    ahead.start(reads_ahead(mine[index + 1], out, opts, signature))
                 record = process_item(item, out, opts, loaded, signature, explain, debug)
                 record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
                 log.add(record)
                 if record["status"] == "failed":
                     where = "" if str(item.path) in record["error"] else f"{item.path}: "
                     print_error(f"{prefix}{where}{record['error']}")
-                progress.advance(task)
+                if record["status"] != "skipped":
+                    worked, work_s = worked + 1, work_s + time.perf_counter() - item_start
+                progress.update(task, advance=1, rate=throughput(worked, work_s, left))
         failed_here = sum(r["status"] == "failed" for r in log.records)
         dist.barrier()
         failed = dist.total(failed_here)
@@ -564,5 +626,39 @@ def batch_command(
                 print_batch_summary(records, out)
         dist.barrier()
     finally:
+        lock.release()
         dist.close()
     return 1 if failed else 0
+
+
+class OutputFolderLock:
+    """The lock of ``--out`` (:mod:`hirescam3d.out_lock`) for a batch: rank 0 takes it and
+    tells the other ranks whether it got it; while it holds it, it removes the temporary
+    folders of killed runs (:func:`hirescam3d.staging.remove_stale_staging`)."""
+
+    def __init__(self, out: Path, dist: Distributed, wait: bool) -> None:
+        self.out, self.dist, self.wait = out, dist, wait
+        self._held: contextlib.ExitStack | None = None
+
+    def acquire(self) -> None:
+        from hirescam3d.errors import HiResCAMError
+        from hirescam3d.out_lock import output_lock
+        from hirescam3d.staging import remove_stale_staging
+
+        refused = None
+        if self.dist.rank == 0:
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(output_lock(self.out, "hirescam3d batch", wait=self.wait))
+                self._held = stack
+                remove_stale_staging(self.out, depth=1)
+            except HiResCAMError as err:
+                refused = str(err)
+        refused = self.dist.broadcast(refused)
+        if refused:
+            raise HiResCAMError(refused)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None

@@ -16,6 +16,7 @@ from .errors import CLIUsageError, print_warning, warnings_to_stderr
 from .explain import (
     ExplainOptions,
     check_options,
+    check_out_folder,
     default_out_dir,
     region_arg,
     require_path,
@@ -27,6 +28,21 @@ DEFAULT_METHODS = ["hirescam", "gradcam"]
 
 def _fmt(value: object) -> str:
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def check_mask_not_empty(mask: Path) -> None:
+    """InputError (exit 1, as --region) for a --mask without any nonzero voxel; checked
+    before the model loads or any folder is made."""
+    import numpy as np
+
+    from hirescam3d.errors import InputError
+    from hirescam3d.io import read_image
+
+    if not np.any(np.asarray(read_image(mask)[0])):
+        raise InputError(
+            f"--mask {mask} is empty (every voxel is 0): the localisation metrics need a "
+            "finding to compare with; pass the finding's mask (nonzero = finding)"
+        )
 
 
 def compare_command(
@@ -43,6 +59,9 @@ def compare_command(
 
     require_path(scan, "scan")
     require_path(mask, "--mask")
+    check_out_folder(out)
+    if mask is not None:
+        check_mask_not_empty(mask)
     if len(opts.findings) != 1:
         raise CLIUsageError(
             "compare explains one finding: pass exactly one --finding NAME "

@@ -65,8 +65,20 @@ def stage_progress(enabled: bool, description: str = "explaining") -> Iterator[S
         yield update
 
 
+def throughput(done: int, seconds: float, left: int, unit: str = "scans") -> str:
+    """``"2.4 scans/min, 0:12:30 left"``: the rate of the ``done`` items that took
+    ``seconds`` and the time the ``left`` ones need at that rate ("" before the first)."""
+    if done <= 0 or seconds <= 0:
+        return ""
+    per_min = 60.0 * done / seconds
+    remaining = round(left * seconds / done)
+    h, rest = divmod(remaining, 3600)
+    return f"{per_min:.1f} {unit}/min, {h}:{rest // 60:02d}:{rest % 60:02d} left"
+
+
 def items_progress(enabled: bool) -> Progress:
-    """A multi-item progress display (``M/N`` items) on stderr.
+    """A multi-item progress display (``M/N`` items, then the task's ``rate`` field, e.g.
+    :func:`throughput`) on stderr.
 
     Disabled when not ``enabled`` or when stderr is not a terminal (logs stay clean).
     """
@@ -76,6 +88,7 @@ def items_progress(enabled: bool) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,

@@ -1,8 +1,9 @@
 """How the CLI reports problems: one ``error: ...`` line on stderr and an exit code.
 
 Exit codes: 0 success, 1 runtime failure (unreadable or corrupt file, failing model,
-read-only output folder, a failed batch item), 2 usage error (bad option, missing path,
-unknown model, finding, layer or method), 130 interrupted.
+read-only or locked output folder, a failed batch item), 2 usage error (bad option or
+combination of options, missing path, unknown model, finding, layer, method or DICOM
+series UID), 3 ``audit``: not guaranteed, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ try:  # typer >= 0.25 vendors click and exposes its exception base as TyperExcep
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import ClickException as _ClickException
 
-from hirescam3d.errors import HiResCAMError, LayerError, TargetError
+from hirescam3d.errors import HiResCAMError, LayerError, OptionError, TargetError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -36,7 +37,9 @@ class CLIUsageError(HiResCAMError):
 
 
 # Library errors that mean "the command line asked for something that does not exist".
-USAGE_ERRORS: tuple[type[BaseException], ...] = (CLIUsageError, TargetError, LayerError)
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    CLIUsageError, TargetError, LayerError, OptionError,
+)
 
 
 def exit_code_for(err: BaseException) -> int:

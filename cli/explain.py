@@ -44,6 +44,7 @@ class ExplainOptions:
     roi_size: tuple[int, ...] | None = None
     overlap: float = 0.25
     sw_batch_size: int = 1
+    wait: bool = False  # queue behind another run holding --out's lock (not an output option)
     # The resolved model (hirescam3d.handle.ModelHandle), set by check_options.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -100,6 +101,7 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
         opts.formats = ",".join(check_formats(opts.formats))
     except HiResCAMError as err:
         raise CLIUsageError(f"--format: {err}") from err
+    check_value_options(opts)
     require_path(opts.organs, "--organs")
     require_path(opts.organ_names, "--organ-names")
     if not opts.methods:
@@ -117,6 +119,51 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
                 "--device cuda: no CUDA device is available here; use --device cpu or auto"
             )
     return opts
+
+
+def check_value_options(opts: ExplainOptions) -> None:
+    """CLIUsageError (exit 2) for values that cannot mean anything: a NaN/inf or
+    out-of-range --seg-threshold, --values logit with methods that have no units."""
+    import math
+
+    t = opts.seg_threshold
+    if not math.isfinite(t):
+        raise CLIUsageError(f"--seg-threshold must be a finite number; got {t}")
+    if "dicom-seg" in opts.formats.split(",") and opts.values == "unit" and not 0.0 < t <= 1.0:
+        raise CLIUsageError(
+            f"--seg-threshold {t:g} lies outside the maps' values: --values unit maps hold "
+            "[0, 1], so a threshold outside (0, 1] segments nothing or everything; choose one "
+            "in (0, 1], e.g. 0.5"
+        )
+    methods = [m.lower() for m in opts.methods or ["hirescam"]]
+    if opts.values == "logit" and any(m != "hirescam" for m in methods):
+        other = ", ".join(dict.fromkeys(m for m in methods if m != "hirescam"))
+        raise CLIUsageError(
+            f"--values logit gives HiResCAM's contributions in logits; --method {other} "
+            "maps have no units: drop --values logit, or use --method hirescam only"
+        )
+
+
+def check_out_folder(out: Path | None) -> None:
+    """CLIUsageError (exit 2) when --out names something that is not a folder."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CLIUsageError(
+            f"--out {out} is a file, not a folder (--force does not replace it); choose a "
+            "folder for the outputs"
+        )
+
+
+def check_series_option(scan: Path, series: str | None) -> None:
+    """CLIUsageError (exit 2) for --series on a scan that is not DICOM."""
+    if series is None or Path(scan).is_dir():
+        return
+    from hirescam3d.io import looks_like_dicom
+
+    if Path(scan).suffix.lower() != ".dcm" and not looks_like_dicom(Path(scan)):
+        raise CLIUsageError(
+            f"--series selects a series of a DICOM folder, and {scan} is not DICOM; drop "
+            "--series"
+        )
 
 
 def check_segmentation_options(opts: ExplainOptions) -> None:
@@ -246,8 +293,25 @@ def explain_command(
     from hirescam3d.pipeline import PROBABILITY_THRESHOLD as THRESHOLD
 
     require_path(scan, "scan")
+    check_out_folder(out)
+    check_series_option(scan, opts.series)
+    from .explain2d import explain_2d_command, route
+
+    if route(scan, opts):  # a 2D image and a 2D model: hirescam3d.explain2d
+        return explain_2d_command(scan, out, opts, json_out, quiet, debug)
     opts = check_options(opts)
+    from hirescam3d.input_checks import precheck_scan_file
+
+    precheck_scan_file(scan)  # header-only problems before the model loads
     out = Path(out) if out is not None else default_out_dir(scan)
+    check_out_folder(out)
+    if opts.handle.source == "nnunet":  # nnU-Net's own preprocessing, tiles and export
+        from hirescam3d.out_lock import output_lock
+
+        from .nnunet import explain_nnunet_command
+
+        with output_lock(out, "hirescam3d explain", wait=opts.wait), warnings_to_stderr(debug):
+            return explain_nnunet_command(scan, out, opts, json_out, quiet)
     rule = f"probability >= {THRESHOLD}"
     if opts.handle.kind == "segmentation":
         rule = (
@@ -260,7 +324,12 @@ def explain_command(
             "(use --finding NAME or --all-findings to choose)",
             quiet,
         )
-    with warnings_to_stderr(debug) as shown, stage_progress(not quiet) as progress:
+    from hirescam3d.out_lock import output_lock
+    from hirescam3d.staging import remove_stale_staging
+
+    with output_lock(out, "hirescam3d explain", wait=opts.wait), warnings_to_stderr(debug) \
+            as shown, stage_progress(not quiet) as progress:  # fmt: skip
+        remove_stale_staging(out, depth=0)  # what a killed run left (we hold the lock)
         progress("loading model", 0.0)
         loaded = load_checked(opts.handle, opts.layer)
         result, paths = run_pipeline(scan, out, opts, loaded, progress)

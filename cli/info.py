@@ -7,6 +7,7 @@ and runs the audit (:meth:`hirescam3d.handle.ModelHandle.layers`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -55,41 +56,65 @@ def models_command(json_out: bool = False) -> None:
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
+    from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="Model zoo (default: demo)", title_justify="left")
+    # One line per model at 80 columns; the descriptions follow, wrapped at full width.
+    table = Table(title="Model zoo (default: demo *)", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("name", no_wrap=True)
-    table.add_column("trained")
-    table.add_column("input")
-    table.add_column("classes", justify="right")
-    table.add_column("description", overflow="fold")
+    table.add_column("trained", no_wrap=True)
+    table.add_column("input", no_wrap=True)
+    table.add_column("classes", justify="right", no_wrap=True)
     for row in rows:
         name = row["name"] + (" *" if row["default"] else "")
-        table.add_row(
-            name, row["trained"], row["input"], str(len(row["findings"])), row["description"]
-        )
+        table.add_row(name, row["trained"], row["input"], str(len(row["findings"])))
     console = out_console()
     console.print(table)
+    about = Table.grid(padding=(0, 2))
+    about.add_column(no_wrap=True)
+    about.add_column(overflow="fold")
+    for row in rows:
+        about.add_row(Text(row["name"], style="bold"), row["description"])
+    console.print(about)
     console.print(
         "Untrained models give explanations of random weights (for testing pipelines); "
-        "pass a bundle folder to --model to use your own."
+        "pass a bundle folder to --model to use your own.",
+        soft_wrap=False,
     )
 
 
 def findings_command(model: str | None, json_out: bool = False) -> None:
-    names = resolve_handle(model).class_names
+    handle = resolve_handle(model)
+    names = handle.class_names
     if json_out:
         sys.stdout.write(json.dumps(list(names)) + "\n")
     else:
+        if handle.source == "bundle":  # a MONAI bundle: its metadata's name and version
+            from hirescam3d.bundle import monai_bundle_title
+
+            title = monai_bundle_title(handle.bundle_path)
+            sys.stdout.write(f"# {title}\n" if title else "")
         sys.stdout.write("".join(f"{n}\n" for n in names))
 
 
-def layer_rows(model: str | None) -> tuple[list[dict[str, Any]], str]:
+def layer_rows(
+    model: str | None, input_shape: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
     """The layers explain accepts for ``model``'s input, each with its computed verdict,
-    and the default layer. Loads the model, so a corrupt bundle fails here (exit 1)."""
-    handle = resolve_handle(model)
+    and the default layer. ``model``: what ``audit`` takes (a zoo name, a bundle folder or
+    ``module:callable`` with ``input_shape``, e.g. ``"1x64x64x64"``). Loads the model, so
+    a corrupt bundle fails here (exit 1)."""
+    from .audit import parse_shape, run_audit
+
+    verdicts, default, _ = run_audit(model, None, parse_shape(input_shape))
+    if default is None:  # a user's module without one: the deepest certified layer
+        certified = [v for v in verdicts if v.guaranteed]
+        if certified:
+            default = certified[-1].layer
+            verdicts = [dataclasses.replace(v, default=v.layer == default) for v in verdicts]
     rows = []
-    for verdict in handle.layers():
+    for verdict in verdicts:
         rows.append(
             {
                 "name": verdict.layer,
@@ -102,7 +127,7 @@ def layer_rows(model: str | None) -> tuple[list[dict[str, Any]], str]:
                 "aliases": list(getattr(verdict, "aliases", ()) or ()),
             }
         )
-    return rows, handle.default_layer
+    return rows, default
 
 
 def _why(row: dict[str, Any]) -> str:
@@ -114,8 +139,10 @@ def _why(row: dict[str, Any]) -> str:
     return row["reason"]
 
 
-def layers_command(model: str | None, json_out: bool = False) -> None:
-    rows, default = layer_rows(model)
+def layers_command(
+    model: str | None, json_out: bool = False, input_shape: str | None = None
+) -> None:
+    rows, default = layer_rows(model, input_shape)
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return

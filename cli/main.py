@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 
 from .errors import OneLineErrorGroup, reported_errors
+from .models import use_bundle_options
+from .nnunet import Checkpoint, Folds, Mirror, use_nnunet_options
 from .view import view
 
 
@@ -57,8 +59,9 @@ app = typer.Typer(
     help="Faithful explanations (HiResCAM, Grad-CAM, CAM) of 3D CT classifiers, written as "
     "NIfTI volumes that overlay on the scan in any viewer.",
     epilog="Exit codes: 0 ok; 1 runtime failure (unreadable scan, corrupt checkpoint, "
-    "existing outputs without --force, unwritable folder, a failed batch item); 2 usage error "
-    "(bad option, missing path, unknown model, finding or layer).",
+    "existing outputs without --force, unwritable or locked folder, a failed batch item); 2 "
+    "usage error (bad option or combination, missing path, unknown model, finding, layer or "
+    "series); 3 audit: not guaranteed; 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -82,6 +85,8 @@ def _root(
     ] = False,
 ) -> None:
     """Explain which voxels a CT classifier used for each finding."""
+    use_bundle_options(None, False)  # each command starts from no model options
+    use_nnunet_options()
 
 
 # -- options shared by explain and batch --------------------------------------------------
@@ -114,6 +119,25 @@ Model = Annotated[
     str | None,
     typer.Option(
         "--model", help="Zoo model name or bundle folder. Default: demo.", show_default=False
+    ),
+]
+BundleConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="A MONAI bundle's config file in its configs/ (e.g. inference.yaml). "
+        "Default: inference.json, .yaml or .yml.",
+        metavar="NAME",
+        show_default=False,
+    ),
+]
+TrustBundle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-bundle",
+        help="Let MONAI's ConfigParser run the bundle's config (its $ expressions and "
+        "_target_ classes): the same trust as `python -m monai.bundle run`. Weights still "
+        "load as tensors only.",
     ),
 ]
 Layer = Annotated[
@@ -192,7 +216,7 @@ Formats = Annotated[
         help="Output formats, comma-separated: nifti; dicom (a DICOM Parametric Map per map); "
         "dicom-seg (a DICOM Segmentation of each map at --seg-threshold). For a scan that "
         "is not DICOM, DICOM outputs come with the scan as a DICOM CT series "
-        "(<stem>_ct_dicom/) that they reference.",
+        "(<stem>_ct_dicom/) that they reference. 2D images: nifti and/or png (16-bit map).",
     ),
 ]
 SegThreshold = Annotated[
@@ -259,6 +283,14 @@ Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, tables or notes.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+Wait = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="If another run is writing into --out, wait for it to finish instead of "
+        "refusing (one writer per output folder).",
+    ),
+]
 
 
 def _options(finding, all_findings, method, model, layer, organs, organ_names, png, device, force,  # noqa: ANN001, ANN202, E501 - plain pass-through of the typed options above
@@ -315,14 +347,22 @@ def explain(
     sw_batch_size: SwBatchSize = 1,
     device: Device = DeviceChoice.auto,
     force: Force = False,
+    wait: Wait = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
+    mirror: Mirror = None,
     debug: Debug = False,
 ) -> None:
     """Explain one scan: <stem>_<finding>_<method>.nii.gz on the scan's grid + report.json.
 
     For a segmentation model, a finding's score is its logits summed over a region
     (--region); --roi-size explains scans larger than the model's window."""
+    use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint, mirror)
     from .explain import explain_command
 
     opts = _options(
@@ -330,6 +370,7 @@ def explain(
         values, dtype, grid, formats, seg_threshold, series, region, roi_size, overlap,
         sw_batch_size,
     )
+    opts.wait = wait
     with reported_errors(debug):
         explain_command(scan, out, opts, json_out=json_out, quiet=quiet, debug=debug)
 
@@ -369,13 +410,17 @@ def batch(
     roi_size: RoiSize = None,
     overlap: Overlap = 0.25,
     sw_batch_size: SwBatchSize = 1,
+    wait: Wait = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
     debug: Debug = False,
 ) -> None:
     """Explain many scans; resumable, and sharded over ranks under torchrun.
 
     Segmentation models: a CSV manifest's 'region' column gives each scan's mask."""
+    use_bundle_options(config, trust_bundle)
     from .batch import batch_command
 
     opts = _options(
@@ -383,6 +428,7 @@ def batch(
         values, dtype, grid, formats, seg_threshold, None,
         None if region is None else region.value, roi_size, overlap, sw_batch_size,
     )
+    opts.wait = wait
     with reported_errors(debug):
         code = batch_command(inputs, out, opts, json_out=json_out, quiet=quiet, debug=debug)
     raise typer.Exit(code)
@@ -398,21 +444,67 @@ def models(json_out: Json = False, debug: Debug = False) -> None:
 
 
 @app.command()
-def findings(model: Model = None, json_out: Json = False, debug: Debug = False) -> None:
+def findings(
+    model: Model = None,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
+    json_out: Json = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
+    debug: Debug = False,
+) -> None:
     """List the findings (classes) a model predicts."""
+    use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint)
     from .info import findings_command
 
     with reported_errors(debug):
         findings_command(model, json_out=json_out)
 
 
+AuditModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Zoo name, bundle folder, or module:callable returning your nn.Module. "
+        "Default: demo.",
+        show_default=False,
+    ),
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="One input's shape without batch, e.g. 1x96x128x128 (C x spatial); needed "
+        "for module:callable.",
+        show_default=False,
+    ),
+]
+AllRows = Annotated[
+    bool, typer.Option("--all", help="Show every layer (default: the certified ones, the "
+                       "default and a count of the rest).")
+]
+
+
 @app.command()
-def layers(model: Model = None, json_out: Json = False, debug: Debug = False) -> None:
+def layers(
+    model: AuditModel = None,
+    input_shape: InputShape = None,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
+    json_out: Json = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
+    debug: Debug = False,
+) -> None:
     """List a model's explanation layers and where HiResCAM is guaranteed faithful."""
+    use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint)
     from .info import layers_command
 
     with reported_errors(debug):
-        layers_command(model, json_out=json_out)
+        layers_command(model, json_out=json_out, input_shape=input_shape)
+
 
 
 @app.command()
@@ -436,14 +528,32 @@ def audit(
             show_default=False,
         ),
     ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            help="For a model that returns a tuple, list or dict: the INDEX or KEY of the "
+            "logits to explain (as Explainer(..., output_selector=...) in Python).",
+            metavar="INDEX|KEY",
+            show_default=False,
+        ),
+    ] = None,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
+    show_all: AllRows = False,
     json_out: Json = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
     debug: Debug = False,
 ) -> None:
     """Compute whether HiResCAM is guaranteed faithful at a layer (exit 0 yes, 3 no)."""
+    use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint)
     from .audit import audit_command
 
     with reported_errors(debug):
-        code = audit_command(model, layer, input_shape, json_out=json_out)
+        code = audit_command(model, layer, input_shape, json_out=json_out, output=output,
+                             show_all=show_all)  # fmt: skip
     raise typer.Exit(code)
 
 
@@ -487,9 +597,12 @@ def compare(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: BundleConfig = None,
+    trust_bundle: TrustBundle = False,
     debug: Debug = False,
 ) -> None:
     """Compare methods on one finding (one pass): <stem>_<finding>_compare.png + compare.json."""
+    use_bundle_options(config, trust_bundle)
     from .compare import DEFAULT_METHODS, compare_command
 
     opts = _options(finding, False, method, model, layer, organs, organ_names, False, device,

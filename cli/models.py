@@ -19,6 +19,22 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 DEFAULT_MODEL = "demo"
 
+# --config NAME / --trust-bundle of this run (one command per process), for bundle folders
+BUNDLE_OPTIONS: dict[str, Any] = {}
+
+
+def use_bundle_options(config: str | None, trust: bool) -> None:
+    """Remember ``--config``/``--trust-bundle`` for :func:`resolve_handle`; with trust,
+    say on stderr what it means (MONAI's ConfigParser runs the config)."""
+    BUNDLE_OPTIONS.clear()
+    BUNDLE_OPTIONS.update({k: v for k, v in (("config", config), ("trust", trust)) if v})
+    if trust:
+        import sys
+
+        from hirescam3d.bundle_config import TRUST_WARNING
+
+        print(f"warning: {TRUST_WARNING}", file=sys.stderr)
+
 
 def resolve_handle(model: str | None) -> ModelHandle:
     """The handle ``--model`` names (default ``demo``); no weights read.
@@ -26,10 +42,19 @@ def resolve_handle(model: str | None) -> ModelHandle:
     CLIUsageError (exit 2) for an unknown zoo name (listing the valid ones and close
     matches), a missing path, a file or a folder that is not a bundle.
     """
+    import warnings
+
     from hirescam3d.handle import ModelHandle, ModelNotFoundError
 
     try:
-        return ModelHandle.resolve(DEFAULT_MODEL if model is None else str(model))
+        with warnings.catch_warnings():  # the trust warning was printed once already
+            warnings.simplefilter("ignore", UserWarning)
+            handle = ModelHandle.resolve(
+                DEFAULT_MODEL if model is None else str(model), **BUNDLE_OPTIONS
+            )
+        from .nnunet import with_nnunet_options
+
+        return with_nnunet_options(handle)
     except ModelNotFoundError as err:
         text = str(err)
         raise CLIUsageError(

@@ -171,10 +171,11 @@ def _numerical_checks(
     acts = captured[-1]
     n_classes = int(output_shape[1]) if len(output_shape) > 1 else 1
     region = probe_region(output_shape, seed) if len(output_shape) > 2 else None
+    # completeness per class costs k x output in memory: many-class networks (e.g. the
+    # 105 classes of MONAI's wholeBody_ct_segmentation) are checked on a spread of classes
+    targets = sorted({*range(min(n_classes, 4)), n_classes // 2, n_classes - 1})
     with model_state_restored(network):
-        result = explainer.explain(
-            x, list(range(n_classes)), ["hirescam"], maps=False, region=region
-        )
+        result = explainer.explain(x, targets, ["hirescam"], maps=False, region=region)
         g = torch.Generator().manual_seed(seed)
         scale = float(acts.abs().mean()) or 1.0
         a = torch.randn(acts.shape, generator=g).to(acts) * scale
@@ -194,7 +195,7 @@ def _numerical_checks(
         (fa - f0).abs().max(), (fb - f0).abs().max()
     ).clamp_min(tiny)
     total = result["hirescam"].raw[0].flatten(1).double().sum(1).float()
-    gain = fx - f0_total
+    gain = fx - f0_total[targets]
     comp = (total - gain).abs().max() / gain.abs().max().clamp_min(tiny)
     return float(comp), float(lin), f0
 

@@ -18,10 +18,16 @@ Two formats are read:
 
 - **hirescam3d bundles** (saved by :func:`save_bundle`): the metadata has a
   ``"hirescam3d"`` section (class names, layer, guarantee, task, input).
-- **MONAI bundles** (no ``"hirescam3d"`` section), as MONAI's model zoo writes them:
-  ``network_def`` names a network of :data:`hirescam3d.models.MONAI_NETWORKS`
-  (``"UNet"`` or ``"monai.networks.nets.UNet"``). From ``metadata.json``'s
-  ``network_data_format``:
+- **MONAI bundles** (no ``"hirescam3d"`` section), as MONAI's model zoo publishes them:
+  ``configs/inference.json``, ``.yaml`` or ``.yml`` (or ``config=NAME``) is resolved by
+  :mod:`hirescam3d.bundle_config` (references, macros, a safe subset of ``$``
+  expressions; with ``trust=True`` by MONAI's own ``ConfigParser``) and read by
+  :mod:`hirescam3d.bundle_monai` (network_def, preprocessing, inferer, postprocessing
+  only). ``network_def`` names any network of ``monai.networks.nets`` (``"UNet"`` or
+  ``"monai.networks.nets.UNet"``; any importable class with trust); the preprocessing
+  may use any MONAI dictionary transform; weights may be ``{"model": state_dict}``; weights,
+  configs and macro files must lie inside the bundle folder unless trusted. From
+  ``metadata.json``'s ``network_data_format``:
 
   - class names: ``outputs.pred.class_names`` (a list, e.g. for classifiers) if present,
     else ``outputs.pred.channel_def`` (``{"0": "background", "1": "liver"}``);
@@ -38,7 +44,13 @@ Two formats are read:
   - input: ``inputs.image.num_channels`` and ``spatial_shape`` (numbers: the network's
     input, or its sliding window when ``is_patch_data``), ``spatial_dims`` from the
     ``network_def``; orientation, spacing and intensity window from the preprocessing;
-  - preprocessing: ``inference.json``'s ``preprocessing`` (a ``Compose`` or a list).
+  - preprocessing: the config's ``preprocessing`` (a ``Compose`` or a list), resolved;
+  - inferer (:attr:`ModelInfo.inferer`): ``SimpleInferer`` or ``SlidingWindowInferer``
+    (its window, overlap, mode and batch become the sliding-window explanation), or
+    ``SliceInferer`` (a 2D network over volumes; orientation and spacing then describe
+    the volume, not the network's input, and are not recorded in ``input``);
+  - postprocessing (:attr:`ModelInfo.postprocessing`): with ``Invertd``, the steps that
+    put the prediction on the scan's grid, in the bundle's order.
 
   The default layer is not recorded: :meth:`hirescam3d.handle.ModelHandle.load` chooses
   it with the audit (``target_layer`` is ``""`` until then).
@@ -56,6 +68,7 @@ import hashlib
 import json
 import pickle
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +84,8 @@ from .models import (
 )
 
 if TYPE_CHECKING:  # torch loads only with the functions that use it (fast listings)
+    from collections.abc import Sequence
+
     import torch
     from torch import nn
 
@@ -251,7 +266,7 @@ class ModelInfo:
     preprocessing: list[dict[str, Any]]
     task: str
     guaranteed: bool
-    trained: bool
+    trained: bool | None  # None: unknown (a user's bundle or network)
     weights_sha256: str | None = None
     bundle_path: Path | None = None
     version: str = "0.1.0"
@@ -260,6 +275,12 @@ class ModelInfo:
     patch: bool = False
     notes: tuple[str, ...] = ()
     bundle_format: str = "hirescam3d"
+    inferer: dict[str, Any] | None = None  # a MONAI bundle's inferer (resolved spec)
+    trusted: bool = False  # the config was resolved by MONAI's ConfigParser (--trust-bundle)
+    # a MONAI bundle's steps to the scan's grid (bundle_monai.scan_postprocessing); [] none
+    postprocessing: list[dict[str, Any]] = field(default_factory=list)
+    # the predicted masks' thresholds and component sizes (seg_postprocess); None: logit >= 0
+    mask_postprocessing: Any = None
 
     @property
     def activation(self) -> str:
@@ -362,6 +383,8 @@ def _metadata(info: ModelInfo, sha: str) -> dict[str, Any]:
             "input": spec.to_dict(),
             "weights_sha256": sha,
             "training": info.training,
+            **({"mask_postprocessing": info.mask_postprocessing.to_dict()}
+               if info.mask_postprocessing is not None else {}),
         },
     }
 
@@ -428,9 +451,15 @@ not a medical device.
 
 def save_bundle(
     network: nn.Module,
-    info: ModelInfo,
-    path: str | Path,
+    info: ModelInfo | str | Path | None = None,
+    path: str | Path | None = None,
     network_def: dict[str, Any] | None = None,
+    *,
+    sample: torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    task: str | None = None,
+    name: str | None = None,
+    input: InputSpec | None = None,
 ) -> Path:
     """Write ``network`` and ``info`` as a MONAI bundle folder (hirescam3d format).
 
@@ -439,7 +468,33 @@ def save_bundle(
     ``{"_target_": "UNet", **literal kwargs}`` it was built from (checked: the network
     rebuilt from it must have the same state-dict keys and shapes). Returns the folder.
     The state dict is saved as plain tensors, so it loads with ``weights_only=True``.
+
+    Without ``info``, ``save_bundle(network, path, network_def, sample=x)`` infers it
+    from the network and ``sample``, one input ``(1, C, *spatial)``: the kind
+    (classification for logits ``(1, K)``, segmentation for ``(1, K, *spatial)``), the
+    class count K (names ``class_names`` or ``class_0``..), the default layer (the
+    audit's deepest certified layer) and its verdict. ``task``: ``"multiclass"``
+    (softmax; the default for K > 1) or ``"multilabel"`` (sigmoid; the default for K = 1).
+    ``input``: an :class:`InputSpec` (orientation, spacing, window) if known; default the
+    sample's channels and size only. The saved bundle is then loaded back and must
+    reproduce the network's output on ``sample``.
     """
+    if isinstance(info, (str, Path)):  # save_bundle(network, path[, network_def], ...)
+        if isinstance(path, dict) and network_def is None:
+            network_def, path = path, None
+        if path is None:
+            info, path = None, info
+    if path is None:
+        raise ModelError("save_bundle: give the folder to write (path=)")
+    if info is None:
+        if sample is None:
+            raise ModelError(
+                "save_bundle: give info= (a ModelInfo) or sample= (one input (1, C, *spatial)) "
+                "to infer it from"
+            )
+        info = infer_info(network, sample, class_names, task, name, input)
+    elif not isinstance(info, ModelInfo):
+        raise ModelError(f"save_bundle: info must be a ModelInfo, not {type(info).__name__}")
     if info.kind not in KINDS:
         raise ModelError(f"kind {info.kind!r} is not one of {', '.join(KINDS)}")
     if network_def is None:
@@ -463,13 +518,97 @@ def save_bundle(
     (root / INFERENCE).write_text(json.dumps(_inference(network_def, info), indent=2) + "\n")
     (root / README).write_text(_readme(info))
     (root / LICENSE).write_text(LICENSE_TEXT)
+    if sample is not None:
+        _check_reloaded(network, root, sample)
     return root
+
+
+def infer_info(
+    network: nn.Module,
+    sample: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+    task: str | None = None,
+    name: str | None = None,
+    input: InputSpec | None = None,
+) -> ModelInfo:
+    """A :class:`ModelInfo` for ``network`` from one input ``sample`` ``(1, C, *spatial)``
+    (see :func:`save_bundle`); the default layer is chosen by the audit."""
+    from .handle import ModelHandle
+
+    torch = _torch()
+    x = torch.as_tensor(sample)
+    if x.ndim not in (4, 5) or x.shape[0] != 1:
+        raise ModelError(
+            f"save_bundle: sample must be one input (1, C, *spatial) with 2 or 3 spatial axes, "
+            f"got shape {tuple(x.shape)}"
+        )
+    was_training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            out = network(x)
+    finally:
+        network.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim not in (2, x.ndim) or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"save_bundle: the network returns {shape} for a sample of {tuple(x.shape)}; "
+            "expected logits (1, K) or (1, K, *spatial)"
+        )
+    k = int(out.shape[1])
+    names = tuple(str(n) for n in class_names) if class_names else tuple(
+        f"class_{i}" for i in range(k)
+    )
+    if len(names) != k:
+        raise ModelError(f"save_bundle: {len(names)} class_names for {k} output channels")
+    task = task or ("multilabel" if k == 1 else "multiclass")
+    if task not in TASKS:
+        raise ModelError(f"save_bundle: task {task!r} is not one of {', '.join(TASKS)}")
+    spec = input or InputSpec(x.ndim - 2, int(x.shape[1]), tuple(x.shape[2:]), modality="image")
+    title = name or type(network).__name__
+    kind = "segmentation" if out.ndim > 2 else "classification"
+    info = ModelInfo(
+        name=title, description=f"{title}: {kind} of {', '.join(names)}",
+        class_names=names, target_layer="", input=spec,
+        preprocessing=preprocessing_transforms(spec), task=task, guaranteed=False,
+        trained=None, kind=kind,
+    )  # fmt: skip
+    import dataclasses
+
+    loaded = ModelHandle.from_network(network, info=info).load()[1]
+    return dataclasses.replace(loaded, kind=kind)
+
+
+def _check_reloaded(network: nn.Module, root: Path, sample: torch.Tensor) -> None:
+    """ModelError if the bundle at ``root``, loaded back, does not reproduce ``network``'s
+    output on ``sample``."""
+    torch = _torch()
+    rebuilt, _ = load_bundle(root)
+    was_training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            expected, got = network(sample), rebuilt(sample)
+    finally:
+        network.train(was_training)
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise ModelError(
+            f"{root}: the saved bundle does not reproduce the network's output on the sample "
+            "(does network_def build the same network?)"
+        )
 
 
 # -- loading ------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    from .bundle_config import inside
+
+    if not path.exists() and not path.is_symlink():
         raise ModelError(f"bundle file {path} is missing")
+    inside(path, path.parents[1], "bundle file")  # configs/x.json: the bundle is 2 up
+    if not path.exists():
+        raise ModelError(f"{path}: a symbolic link to {path.resolve()}, which is missing")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a regular file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -495,8 +634,10 @@ def _get(data: dict[str, Any], dotted: str, source: Path) -> Any:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict with ``weights_only=True``; refuse anything but named tensors."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelError(f"weights file {path} is missing")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a regular file; give the weights as a file")
     try:
         state = _torch().load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -510,6 +651,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: cannot read the checkpoint (truncated, corrupt or not a PyTorch file: "
             f"{type(err).__name__}: {str(err)[:200]})"
         ) from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # MONAI's CheckpointSaver: {"model": state_dict, ...}
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, _torch().Tensor) for k, v in state.items()
     ):
@@ -534,9 +677,14 @@ def check_state_dict(network: nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        first = next(
+            (a if a is not None else b)
+            for a, b in zip_longest(expected, state)
+            if a != b
+        )
         raise ModelError(
-            f"{source}: weights do not match the network in the bundle config: keys "
-            + "; ".join(parts)
+            f"{source}: weights do not match the network in the bundle config: first "
+            f"differing key {first!r}; keys " + "; ".join(parts)
         )
     for key, value in state.items():
         if value.shape != expected[key].shape:
@@ -618,6 +766,16 @@ def read_class_names(path: str | Path) -> tuple[str, ...]:
     if not isinstance(names, list):
         raise ModelError(f"{meta_path}: hirescam3d.class_names must be a list")
     return tuple(str(n) for n in names)
+
+
+def monai_bundle_title(path: str | Path) -> str | None:
+    """``"name version"`` a MONAI-format bundle's ``metadata.json`` records (nothing else
+    read); None for a hirescam3d bundle."""
+    root = Path(path)
+    meta = _read_json(root / METADATA)
+    if is_hirescam3d_metadata(meta):
+        return None
+    return f"{meta.get('name') or root.name} {meta.get('version', '')}".rstrip()
 
 
 def short_transform_name(target: Any) -> Any:
@@ -717,13 +875,45 @@ def _monai_kind(pred: dict[str, Any]) -> str:
     return "classification"
 
 
-def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]) -> ModelInfo:
+def monai_preprocessing_specs(
+    specs: list[dict[str, Any]], source: Path, trusted: bool = False
+) -> list[dict[str, Any]]:
+    """A published bundle's resolved preprocessing: each ``_target_`` a MONAI dictionary
+    transform (with ``trusted``: anything), spelled short (``"Spacingd"``)."""
+    from .bundle_monai import dictionary_transform
+
+    out = []
+    for i, spec in enumerate(specs):
+        target = spec.get("_target_")
+        if dictionary_transform(target) is None and not trusted:
+            raise ModelError(
+                f"{source}: preprocessing transform {i} has _target_ {target!r}, which is not a "
+                "MONAI dictionary transform (monai.transforms.*d): pass --trust-bundle to "
+                "build it"
+            )
+        name = short_transform_name(target) if dictionary_transform(target) else target
+        out.append({**spec, "_target_": name})
+    return out
+
+
+def _read_monai_info(
+    root: Path,
+    meta: dict[str, Any],
+    config: str | None = None,
+    trust: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> ModelInfo:
     """:class:`ModelInfo` of a MONAI-format bundle (see the module docstring)."""
-    meta_path, inf_path = root / METADATA, root / INFERENCE
+    from .bundle_monai import inferer_spec, resolve, scan_postprocessing
+
+    meta_path = root / METADATA
+    resolved = resolve(root, config, trust, overrides)
+    inf_path, inference = resolved.source, resolved.as_inference()
     names = _monai_class_names(meta, meta_path)
     pred = _pred(meta, meta_path)
-    target, kwargs = _network_def(inference, inf_path)
-    specs = preprocessing_specs(inference.get("preprocessing", []), inf_path)
+    target, kwargs = _network_def(inference, inf_path, trust)
+    specs = monai_preprocessing_specs(resolved.preprocessing, inf_path, trust)
+    inferer = inferer_spec(resolved.inferer, inf_path)
     notes: list[str] = []
 
     # activation: what the bundle's postprocessing applies, else the metadata, else a guess
@@ -741,7 +931,7 @@ def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]
     else:
         activation = "sigmoid" if len(names) == 1 else "softmax"
         notes.append(
-            f"the bundle states no output activation (no Activationsd in {INFERENCE.as_posix()} "
+            f"the bundle states no output activation (no Activationsd in {inf_path.name} "
             f"postprocessing, no outputs.pred.activation); assuming {activation}"
         )
 
@@ -758,6 +948,9 @@ def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]
         dims = len(shape) if isinstance(shape, list) and shape else 3
     channels = image.get("num_channels", kwargs.get("in_channels", kwargs.get("n_input_channels")))
     size = shape if isinstance(shape, list) else None
+    sliding = inferer is not None and inferer["kind"] == "sliding"
+    if sliding and len(inferer["roi_size"]) == dims:
+        size = inferer["roi_size"]  # the network sees the inferer's windows
     if (
         size is None
         or len(size) != dims
@@ -783,6 +976,8 @@ def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]
     spacing = _number_list(spacing_spec.get("pixdim")) if spacing_spec else None
     if spacing is not None and len(spacing) == 1:
         spacing = spacing * dims
+    if inferer is not None and inferer["kind"] == "slice" and dims == 2:
+        axcodes = spacing = None  # the volume's grid, not the 2D network's slices
     scale = _spec_of(specs, "ScaleIntensityRanged")
     window = None
     if scale and scale.get("b_min", 0) == 0 and scale.get("b_max", 1) == 1:
@@ -815,24 +1010,37 @@ def _read_monai_info(root: Path, meta: dict[str, Any], inference: dict[str, Any]
         bundle_path=root.resolve(),
         version=str(meta.get("version", "")),
         kind=_monai_kind(pred),
-        patch=image.get("is_patch_data") is True or pred.get("is_patch_data") is True,
+        patch=sliding
+        or image.get("is_patch_data") is True
+        or pred.get("is_patch_data") is True,
         notes=tuple(notes),
         bundle_format="monai",
+        inferer=inferer,
+        trusted=trust,
+        postprocessing=scan_postprocessing(resolved.postprocessing),
     )
 
 
-def read_info(path: str | Path) -> ModelInfo:
+def read_info(
+    path: str | Path,
+    config: str | None = None,
+    trust: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> ModelInfo:
     """A bundle's :class:`ModelInfo` from its configs only: no network built, no weights read.
 
     hirescam3d bundles: ``weights_sha256`` is the checksum the metadata records. MONAI
     bundles: see the module docstring (``target_layer`` is ``""``: the handle chooses it
-    on load). ModelError naming the file for anything missing, malformed or refused.
+    on load); ``config``: another file of ``configs/`` (default ``inference.json``,
+    ``.yaml`` or ``.yml``); ``trust``: resolve it with MONAI's ConfigParser;
+    ``overrides``: ``{config id: value}`` set first. ModelError naming the file for
+    anything missing, malformed or refused.
     """
     root = _bundle_root(path)
     meta_path, inf_path = root / METADATA, root / INFERENCE
     meta = _read_json(meta_path)
     if not is_hirescam3d_metadata(meta):
-        return _read_monai_info(root, meta, _read_json(inf_path))
+        return _read_monai_info(root, meta, config, trust, overrides)
     section = _get(meta, "hirescam3d", meta_path)
     if not isinstance(section, dict):
         raise ModelError(f"{meta_path}: 'hirescam3d' must be an object")
@@ -866,11 +1074,26 @@ def read_info(path: str | Path) -> ModelInfo:
         training=dict(section.get("training") or {}),
         kind=kind,
         patch=bool(section.get("patch", False)),
+        mask_postprocessing=_mask_postprocessing(section, names, meta_path),
     )
 
 
-def _network_def(inference: dict[str, Any], inf_path: Path) -> tuple[str, dict[str, Any]]:
+def _mask_postprocessing(section: dict[str, Any], names: list, meta_path: Path) -> Any:
+    """The section's ``mask_postprocessing`` (:mod:`hirescam3d.seg_postprocess`), or None."""
+    if section.get("mask_postprocessing") is None:
+        return None
+    from .seg_postprocess import MaskPostprocessing
+
+    return MaskPostprocessing.from_dict(section["mask_postprocessing"], [str(n) for n in names],
+                                        f"{meta_path} hirescam3d")  # fmt: skip
+
+
+def _network_def(
+    inference: dict[str, Any], inf_path: Path, trust: bool = False
+) -> tuple[str, dict[str, Any]]:
     net_def = _get(inference, "network_def", inf_path)
+    if trust and isinstance(net_def, dict) and isinstance(net_def.get("_target_"), str):
+        return net_def["_target_"], {k: v for k, v in net_def.items() if k != "_target_"}
     if not isinstance(net_def, dict) or not isinstance(net_def.get("_target_"), str):
         problem = literal_problem(net_def, "network_def")
         if problem:
@@ -880,27 +1103,90 @@ def _network_def(inference: dict[str, Any], inf_path: Path) -> tuple[str, dict[s
     return canonical_target(target) or target, {k: v for k, v in net_def.items() if k != "_target_"}
 
 
-def read_network_def(path: str | Path) -> tuple[str, dict[str, Any]]:
+def read_network_def(
+    path: str | Path,
+    config: str | None = None,
+    trust: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
     """``(_target_, kwargs)`` of a bundle's ``network_def`` (nothing imported or built);
     an allow-listed target in its canonical spelling (``"monai.networks.nets.UNet"``)."""
-    inf_path = _bundle_root(path) / INFERENCE
+    root = _bundle_root(path)
+    if not is_hirescam3d_metadata(_read_json(root / METADATA)):
+        return _monai_network_def(root, config, trust, overrides)[:2]
+    inf_path = root / INFERENCE
     return _network_def(_read_json(inf_path), inf_path)
 
 
-def load_bundle(path: str | Path) -> tuple[nn.Module, ModelInfo]:
+def _monai_network_def(
+    root: Path, config: str | None, trust: bool, overrides: dict[str, Any] | None
+) -> tuple[str, dict[str, Any], Path]:
+    from .bundle_monai import resolve
+
+    resolved = resolve(root, config, trust, overrides)
+    return (*_network_def(resolved.as_inference(), resolved.source, trust), resolved.source)
+
+
+def _trusted_network(target: str, kwargs: dict[str, Any], source: str) -> nn.Module:
+    """``network_def`` built by MONAI's own ``ConfigComponent`` (``--trust-bundle``)."""
+    from monai.bundle.config_item import ConfigComponent
+
+    try:
+        network = ConfigComponent({"_target_": target, **kwargs}).instantiate()
+    except Exception as err:
+        raise ModelError(f"{source}: MONAI cannot build {target!r}: {str(err)[:200]}") from err
+    if not isinstance(network, _torch().nn.Module):
+        raise ModelError(f"{source}: {target!r} built a {type(network).__name__}, not a network")
+    return network
+
+
+def weights_file(root: Path, trust: bool = False) -> Path:
+    """``models/model.pt`` of a bundle, checked: inside the bundle (unless trusted), a
+    regular file; a TorchScript-only bundle gets its own line."""
+    from .bundle_config import inside
+
+    path = root / WEIGHTS
+    if not path.exists() and not path.is_symlink():
+        if (root / "models" / "model.ts").exists():
+            raise ModelError(
+                f"{root / 'models' / 'model.ts'}: the bundle has only TorchScript weights; "
+                "TorchScript modules cannot be hooked, so give models/model.pt (the state dict)"
+            )
+        raise ModelError(f"weights file {path} is missing")
+    real = inside(path, root, "weights file", trust)
+    if not real.exists():
+        raise ModelError(f"{path}: a symbolic link to {real}, which is missing")
+    if not real.is_file():
+        raise ModelError(f"{path}: not a regular file ({real}); give the weights as a file")
+    return path
+
+
+def load_bundle(
+    path: str | Path,
+    config: str | None = None,
+    trust: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[nn.Module, ModelInfo]:
     """Load a bundle folder: ``(network in eval mode, info)``; ModelError on any problem.
 
+    ``config``, ``trust``, ``overrides``: as for :func:`read_info` (MONAI bundles).
     Persistence only: the recorded ``guaranteed`` flag is returned as stored (use
     :meth:`hirescam3d.handle.ModelHandle.load` to have it checked against the audit, and
     to have a MONAI bundle's default layer chosen).
     """
     root = _bundle_root(path)
     meta_path, inf_path = root / METADATA, root / INFERENCE
-    info = read_info(root)
-    target, kwargs = read_network_def(root)
-    network = build_network(target, kwargs, f"{inf_path} network_def")
+    info = read_info(root, config, trust, overrides)
+    if info.bundle_format == "monai":
+        target, kwargs, inf_path = _monai_network_def(root, config, trust, overrides)
+    else:
+        target, kwargs = read_network_def(root)
+    if trust and canonical_target(target) is None:
+        network = _trusted_network(target, kwargs, f"{inf_path} network_def")
+    else:
+        network = build_network(target, kwargs, f"{inf_path} network_def")
 
-    weights_path = root / WEIGHTS
+    weights_path = weights_file(root, trust)
     state = load_weights(weights_path)
     sha = sha256_of(weights_path)
     recorded = info.weights_sha256

@@ -89,7 +89,13 @@ def _read_mask(path: Path, shape: tuple[int, ...], affine: np.ndarray, scan: Pat
             f"grid {grid(shape, scan_spacing, affine)} ({differ}); resample "
             "the mask to the scan's grid (same shape and affine within 1e-3 mm)"
         )
-    return arr != 0
+    mask = arr != 0
+    if not mask.any():  # as --region: an empty mask makes every metric 0, meaninglessly
+        raise InputError(
+            f"mask {path} is empty (every voxel is 0): the localisation metrics need a "
+            "finding to compare with; pass the finding's mask (nonzero = finding)"
+        )
+    return mask
 
 
 def _num(value: Any) -> float | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ScanError
+from .errors import OptionError, ScanError
 
 # What read_scan accepts (for error messages; a folder without a series names the others).
 _SUPPORTED = ".nii, .nii.gz, .nrrd, .mha, .mhd or a folder holding one DICOM series"
@@ -373,7 +373,7 @@ def _choose_series(folder: Path, groups: dict[str, list[_Header]], series: str |
     if series is not None:
         if series.strip() in groups:
             return series.strip()
-        raise ScanError(
+        raise OptionError(
             f"{folder}: no DICOM series with UID {series!r} here; the folder holds "
             f"{_series_list(groups)}; {_CHOOSE} with one of these UIDs"
         )
@@ -756,6 +756,10 @@ def _read_dicom_series(folder: Path, series: str | None = None) -> DicomVolume:
         raise ScanError(_no_series_message(folder))
     uid = _choose_series(folder, groups, series)
     headers = groups[uid]
+    from .input_checks import check_one_subject, check_series_memory
+
+    check_one_subject(folder, uid, headers)  # never stack two patients, studies or frames
+    check_series_memory(folder, headers)
     multi = [h for h in headers if h.frames > 1]
     if multi and len(headers) > 1:
         raise ScanError(
@@ -797,7 +801,7 @@ def read_dicom_file(path: Path, series: str | None = None) -> DicomVolume | None
         return None
     uid = str(ds.get("SeriesInstanceUID", ""))
     if series is not None and series.strip() != uid:
-        raise ScanError(
+        raise OptionError(
             f"{path}: the file belongs to series {uid or '(none)'}, not {series!r}; drop "
             "--series (series= in Python) or pass the folder of the series you want"
         )

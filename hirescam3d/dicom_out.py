@@ -41,8 +41,16 @@ Concepts: the quantity is DCM 130402 "Class activation" (CID 7180); the algorith
 identified by Manufacturer "hirescam3d", ManufacturerModelName "hirescam3d <method>",
 SoftwareVersions, a DerivationDescription, and content items DCM 111001 "Algorithm
 Name", 111003 "Algorithm Version", 111000 "Algorithm Family" (= DCM 123110 "Artificial
-Intelligence", CID 7162) modifying the quantity definition. A Segmentation carries the
-standard Algorithm Identification (name, version, family, parameters) in its segment.
+Intelligence", CID 7162), items 2-4 of the Quantity Definition Sequence after the
+quantity. A Segmentation carries the standard Algorithm Identification (name, version,
+family, parameters) in its segment.
+
+Attributes the validator (dciodvfy) asks for: a Parametric Map's Laterality (General
+Series, type 2C) is copied from the source series where it has one, else written empty
+("unknown": neither a NIfTI file nor a series without it says which body part was
+scanned; a Segmentation has none, its Segment Sequence takes that role); the CT series
+written for a NIfTI scan has an empty PatientPosition (type 2C for CT: unknown, NIfTI
+does not record it) and a StudyID (the date and time it was written).
 
 highdicom and pydicom are imported inside the functions (importing this module is cheap).
 """
@@ -427,6 +435,12 @@ def _derived(
         ) from err
     if not placement.on_source_grid:
         _drop_frame_references(dataset)
+    if build is hd.pm.ParametricMap:
+        # General Series Laterality (type 2C): the source's (same body part), else empty
+        # (unknown); a map has no Image/Frame Laterality that would stand in for it. A
+        # Segmentation has none: its Segment Sequence takes that role (dciodvfy refuses
+        # Laterality there).
+        dataset.Laterality = str(placement.source_images[0].get("Laterality", "") or "").strip()
     return dataset
 
 
@@ -495,11 +509,14 @@ def _value_mapping(values_kind: str, slope: float, intercept: float, method: str
         intercept=intercept,
         quantity_definition=codes.DCM.ClassActivation,
     )
-    mapping.QuantityDefinitionSequence[0].ContentItemModifierSequence = [
+    # The algorithm items are further items of the Quantity Definition Sequence (each a
+    # Content Item Macro: "other items may be concept modifiers"), not a nested Content
+    # Item Modifier Sequence, which that macro does not have.
+    mapping.QuantityDefinitionSequence.extend([
         TextContentItem(codes.DCM.AlgorithmName, _text(f"hirescam3d {method}")),
         TextContentItem(codes.DCM.AlgorithmVersion, _text(version)),
         CodeContentItem(codes.DCM.AlgorithmFamily, codes.cid7162.ArtificialIntelligence),
-    ]
+    ])
     return mapping
 
 
@@ -699,8 +716,10 @@ def write_ct_series(
     of Reference and SOP Instance UIDs. All files are written into a temporary folder
     beside ``folder`` which then replaces it, so an error leaves no partial folder. An
     existing non-empty ``folder`` is an :class:`~hirescam3d.io.OutputError` unless
-    ``force`` (and even then if it holds anything but DICOM files). Returns the series'
-    :class:`DicomSource` (files in K order).
+    ``force`` (and even then if it holds anything but DICOM files). ``patient_id`` (LO,
+    cut to 64 characters): PatientID, which DICOMDIR records and PACS need; the command
+    line passes the scan's file name. Returns the series' :class:`DicomSource` (files in
+    K order).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -738,15 +757,17 @@ def write_ct_series(
     base.SeriesDescription = _text(description)
     base.DerivationDescription = "converted to DICOM by hirescam3d"
     base.PatientName = patient_name
-    base.PatientID = patient_id
+    base.PatientID = _text(patient_id)
     base.PatientBirthDate = ""
     base.PatientSex = ""
     base.SoftwareVersions = _text(f"hirescam3d {__version__}")
     base.KVP = ""
     base.StudyInstanceUID = study_uid
     base.SeriesInstanceUID = series_uid
-    base.StudyID = ""
+    base.StudyID = date + time  # 14 characters (SH: 16); DICOMDIR records need one
     base.SeriesNumber = series_number
+    base.Laterality = ""  # type 2C: the body part, and so its laterality, is unknown
+    base.PatientPosition = ""  # type 2C for CT: unknown (NIfTI does not record it)
     base.AcquisitionNumber = ""
     base.ImageOrientationPatient = [_ds(x) for x in geometry.orientation]
     base.FrameOfReferenceUID = for_uid

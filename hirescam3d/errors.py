@@ -29,3 +29,8 @@ class ModelError(HiResCAMError):
 
 class ScanError(InputError):
     """A scan file or folder cannot be read or is not a usable CT."""
+
+
+class OptionError(ScanError):
+    """An option names something the input does not hold (e.g. an unknown DICOM series
+    UID, ``--series`` on a file that is not DICOM): a usage error, exit code 2 in the CLI."""

@@ -155,7 +155,8 @@ def _bundle_folder(path: str) -> Path:
             f"{path}: is a file, not a model bundle; pass a bundle folder (holding configs/ "
             f"and models/model.pt) or one of the zoo names: {_zoo_names()}"
         )
-    if not (folder / METADATA).is_file():
+    meta = folder / METADATA
+    if not meta.exists() and not meta.is_symlink():  # a link or odd file: read_info says
         raise ModelNotFoundError(
             f"{path}: not a model bundle (no {METADATA.as_posix()} in it); pass a bundle "
             f"folder (hirescam3d or MONAI format) or one of the zoo names: {_zoo_names()}"
@@ -200,6 +201,7 @@ class ModelHandle:
         self._verdicts: dict[str, Verdict] = {}
         self._layers: list[Verdict] | None = None
         self._lock = threading.RLock()
+        self.bundle_options: dict[str, Any] = {}  # MONAI bundles: config, trust, overrides
         if network is not None:
             _BY_NETWORK[network] = self
 
@@ -209,8 +211,20 @@ class ModelHandle:
 
     # -- creating -------------------------------------------------------------------------
     @classmethod
-    def resolve(cls, model: Any = None, seed: int = 0) -> ModelHandle:
+    def resolve(
+        cls,
+        model: Any = None,
+        seed: int = 0,
+        config: str | None = None,
+        trust: bool = False,
+        overrides: dict[str, Any] | None = None,
+    ) -> ModelHandle:
         """A handle for a zoo name or bundle folder (default ``demo``); no weights read.
+
+        For a MONAI bundle folder: ``config`` names another file of its ``configs/``
+        (default ``inference.json``/``.yaml``/``.yml``); ``trust=True`` has MONAI's own
+        ConfigParser resolve it (a warning says so: the same trust as ``python -m
+        monai.bundle run``); ``overrides``: ``{config id: value}`` set first.
 
         Also accepts a handle (returned as is), a ``(network, info)`` pair (see
         :meth:`of`) or a network (see :meth:`from_network`). Zoo names win over
@@ -231,8 +245,9 @@ class ModelHandle:
             return cls.of(model[0], model[1])
         if _is_module(model):
             return cls.of(model)
+        options = {"config": config, "trust": bool(trust), "overrides": overrides}
         if isinstance(model, Path):
-            return cls._from_folder(str(model), seed)
+            return cls._from_folder(str(model), seed, options)
         if not isinstance(model, str):
             raise ModelError(
                 f"model must be a zoo name, a bundle folder or (network, info); got "
@@ -244,13 +259,29 @@ class ModelHandle:
                 source="zoo", name=model, entry=entry, bundle=entry.info.bundle_path, seed=seed
             )
         if looks_like_path(model):
-            return cls._from_folder(model, seed)
+            return cls._from_folder(model, seed, options)
         raise ModelNotFoundError(f"{zoo.unknown_model_message(model)}; or pass a bundle folder")
 
     @classmethod
-    def _from_folder(cls, text: str, seed: int) -> ModelHandle:
+    def _from_folder(
+        cls, text: str, seed: int, options: dict[str, Any] | None = None
+    ) -> ModelHandle:
+        from .nnunet import is_nnunet_folder
+
+        if is_nnunet_folder(Path(text).expanduser()):  # an nnU-Net trained-model folder
+            from .nnunet_handle import NnunetHandle
+
+            return NnunetHandle.open(text, seed=seed)
         folder = _bundle_folder(text)
-        return cls(source="bundle", name=folder.name, bundle=folder, seed=seed)
+        handle = cls(source="bundle", name=folder.name, bundle=folder, seed=seed)
+        handle.bundle_options = {k: v for k, v in (options or {}).items() if v}
+        if handle.bundle_options.get("trust"):
+            import warnings
+
+            from .bundle_config import TRUST_WARNING
+
+            warnings.warn(TRUST_WARNING, UserWarning, stacklevel=3)
+        return handle
 
     @classmethod
     def from_network(
@@ -292,7 +323,7 @@ class ModelHandle:
                 preprocessing=[],
                 task=task,
                 guaranteed=False,  # computed by load()
-                trained=True,
+                trained=None,  # a user's network: its training cannot be known
             )
         changes: dict[str, Any] = {}
         if class_names is not None and tuple(class_names) != tuple(info.class_names):
@@ -345,7 +376,7 @@ class ModelHandle:
                 if self._entry is not None:
                     self._card = self._entry.info
                 else:
-                    self._card = read_info(self._bundle)
+                    self._card = read_info(self._bundle, **self.bundle_options)
             card = self._card
         card = dataclasses.replace(card, preprocessing=list(card.preprocessing))
         if self.source == "zoo":
@@ -436,8 +467,11 @@ class ModelHandle:
         return layer
 
     @property
-    def trained(self) -> bool:
-        """Whether the model has trained weights (zoo entries: whether weights ship)."""
+    def trained(self) -> bool | None:
+        """Whether the model has trained weights: for zoo entries, whether measured trained
+        weights ship; None for a user's bundle or network (its training cannot be known)."""
+        if self.source != "zoo":
+            return None
         return bool(self.info.trained)
 
     @property
@@ -469,7 +503,7 @@ class ModelHandle:
             return target_string(type(self._network))
         if self._bundle is not None:
             try:
-                return read_network_def(self._bundle)[0]
+                return read_network_def(self._bundle, **self.bundle_options)[0]
             except ModelError:
                 return None
         return None
@@ -489,8 +523,8 @@ class ModelHandle:
                 f"zoo entry {self._name}",
             )
         elif self._bundle is not None:
-            target, kwargs = read_network_def(self._bundle)
-            source = f"{self._bundle / 'configs' / 'inference.json'} network_def"
+            target, kwargs = read_network_def(self._bundle, **self.bundle_options)
+            source = f"{self._bundle / 'configs'} network_def"
         else:
             raise ModelError(f"{self.name}: a given network cannot be rebuilt")
         with torch.random.fork_rng(devices=[]):
@@ -531,7 +565,9 @@ class ModelHandle:
                     f"the {self._name} bundle is not installed at {self._bundle}; build it "
                     f"with `{zoo.TRAINING_COMMANDS.get(self._name, 'its training script')}`"
                 )
-            network, info = load_bundle(self._bundle)
+            network, info = load_bundle(self._bundle, **self.bundle_options)
+            if self.source != "zoo":
+                info.trained = None  # a user's bundle: its training cannot be known
             if self.source == "zoo":
                 expected = self.info
                 if info.class_names != expected.class_names:
@@ -630,12 +666,23 @@ class ModelHandle:
         network = self.network
         modules = dict(network.named_modules())
         if layer not in modules:
-            candidates = [v.layer for v in self.layers()]
-            close = difflib.get_close_matches(layer, candidates or list(modules), n=3)
+            verdicts = self.layers()
+            # the audit's certified layers (and their aliases) first, then the others
+            certified = [n for v in verdicts if v.guaranteed for n in (v.layer, *v.aliases)]
+            others = [v.layer for v in verdicts if not v.guaranteed]
+            close = difflib.get_close_matches(layer, certified, n=3, cutoff=0.4)
+            rest = [m for m in (others if verdicts else list(modules)) if m not in close]
+            close += difflib.get_close_matches(layer, rest, n=3 - len(close))
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            shown = [*certified, *others][: max(10, len(certified))]
+            more = len(certified) + len(others) - len(shown)
+            listed = ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+            good = (
+                f"; HiResCAM is guaranteed at {', '.join(certified)}" if certified else ""
+            )
             raise LayerError(
-                f"unknown layer {layer!r}.{hint} Candidate layers of {self.name}: "
-                f"{', '.join(candidates)} (see 'hirescam3d layers --model ...')"
+                f"unknown layer {layer!r}.{hint} Candidate layers of {self.name}: {listed}"
+                f"{good} (see 'hirescam3d layers --model ...')"
             )
         self.audit(layer)
         return layer

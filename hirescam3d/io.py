@@ -30,7 +30,7 @@ from .dicom import (
     looks_like_dicom,
     read_dicom_file,
 )
-from .errors import HiResCAMError, ScanError
+from .errors import HiResCAMError, OptionError, ScanError
 from .nifti import _matrix_problem, _read_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -108,11 +108,20 @@ def sha256_files(paths: Iterable[str | Path]) -> str:
 def _read_itk_file(path: Path) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    from .input_checks import captured_stderr, check_itk_file, check_itk_size
+
+    check_itk_file(path)  # a missing data file is named before ITK prints its own lines
     try:
-        with _quiet_itk():
-            image = sitk.ReadImage(str(path))
+        with _quiet_itk(), captured_stderr() as noise:  # ITK's C++ lines never show raw
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            check_itk_size(path, reader)  # before allocating the voxels
+            image = reader.Execute()
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
+        if noise:  # what MetaIO/NRRD said is more telling than ITK's exception text
+            reason = "; ".join(noise)[:200]
         raise ScanError(
             f"{path}: SimpleITK cannot read this file ({reason}); check that it is a "
             f"complete {_suffix(path)} image and re-export it"
@@ -154,6 +163,9 @@ def _check_values(arr: np.ndarray, path: Path) -> list[str]:
             "them (e.g. with the air value -1000 HU) before explaining"
         )
     lo, hi = float(arr.min()), float(arr.max())
+    from .input_checks import check_intensity_range
+
+    check_intensity_range(arr, path, lo, hi)
     if lo == hi:
         raise ScanError(
             f"{path}: the volume is constant (every voxel is {lo:g}); it holds no image "
@@ -206,7 +218,7 @@ def _read_image(
     suffix = _suffix(path)
     is_dicom = suffix == ".dcm" or looks_like_dicom(path)
     if series is not None and not is_dicom:
-        raise ScanError(
+        raise OptionError(
             f"{path}: --series (series= in Python) selects a series of a DICOM folder, and "
             "this is not DICOM; drop it"
         )
@@ -218,6 +230,10 @@ def _read_image(
         arr, affine, header, notes = _read_nifti(path)
     elif suffix in ITK_SUFFIXES or is_dicom:
         arr, affine = _read_itk_file(path)
+    elif suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):  # 2D pictures
+        from .image2d import as_scan_array
+
+        arr, affine = as_scan_array(path)
     else:
         raise ScanError(
             f"{path}: not a supported image file (suffix {suffix or 'none'!r}); "

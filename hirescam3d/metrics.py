@@ -1,9 +1,11 @@
 """Measure explanations: localisation and faithfulness metrics for 2D and 3D maps.
 
-Everything here is a torch function of tensors, batched over all maps (``scipy.ndimage``
-labels the connected components of :func:`gradcam_box` on the CPU, inside each map's
-box). :func:`localisation_metrics` computes every mask metric at once, sharing the
-passes over the maps: use it when you need more than one. Maps are ``(B, K, *S)`` with 1 to 3
+Everything here is a function of torch tensors. The mask metrics run map by map on the
+CPU with NumPy (a few passes over each map; the IoU curve from one histogram, boxes from
+per-axis projections, ``scipy.ndimage`` labelling the components of :func:`gradcam_box`
+inside each map's box) and return tensors on the maps' device.
+:func:`localisation_metrics` computes every mask metric at once, sharing the passes over
+the maps: use it when you need more than one. Maps are ``(B, K, *S)`` with 1 to 3
 spatial dims: B inputs, K explained targets. Masks are boolean ``(B, K, *S)`` or
 ``(B, 1, *S)`` (one mask for all K targets of an item), moved to the maps' device.
 Mask metrics return ``(B, K)`` float32 tensors on the maps' device.
@@ -61,9 +63,6 @@ __all__ = [
 
 #: The HiResCAM paper's binarisation thresholds (section 5.5): 0.02, 0.04, ..., 0.98.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(1, 50))
-
-# Elements compared at once (bounds the temporaries of the mask metrics).
-_CHUNK = 1 << 25
 
 
 # -- shapes -------------------------------------------------------------------------------
@@ -147,64 +146,53 @@ def _largest_component_box(
     from scipy import ndimage
 
     labels, n_found = ndimage.label(crop, structure=structure)
+    if n_found == 1:  # one component: its box is the crop's box of selected voxels
+        box = _projection_box(crop)
+        return [[lo + a, lo + z] for lo, (a, z) in zip(offset, box, strict=True)]
     sizes = np.bincount(labels.ravel(), minlength=n_found + 1)[1:]
     biggest = int(np.argmax(sizes)) + 1  # labels follow C order: first on ties
     box = ndimage.find_objects(labels, max_label=biggest)[biggest - 1]
     return [[lo + sl.start, lo + sl.stop - 1] for lo, sl in zip(offset, box, strict=True)]
 
 
-def _segment_boxes(
-    row_ids: torch.Tensor, cols: torch.Tensor, n_rows: int, shape: Sequence[int]
-) -> torch.Tensor:
-    """Inclusive ``[first, last]`` per axis ``(n_rows, D, 2)`` of the voxels at flat
-    indices ``cols`` (C order in ``shape``) of each row; -1 for rows with none."""
-    nd = len(shape)
-    dev = cols.device
-    strides = [math.prod(shape[d + 1 :]) for d in range(nd)]
-    coords = torch.div(
-        cols.unsqueeze(-1), torch.tensor(strides, device=dev), rounding_mode="floor"
-    ) % torch.tensor(shape, device=dev)  # (M, D)
-    rows = row_ids.unsqueeze(-1).expand_as(coords)
-    lo = torch.full((n_rows, nd), max(shape), dtype=torch.long, device=dev)
-    hi = torch.full((n_rows, nd), -1, dtype=torch.long, device=dev)
-    lo = lo.scatter_reduce(0, rows, coords, "amin")
-    hi = hi.scatter_reduce(0, rows, coords, "amax")
-    box = torch.stack([lo, hi], -1)
-    return torch.where(hi.unsqueeze(-1) >= 0, box, -1)  # rows with no voxel: -1
+def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
+    """Inclusive ``[first, last]`` per axis of the True voxels of bool ``selected`` ``(*S)``
+    from its per-axis projections (an ``any`` over the other axes); None if none."""
+    box = []
+    for d in range(selected.ndim):
+        other = tuple(a for a in range(selected.ndim) if a != d)
+        where = np.flatnonzero(selected.any(axis=other) if other else selected)
+        if where.size == 0:
+            return None
+        box.append([int(where[0]), int(where[-1])])
+    return box
 
 
-def _ordered_int(values: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 with the same order (``-0.0`` and ``0.0`` equal), in [1, 2**32)."""
-    bits = values.contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)) + 2**31
+def _levels_reached(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """How many of the ascending ``levels (T,)`` each value reaches (``>=``), exactly in
+    the values' dtype: a guess from the levels' mean spacing, corrected by comparing with
+    the levels themselves; ``searchsorted`` for the values a guess misses by more."""
+    n_t = levels.size
+    span = float(levels[-1]) - float(levels[0])
+    if n_t < 3 or not span > 0 or values.size < 4096:
+        return np.searchsorted(levels, values, side="right")
+    edges = np.concatenate([[-np.inf], levels, [np.inf]]).astype(levels.dtype)
+    guess = (values - levels[0]).astype(np.float64) * ((n_t - 1) / span)
+    reached = np.clip(guess, -1.0, n_t).astype(np.intp) + 1  # floor for guess >= -1
+    np.clip(reached, 0, n_t, out=reached)
+    reached -= values < edges[reached]  # edges[c] = levels[c - 1]: must be reached
+    reached += values >= edges[reached + 1]  # levels[c] must not be
+    bad = (values < edges[reached]) | (values >= edges[reached + 1])
+    if bad.any():
+        reached[bad] = np.searchsorted(levels, values[bad], side="right")
+    return reached
 
 
-def _levels_passed(
-    row_ids: torch.Tensor, values: torch.Tensor, levels: torch.Tensor
-) -> torch.Tensor:
-    """How many of its row's ascending ``levels (R, T)`` each value reaches (``>=``),
-    for values ``(M,)`` of rows ``row_ids (M,)``.
-
-    float32: one ``searchsorted`` over all rows at once, exact: values and levels become
-    order-preserving integers offset by ``row * 2**32``, so a value only meets its own
-    row's levels. Other dtypes: a chunked ``(M, T)`` comparison.
-    """
-    n_rows, n_t = levels.shape
-    if values.dtype == torch.float32:
-        base = torch.arange(n_rows, device=levels.device).unsqueeze(-1) << 32
-        level_keys = (base + _ordered_int(levels)).flatten()
-        value_keys = (row_ids << 32) + _ordered_int(values)
-        return torch.searchsorted(level_keys, value_keys, right=True) - row_ids * n_t
-    step = max(1, _CHUNK // max(n_t, 1))
-    parts = [
-        (values[s : s + step, None] >= levels[row_ids[s : s + step]]).sum(1)
-        for s in range(0, values.numel(), step)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=values.device)
-
-
-def _reverse_cumsum(hist: torch.Tensor) -> torch.Tensor:
-    return hist.flip(-1).cumsum(-1).flip(-1)
+def _reached_curve(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``(T,)`` how many ``values`` reach each ascending level (one histogram, summed
+    from the top)."""
+    hist = np.bincount(_levels_reached(values, levels), minlength=levels.size + 1)
+    return np.cumsum(hist[::-1])[::-1][1:]
 
 
 def _localise(
@@ -217,12 +205,13 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    The work is batched over all maps at once, so that the number of tensor operations
-    does not grow with B * K: the maps are read in full a few times (maximum, minimum,
-    sum, one comparison with each map's lowest threshold and the list of the voxels at
-    or above it), every mask once (the list of its voxels); all the rest runs on those
-    two lists, which are short for focal maps and findings. Only the connected
-    components of :func:`gradcam_box` are labelled map by map (``scipy.ndimage``).
+    Map by map, on the CPU (``numpy``): each map is read in full a few times (maximum,
+    minimum and sum, one comparison with its lowest IoU level, one with its box level);
+    each distinct mask once (its voxel list, and its box from per-axis projections). The
+    IoU curve is one histogram of "how many levels ``t * max`` a voxel reaches" over the
+    voxels at or above the lowest level, and one over the mask's voxels, summed from the
+    top; the Grad-CAM box labels components (``scipy.ndimage``) only inside the box of
+    the selected voxels, itself from per-axis projections.
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
@@ -230,115 +219,88 @@ def _localise(
     shape = tuple(int(s) for s in maps.shape[2:])
     nd = len(shape)
     dev = flat.device
-    out: dict[str, torch.Tensor] = {}
-    rows = flat.reshape(n_rows, n)
-    if "pointing" in parts:  # one pass for both; torch returns the first maximal index
-        top, first_max = rows.max(-1)
-        hits = mflat.expand(b, k, n).gather(-1, first_max.reshape(b, k, 1))  # no copy
-        out["pointing"] = hits.reshape(b, k).to(torch.float32)
-    else:
-        top = rows.amax(-1)
-    if not parts & {"mass", "iou", "box"}:
-        return out
-    valid = top > 0
-
-    # The mask's voxels for every map, as flat positions in (R, N): each distinct mask is
-    # listed once (one nonzero over all masks) and its list repeated for the maps using it.
+    rows = flat.reshape(n_rows, n).detach().cpu().numpy()
+    mrows = mflat.reshape(-1, n).cpu().numpy()
     bm, km = mflat.shape[:2]
-    listed = mflat.reshape(-1).nonzero().squeeze(1)
-    if (bm, km) == (b, k):
-        in_pos = listed
-        in_rows = torch.div(listed, n, rounding_mode="floor")
-        in_count = torch.bincount(in_rows, minlength=n_rows)
-    else:
-        idx = torch.arange(n_rows, device=dev)
-        zero = torch.zeros_like(idx)
-        mask_of = (idx // k if bm > 1 else zero) * km + (idx % k if km > 1 else zero)
-        per_mask = torch.bincount(torch.div(listed, n, rounding_mode="floor"), minlength=bm * km)
-        in_count = per_mask[mask_of]
-        start = (per_mask.cumsum(0) - per_mask)[mask_of]
-        in_rows = torch.repeat_interleave(idx, in_count)
-        offset = torch.arange(in_rows.numel(), device=dev)
-        offset -= (in_count.cumsum(0) - in_count)[in_rows]
-        in_pos = listed[start[in_rows] + offset] % n + in_rows * n
-    in_cols = in_pos - in_rows * n
-    in_vals = rows.reshape(-1).index_select(0, in_pos)
-
-    if "mass" in parts:
-        inside = torch.bincount(in_rows, weights=in_vals.clamp_min(0).double(), minlength=n_rows)
-        if bool((rows.amin(-1) >= 0).all()):
-            total = rows.sum(-1).double()  # no negative value anywhere: no copy
-        else:
-            total = rows.clamp_min(0).sum(-1).double()
-        out["mass"] = (
-            torch.where(valid, inside / total.clamp_min(1e-300), math.nan)
-            .reshape(b, k)
-            .to(torch.float32)
-        )
-    if not parts & {"iou", "box"}:
-        return out
-
-    cuts = []
+    out: dict[str, torch.Tensor] = {}
     if "iou" in parts:
         t = torch.as_tensor(thresholds, dtype=flat.dtype, device=dev).flatten()
         if t.numel() == 0 or not torch.isfinite(t).all():
             raise InputError("thresholds must be a non-empty sequence of finite numbers")
         t_sorted, order = t.sort()
+        t_np = t_sorted.cpu().numpy()
         n_t = t.numel()
-        levels = t_sorted * top.unsqueeze(-1)  # (R, T): map >= t * max, in the maps' dtype
-        levels = torch.where(valid.unsqueeze(-1), levels, 0)  # every row ascending
-        cuts.append(levels[:, 0])
-    if "box" in parts:
-        box_cut = torch.tensor(box_threshold, dtype=flat.dtype, device=dev) * top  # (R,)
-        cuts.append(box_cut)
-    # every voxel at or above the lower of the two cuts, listed as (row, column, value)
-    cut = torch.stack(cuts).amin(0) if len(cuts) > 1 else cuts[0]
-    cut = torch.where(valid, cut, math.inf).unsqueeze(-1)
-    found = []
-    per_chunk = max(1, _CHUNK // max(n, 1))
-    for s in range(0, n_rows, per_chunk):
-        chunk = (rows[s : s + per_chunk] >= cut[s : s + per_chunk]).reshape(-1)
-        found.append(chunk.nonzero().squeeze(1) + s * n)
-    a_pos = torch.cat(found) if len(found) > 1 else found[0]  # flat positions in (R, N)
-    a_rows = torch.div(a_pos, n, rounding_mode="floor")
-    a_cols = a_pos - a_rows * n
-    a_vals = rows.reshape(-1).index_select(0, a_pos)
-
-    if "iou" in parts:
-        width = n_t + 1
-        keys = a_rows * width + _levels_passed(a_rows, a_vals, levels)
-        keys_in = in_rows * width + _levels_passed(in_rows, in_vals, levels)
-        # voxels passing sorted threshold j (and in the mask): level count >= j + 1
-        pred = _reverse_cumsum(torch.bincount(keys, minlength=n_rows * width).reshape(-1, width))
-        inter = torch.bincount(keys_in, minlength=n_rows * width).reshape(-1, width)
-        inter = _reverse_cumsum(inter)[:, 1:]
-        union = (pred[:, 1:] + in_count.unsqueeze(-1) - inter).double()
-        curve = torch.where(union > 0, inter / union.clamp_min(1), 0.0)
-        curve = torch.where(valid.unsqueeze(-1), curve, math.nan)
-        out["curve"] = curve.reshape(b, k, n_t).to(torch.float32)
-        out["thresholds"] = t_sorted
-        out["order"] = order
     if "box" in parts:
         from scipy import ndimage
 
         structure = ndimage.generate_binary_structure(nd, connectivity or nd)
-        chosen = a_vals >= box_cut[a_rows]
-        outer = _segment_boxes(a_rows[chosen], a_cols[chosen], n_rows, shape).tolist()
-        mask_boxes = _segment_boxes(in_rows, in_cols, n_rows, shape)
-        volumes = rows.reshape(n_rows, *shape)
-        map_boxes = torch.full((n_rows, nd, 2), -1, dtype=torch.long)
-        for r, ok in enumerate(valid.tolist()):
-            if ok:  # the map's maximum is always chosen: outer is a box
-                crop = (r, *(slice(lo, hi + 1) for lo, hi in outer[r]))
-                binary = (volumes[crop] >= box_cut[r]).cpu().numpy()
-                offset = [lo for lo, _ in outer[r]]
-                map_boxes[r] = torch.tensor(_largest_component_box(binary, structure, offset))
-        map_boxes = map_boxes.to(dev)
-        iou = torch.where(in_count > 0, _box_iou(map_boxes, mask_boxes), 0.0)
-        iou = torch.where(valid, iou, math.nan)
-        out["box"] = iou.reshape(b, k).to(torch.float32)
-        out["map_boxes"] = map_boxes.reshape(b, k, nd, 2)
-        out["mask_boxes"] = mask_boxes.reshape(b, k, nd, 2)
+        box_t = np.asarray(box_threshold, dtype=rows.dtype)
+
+    cache: dict[int, tuple[np.ndarray, list[list[int]] | None]] = {}
+
+    def mask_info(i: int) -> tuple[np.ndarray, list[list[int]] | None]:
+        """A distinct mask's voxels (flat positions) and box, listed once."""
+        if i not in cache:
+            m = mrows[i]
+            box = _projection_box(m.reshape(shape)) if "box" in parts else None
+            cache[i] = (np.flatnonzero(m), box)
+        return cache[i]
+
+    nan = math.nan
+    pointing = np.zeros(n_rows, np.float32)
+    mass = np.full(n_rows, nan)
+    curve = np.full((n_rows, n_t if "iou" in parts else 0), nan)
+    box_iou = np.full(n_rows, nan)
+    map_boxes = np.full((n_rows, nd, 2), -1, np.int64)
+    mask_boxes = np.full((n_rows, nd, 2), -1, np.int64)
+    for r in range(n_rows):
+        i = (r // k if bm > 1 else 0) * km + (r % k if km > 1 else 0)
+        row = rows[r]
+        first = int(row.argmax())  # the first maximum (NaN counts as one, as in torch)
+        top = row[first]
+        pointing[r] = mrows[i, first]
+        if not parts & {"mass", "iou", "box"}:
+            continue
+        where, m_box = mask_info(i)
+        if m_box is not None:
+            mask_boxes[r] = m_box
+        if not top > 0:  # no positive value (or NaN): NaN metrics
+            continue
+        inside = row[where]
+        if "mass" in parts:
+            positive = row if row.min() >= 0 else np.maximum(row, 0)
+            total = float(positive.sum(dtype=np.float64))
+            inner = float(np.maximum(inside, 0).sum(dtype=np.float64))
+            mass[r] = inner / max(total, 1e-300)
+        if "iou" in parts:
+            levels = t_np * top  # map >= t * max, in the maps' dtype
+            pred = _reached_curve(row[row >= levels[0]], levels)
+            inter = _reached_curve(inside, levels)
+            union = pred + where.size - inter
+            curve[r] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        if "box" in parts:
+            chosen = (row >= box_t * top).reshape(shape)
+            outer = _projection_box(chosen)  # the maximum is always chosen: never None
+            crop = chosen[tuple(slice(lo, hi + 1) for lo, hi in outer)]
+            map_boxes[r] = _largest_component_box(crop, structure, [lo for lo, _ in outer])
+            iou = _box_iou(torch.from_numpy(map_boxes[r]), torch.from_numpy(mask_boxes[r]))
+            box_iou[r] = float(iou) if where.size else 0.0
+
+    def back(a: np.ndarray, *tail: int) -> torch.Tensor:
+        return torch.from_numpy(a).reshape(b, k, *tail).to(dev)
+
+    if "pointing" in parts:
+        out["pointing"] = back(pointing)
+    if "mass" in parts:
+        out["mass"] = back(mass.astype(np.float32))
+    if "iou" in parts:
+        out["curve"] = back(curve.astype(np.float32), n_t)
+        out["thresholds"] = t_sorted
+        out["order"] = order
+    if "box" in parts:
+        out["box"] = back(box_iou.astype(np.float32))
+        out["map_boxes"] = back(map_boxes, nd, 2)
+        out["mask_boxes"] = back(mask_boxes, nd, 2)
     return out
 
 
@@ -394,10 +356,11 @@ def iou_curve(
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
     dtype. Each voxel at or above its map's lowest level, and each mask voxel, is given
-    the number of levels ``t * max`` it reaches (one ``searchsorted`` for all maps);
-    counts of those numbers, summed from the top, give every threshold's prediction and
-    overlap. Cost: a few passes over all maps together, then work on the voxels above the
-    lowest threshold (a few percent for focal maps) and on the masks' voxels.
+    the number of levels ``t * max`` it reaches (a guess from the levels' spacing,
+    corrected by comparing with the levels); one histogram of those numbers, summed from
+    the top, gives every threshold's prediction and overlap. Cost: a few passes over
+    each map, then work on the voxels above the lowest threshold and on the masks'
+    voxels.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
     return res["curve"].index_select(-1, torch.argsort(res["order"]))

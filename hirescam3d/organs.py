@@ -110,7 +110,9 @@ def load_organ_map(
     ``path``: a label image (.nii/.nii.gz/.nrrd/.mha) or a folder of binary masks named
     ``<organ>.nii.gz`` (TotalSegmentator's per-structure output; labels 1..N in name
     order). Names come from ``names_path`` (JSON ``{"1": "right_lung", ...}``), else from a
-    sidecar ``<stem>.json`` beside the map; labels without a name become ``label_<n>``.
+    sidecar ``<stem>.json`` beside the map, else from the NIfTI header's label table
+    (TotalSegmentator v2's multilabel file, :mod:`hirescam3d.totalseg`); labels without a
+    name become ``label_<n>``.
     """
     path = Path(path)
     if path.is_dir():
@@ -118,7 +120,9 @@ def load_organ_map(
     else:
         arr, affine, _, _ = read_image(path)
         labels = _integer_labels(arr, path)
-        names = {}
+        from .totalseg import header_label_names
+
+        names = header_label_names(path)  # TotalSegmentator v2's multilabel file
         sidecar = path.with_name(scan_stem(path) + ".json")
         if names_path is None and sidecar.is_file():
             names_path = sidecar

@@ -21,20 +21,19 @@ with :mod:`hirescam3d.dicom_out`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import struct
 import tempfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import HiResCAMError
+from .gzip_stream import write_gzip
 from .io import SCAN_SUFFIXES, OutputError
 from .nifti import _matrix_problem, affine_distance_mm
 
@@ -51,8 +50,11 @@ VALUES = ("unit", "logit")
 # (benchmarks/bench_scale.py): float32 compresses only ~4.5:1 whatever the level, and
 # level 6 takes 2x the time of level 1 for 3 % less; integer maps are mostly runs, where
 # level 6 halves the uint8 file for little time.
+# Levels are zlib's; levels 0-1 are deflated by ISA-L's igzip at the same size, 7.5x faster
+# (hirescam3d.gzip_stream, benchmarks/bench_write.py).
 COMPRESSLEVEL = {"float32": 1, "int16": 1, "uint8": 6}
-# Bytes per compressed block: blocks are deflated in parallel (one stream, pigz-style).
+# Bytes per compressed block: blocks are deflated in parallel (one stream, pigz-style,
+# hirescam3d.gzip_stream).
 _BLOCK = 8 << 20
 _INT_MAX = {"int16": 32767, "uint8": 255}
 _NIFTI_HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4-byte (empty) extension flag
@@ -439,47 +441,6 @@ def _encode(
         yield np.ascontiguousarray(data, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
 
 
-def _workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
-def _deflate(block: bytes | memoryview, level: int, last: bool) -> bytes:
-    """One raw-deflate piece; pieces end on a byte boundary (sync flush), the last one
-    closes the stream, so their concatenation is one valid deflate stream."""
-    comp = zlib.compressobj(level, zlib.DEFLATED, -15)
-    return comp.compress(block) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-
-
-def write_gzip(path: Path, pieces: Iterable[bytes | memoryview], level: int) -> None:
-    """Write ``pieces`` (in order) as one gzip member, deflating on every core.
-
-    Each piece is deflated on its own (as pigz does), so pieces compress in parallel; the
-    result is a standard single-member gzip file (mtime 0, as nibabel writes).
-    """
-    crc, size = 0, 0
-    workers = _workers()
-    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
-        f.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + b"\x00\xff")
-        pending: list[Any] = []
-        previous: bytes | memoryview | None = None
-        for piece in pieces:
-            if previous is not None:
-                pending.append(pool.submit(_deflate, previous, level, False))
-            crc = zlib.crc32(piece, crc)
-            size += len(piece)
-            previous = piece
-            while len(pending) > 2 * workers:  # bound the memory held in flight
-                f.write(pending.pop(0).result())
-        pending.append(pool.submit(_deflate, previous or b"", level, True))
-        for job in pending:
-            f.write(job.result())
-        f.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
-
-
 def write_map(
     path: str | Path,
     volume: np.ndarray,
@@ -608,7 +569,8 @@ class DicomMaps:
                 raise HiResCAMError("DICOM outputs of a non-DICOM scan need a CT series folder")
             array, affine = reorient(scan.array, scan.affine, "LPS")
             self.source = dicom_out.write_ct_series(
-                ct_folder, array, affine, force=force, description=f"hirescam3d: {stem}"
+                ct_folder, array, affine, force=force, description=f"hirescam3d: {stem}",
+                patient_id=stem,  # the scan's name: a PACS files each scan as its own patient
             )
 
     def write(
@@ -638,8 +600,33 @@ class DicomMaps:
                     paths[key], volume, affine, self.source, values_kind=values, **common
                 )
             else:
-                written[key] = dicom_out.write_segmentation(
-                    paths[key], volume, affine, self.source, threshold=self.seg_threshold,
-                    **common,
-                )  # fmt: skip
+                empty = not bool(np.any(volume >= self.seg_threshold))
+                if empty:  # ours, in place of the DICOM library's log line
+                    import warnings
+
+                    warnings.warn(
+                        f"{Path(paths[key]).name}: no voxel of the {finding} {method} map "
+                        f"reaches --seg-threshold {self.seg_threshold:g}, so its Segmentation "
+                        "is empty; lower --seg-threshold to segment the map", stacklevel=2,
+                    )  # fmt: skip
+                with _quiet_logger("highdicom.image", empty):
+                    written[key] = dicom_out.write_segmentation(
+                        paths[key], volume, affine, self.source, threshold=self.seg_threshold,
+                        **common,
+                    )  # fmt: skip
         return written
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, quiet: bool = True) -> Iterator[None]:
+    """Silence the ``logging`` logger ``name`` below ERROR for the block (if ``quiet``)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

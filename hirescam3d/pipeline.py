@@ -36,12 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import stages
 from .bundle import PREPROCESSING_TRANSFORMS, ModelInfo, preprocessing_transforms
 from .errors import HiResCAMError, InputError, ModelError, TargetError
 from .handle import ModelHandle, match_findings
 from .methods import get_method
 from .outputs import _json_safe, output_paths  # noqa: F401 - kept importable from here
 from .scan_grid import _SLAB_VOXELS, ModelGrid, _fast_extent, invert_maps  # noqa: F401
+from .stages import organs_key, scan_key
 
 Progress = Callable[[str, float], None]
 ModelArg = str | Path | tuple[nn.Module, ModelInfo] | ModelHandle | None
@@ -120,8 +122,12 @@ def resolve_model(model: ModelArg) -> tuple[nn.Module, ModelInfo]:
     if isinstance(model, tuple):
         if len(model) != 2 or not isinstance(model[0], nn.Module):
             raise ModelError("model must be a zoo name, a bundle folder or (network, info)")
-        return model
-    return ModelHandle.resolve(model).load()
+        pair = model
+    else:
+        pair = ModelHandle.resolve(model).load()
+    from .nnunet import not_nnunet
+
+    return not_nnunet(pair)
 
 
 def check_findings(findings: Sequence[str] | None, class_names: Sequence[str]) -> list[str] | None:
@@ -186,11 +192,9 @@ def preprocess_transforms(
         transforms.append(mt.EnsureChannelFirstd(all_keys, channel_dim="no_channel"))
     for spec in specs:
         name = spec.get("_target_")
-        if name not in PREPROCESSING_TRANSFORMS:
-            raise ModelError(
-                f"preprocessing transform {name!r} is not supported; allowed: "
-                f"{', '.join(PREPROCESSING_TRANSFORMS)}"
-            )
+        if name not in PREPROCESSING_TRANSFORMS:  # a MONAI bundle's own transform
+            transforms.append(_bundle_transform(spec, image_keys, all_keys, info.trusted))
+            continue
         kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "keys")}
         if name == "LoadImaged":
             if from_array:
@@ -210,6 +214,28 @@ def preprocess_transforms(
         selected = image_keys if name in _IMAGE_ONLY else all_keys
         transforms.append(getattr(mt, name)(keys=selected, **kwargs))
     return mt.Compose(transforms)
+
+
+def _bundle_transform(
+    spec: dict[str, Any], image_keys: list[str], all_keys: list[str], trusted: bool
+) -> Any:
+    """A MONAI bundle's transform beyond :data:`PREPROCESSING_TRANSFORMS`
+    (:func:`hirescam3d.bundle_monai.build_transform`): spatial (invertible) transforms
+    act on every key, nearest-neighbour for label keys; others on the image only."""
+    from monai.transforms import InvertibleTransform
+
+    from .bundle_monai import build_transform, dictionary_transform
+
+    name = str(spec["_target_"])
+    kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "keys")}
+    cls = dictionary_transform(name)
+    spatial = cls is not None and issubclass(cls, InvertibleTransform)
+    if spatial and "mode" in kwargs and len(all_keys) > len(image_keys):
+        kwargs["mode"] = [kwargs["mode"]] * len(image_keys) + ["nearest"] * (
+            len(all_keys) - len(image_keys)
+        )
+    keys = all_keys if spatial else image_keys
+    return build_transform(name, {"keys": keys, **kwargs}, trusted)
 
 
 def _preprocess(pre: Any, data: dict[str, Any]) -> Any:
@@ -305,7 +331,9 @@ class Explanation:
     Segmentation models: ``masks``: ``{finding: bool (S, H, W)}`` the predicted mask each
     explained finding's score was summed over (``region="predicted"``), on the model's
     grid (:meth:`mask_on_scan` puts one on the scan's grid); ``region``: what the report
-    says about the region (None for classifiers).
+    says about the region (None for classifiers); ``prediction``: the model's logits ``(C,
+    *grid)`` on its input grid, kept for a MONAI bundle whose postprocessing inverts its
+    prediction onto the scan's grid (``Invertd``), else None.
     """
 
     model: ModelInfo
@@ -328,6 +356,8 @@ class Explanation:
     created: str = ""
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     region: dict[str, Any] | None = None
+    prediction: torch.Tensor | None = field(default=None, repr=False)
+    _on_scan: Any = field(default=None, repr=False)
 
     @property
     def pairs(self) -> list[Pair]:
@@ -392,9 +422,20 @@ class Explanation:
 
     def mask_on_scan(self, finding: str) -> np.ndarray:
         """The predicted mask of ``finding`` on the scan's grid: uint8 ``(I, J, K)``, 1
-        inside. Each scan voxel takes the value of the model-grid voxel nearest to its
-        centre (index rounded half up; 0 where the model's grid does not reach, e.g. a
-        cropped-away part of the scan)."""
+        inside. A MONAI bundle that inverts its prediction (``Invertd``) gets its own
+        postprocessing, in its order (:mod:`hirescam3d.scan_prediction`: e.g. softmax,
+        ``Invertd`` of the probabilities, argmax). Otherwise each scan voxel takes the
+        value of the model-grid voxel nearest to its centre (index rounded half up; 0
+        where the model's grid does not reach, e.g. a cropped-away part of the scan)."""
+        if self.prediction is not None and self.model.postprocessing:
+            if self._on_scan is None:
+                from .scan_prediction import ScanPrediction
+
+                self._on_scan = ScanPrediction(self.prediction, self.grid,
+                                               self.model.postprocessing, self.model.activation)
+            if finding not in self.masks:
+                raise KeyError(finding)
+            return self._on_scan.mask(list(self.model.class_names).index(finding))
         return self.grid.nearest_on_scan(self.masks[finding])
 
     def to_dict(self) -> dict[str, Any]:
@@ -588,6 +629,17 @@ def _window(
     return roi
 
 
+def _bundle_schedule(
+    inferer: dict[str, Any], window: tuple[int, ...]
+) -> tuple[tuple[int, ...], Any, int, dict[str, Any]]:
+    """``(roi, overlap, sw_batch_size, {mode, sigma_scale, padding_mode, cval})`` of a
+    bundle's ``SlidingWindowInferer`` (see :func:`hirescam3d.bundle_monai.inferer_spec`)."""
+    if inferer.get("kind") != "sliding":
+        return window, 0.25, 1, {"mode": "gaussian"}
+    schedule = {k: inferer[k] for k in ("mode", "sigma_scale", "padding_mode", "cval")}
+    return tuple(inferer["roi_size"]), inferer["overlap"], inferer["sw_batch_size"], schedule
+
+
 @dataclass
 class _SegmentationRun:
     """What :func:`_explain_segmentation` found: raw maps, per-class region statistics
@@ -601,6 +653,7 @@ class _SegmentationRun:
     masks: dict[str, torch.Tensor]
     report: dict[str, Any]
     notes: list[str]
+    output: torch.Tensor | None = None  # (C, *spatial) logits, kept when asked
 
 
 def _class_stats(
@@ -627,6 +680,19 @@ def _class_stats(
     return stats
 
 
+def _rule_stats(output: torch.Tensor, masks: torch.Tensor) -> list[tuple[float, float, float]]:
+    """:func:`_class_stats` over post-processed masks ``(C, *spatial)`` (sigmoid heads)."""
+    out = output[0].detach().float()
+    stats = []
+    for c in range(out.shape[0]):
+        w = masks[c].to(out.device, torch.float64)
+        size = float(w.sum())
+        score = float((out[c].double() * w).sum())
+        mean = float((torch.sigmoid(out[c]).double() * w).sum()) / size if size > 0 else math.nan
+        stats.append((score, size, mean))
+    return stats
+
+
 def _explain_segmentation(
     explainer: Any,
     x: torch.Tensor,
@@ -638,6 +704,11 @@ def _explain_segmentation(
     roi: tuple[int, ...] | None,
     overlap: float,
     sw_batch_size: int,
+    schedule: dict[str, Any] | None = None,
+    windows: Callable[[int, int], None] | None = None,
+    slice_inferer: dict[str, Any] | None = None,
+    keep_output: bool = False,
+    mask_rule: Any = None,
 ) -> _SegmentationRun:
     """Explain a segmentation model's region scores on the model's input ``x`` ``(1, C_in,
     *spatial)``: one explained pass (or one sliding-window explanation with ``roi``).
@@ -646,28 +717,46 @@ def _explain_segmentation(
     Without ``requested`` findings, every class the model segments (``"predicted"``: a
     non-empty predicted mask), or whose mean probability over the given region is >= 0.5,
     is explained: this costs one prediction more, to choose them.
+    ``slice_inferer``: a bundle's ``SliceInferer`` entry (a 2D network over the volume
+    ``x``): predicted and explained slice by slice on its schedule
+    (:mod:`hirescam3d.slices`); ``roi`` is then None. ``keep_output``: keep the explained
+    pass's logits ``(C, *spatial)`` (on the CPU) in the result's ``output``.
+    ``mask_rule``: the bundle's :class:`~hirescam3d.seg_postprocess.MaskPostprocessing`;
+    with ``"predicted"``, each class's mask is the post-processed one (found by one
+    prediction more), and that mask is the region explained.
     """
     from monai.inferers import sliding_window_inference
 
     from .capture import model_state_restored
+    from .slices import slice_inferer_explain, slice_options, slice_predict
     from .sliding import sliding_window_explain
 
     network = explainer.model
+    schedule = schedule or {"mode": "gaussian"}  # mode, sigma_scale, padding_mode, cval
     given = None if isinstance(region, str) else region
     arg = region if given is None else given[None, None]
     notes: list[str] = []
-    if requested is None:
+    rule_masks = None  # (C, *spatial) bool: the bundle's post-processed predicted masks
+    if requested is None or (given is None and mask_rule is not None):
         with torch.no_grad(), model_state_restored(network):
-            if roi is None:
+            if slice_inferer is not None:
+                output = slice_predict(network, x, slice_inferer, explainer._output)
+            elif roi is None:
                 output = explainer._output(network(x))
             else:
                 output = sliding_window_inference(
                     x, roi, sw_batch_size, lambda w: explainer._output(network(w)),
-                    overlap=overlap, mode="gaussian",
+                    overlap=overlap, **schedule,
                 )  # fmt: skip
-        stats = _class_stats(output, given, task)
+        if given is None and mask_rule is not None:
+            rule_masks = mask_rule.masks(output.detach(), class_names)[0].cpu()
+            stats = _rule_stats(output, rule_masks)
+        else:
+            stats = _class_stats(output, given, task)
         del output
-        if given is None:
+        if requested is not None:
+            chosen, selection = requested, "requested"
+        elif given is None:
             chosen = [n for n, s in zip(class_names, stats, strict=True) if s[1] > 0]
             selection = "every finding the model segments (a non-empty predicted mask)"
             why = "the model segments no finding"
@@ -684,16 +773,24 @@ def _explain_segmentation(
             )
     else:
         chosen, selection, stats = requested, "requested", []
+    if rule_masks is not None and chosen:  # explain exactly the post-processed masks
+        arg = rule_masks[[class_names.index(f) for f in chosen]][None].to(x.device)
     raw: dict[Pair, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
+    kept = None
     if chosen:
-        if roi is None:
+        if slice_inferer is not None:
+            results = slice_inferer_explain(
+                explainer, x, targets=chosen, region=arg, methods=methods, maps=False,
+                task=task, **slice_options(slice_inferer),
+            )  # fmt: skip
+        elif roi is None:
             results = explainer.explain(x, chosen, methods, maps=False, region=arg, task=task)
         else:
             results = sliding_window_explain(
                 explainer, x, targets=chosen, region=arg, roi_size=roi, overlap=overlap,
-                sw_batch_size=sw_batch_size, mode="gaussian", methods=methods, maps=False,
-                task=task,
+                sw_batch_size=sw_batch_size, methods=methods, maps=False,
+                task=task, progress=windows or False, **schedule,
             )  # fmt: skip
         first = results[methods[0]]
         if tuple(first.output.shape[2:]) != tuple(x.shape[2:]):
@@ -707,8 +804,12 @@ def _explain_segmentation(
             stats = _class_stats(first.output, given, task)
         raw = {(f, m): results[m].raw[0, k].detach().cpu()
                for k, f in enumerate(chosen) for m in methods}  # fmt: skip
-        if given is None:
+        if rule_masks is not None:
+            masks = {f: rule_masks[class_names.index(f)] for f in chosen}
+        elif given is None:
             masks = {f: first.region[0, k].detach().cpu().bool() for k, f in enumerate(chosen)}
+        if keep_output:
+            kept = first.output[0].detach().cpu()
         del results, first
     report: dict[str, Any] = {
         "source": "predicted" if given is None else "given",
@@ -720,11 +821,15 @@ def _explain_segmentation(
         report["predicted_by"] = (
             "argmax over classes" if task == "softmax" else "logit >= 0 (sigmoid >= 0.5)"
         )
+        if mask_rule is not None:
+            report["predicted_by"] = mask_rule.describe()
     report["sliding_window"] = None if roi is None else {
-        "roi_size": list(roi), "overlap": float(overlap), "sw_batch_size": int(sw_batch_size),
-        "mode": "gaussian",
+        "roi_size": list(roi), "overlap": overlap, "sw_batch_size": int(sw_batch_size),
+        "mode": str(schedule["mode"]),
     }  # fmt: skip
-    return _SegmentationRun(raw, chosen, selection, stats, masks, report, notes)
+    if slice_inferer is not None:  # MONAI SliceInferer: a 2D network over the volume
+        report["slice_inferer"] = slice_options(slice_inferer)
+    return _SegmentationRun(raw, chosen, selection, stats, masks, report, notes, kept)
 
 
 # -- explaining arrays --------------------------------------------------------------------
@@ -794,7 +899,9 @@ def explain_arrays(
       window as MONAI's ``sliding_window_inference`` predicts (gaussian blending,
       ``sw_batch_size`` windows per pass); by default the bundle's patch size when the
       model sees patches (``info.patch``) and the volume is not one patch. Sliding-window maps
-      are on the model's input grid (logits per voxel for HiResCAM).
+      are on the model's input grid (logits per voxel for HiResCAM);
+    - a MONAI bundle whose inferer is ``SliceInferer`` (a 2D network over the volume) is
+      predicted and explained slice by slice on its schedule (:mod:`hirescam3d.slices`).
     """
     from monai.data import MetaTensor
 
@@ -807,6 +914,18 @@ def explain_arrays(
 
     image, affine = _check_arrays(image, affine, organs, values)
     network, info = resolve_model(model)
+    slices = info.inferer is not None and info.inferer.get("kind") == "slice"
+    if info.input.spatial_dims != image.ndim and not slices:
+        raise InputError(
+            f"{info.name} is a {info.input.spatial_dims}D model (its network_def has "
+            f"spatial_dims {info.input.spatial_dims}); the scan is {image.ndim}D "
+            f"{tuple(image.shape)}: give it a {info.input.spatial_dims}D image"
+        )
+    if slices and roi_size is not None:
+        raise InputError(
+            f"{info.name} predicts slice by slice with its SliceInferer (roi_size "
+            f"{info.inferer.get('roi_size')}): drop roi_size (--roi-size)"
+        )
     class_names = list(info.class_names)
     segmentation = info.segmentation
     scan_region = None
@@ -889,6 +1008,9 @@ def explain_arrays(
     def passes(done: int, total: int) -> None:  # perturbation methods: many model passes
         step(f"explain: {done}/{total} model passes", 0.3 + 0.15 * done / max(total, 1))
 
+    def windows(done: int, total: int) -> None:  # sliding windows: one call per batch
+        step(f"explain: window {done}/{total}", 0.3 + 0.15 * done / max(total, 1))
+
     explainer = Explainer(
         network, layer, methods[0], class_names=class_names, progress=passes,
         task=info.activation if segmentation else None,
@@ -897,17 +1019,25 @@ def explain_arrays(
     identity = postprocess.stretch_geometry(grid.shape, grid.shape)
     if segmentation:
         window = _window(info, grid.shape, roi_size, overlap)
+        schedule = {"mode": "gaussian"}
+        if slices:  # a MONAI bundle's SliceInferer: slice by slice on its own schedule
+            window = None
+        elif roi_size is None and window is not None and info.inferer:
+            # a MONAI bundle's SlidingWindowInferer: explained on its own schedule
+            window, overlap, sw_batch_size, schedule = _bundle_schedule(info.inferer, window)
         seg = _explain_segmentation(
             explainer, x, class_names, requested, methods,
             "predicted" if model_region is None else model_region.to(dev), info.activation,
-            window, overlap, sw_batch_size,
+            window, overlap, sw_batch_size, schedule, windows,
+            info.inferer if slices else None, keep_output=bool(info.postprocessing),
+            mask_rule=info.mask_postprocessing,
         )  # fmt: skip
         chosen, selection, raw = seg.chosen, seg.selection, seg.raw
         notes.extend(seg.notes)
         logit_of = {n: s[0] for n, s in zip(class_names, seg.stats, strict=True)}
         prob_of = {n: s[2] for n, s in zip(class_names, seg.stats, strict=True)}
-        # sliding windows: maps blended on the model's input grid (the identity geometry)
-        layer_geometry = identity if window is not None else explainer.geometry(x)
+        # sliding windows and slices: maps blended on the model's input grid (identity)
+        layer_geometry = identity if window is not None or slices else explainer.geometry(x)
     else:
         targets = requested or class_names  # all classes when choosing by probability
         results = explainer.explain(x, targets, methods, maps=False)
@@ -969,8 +1099,16 @@ def explain_arrays(
                 cells, regions, logit_of[finding], bias
             )
         shares.setdefault(finding, {})[method] = attribution.positive_shares(cells, regions)
-    if raw and all(entry["no_positive_evidence"] for m in shares.values() for entry in m.values()):
-        notes.append("no explained map has positive evidence (every map is 0 or negative)")
+    empty = [f"{finding} ({method})" for finding, by_method in shares.items()
+             for method, entry in by_method.items() if entry["no_positive_evidence"]]  # fmt: skip
+    if raw and len(empty) == len(raw):
+        notes.append(
+            "no explained map has positive evidence (every map is 0 or negative): the maps of "
+            f"{', '.join(empty)} are all zeros"
+        )
+    else:  # one warning per map, so a silent all-zero map cannot pass for a result
+        notes += [f"the map of {e} has no positive evidence (every cell is 0 or negative): "
+                  "it is all zeros" for e in empty]  # fmt: skip
     timings["attribute_s"] = time.perf_counter() - t
     sizes: dict[str, float] = {}
     if seg is not None:
@@ -1006,6 +1144,7 @@ def explain_arrays(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         masks=seg.masks if seg is not None else {},
         region=seg.report if seg is not None else None,
+        prediction=seg.output if seg is not None and seg.masks else None,
     )
 
 
@@ -1198,6 +1337,7 @@ def explain_scan(
     """
     from . import io, outputs
     from .organs import align_organs, load_organ_map
+    from .staging import Staging
 
     def step(stage: str, fraction: float) -> None:
         if progress is not None:
@@ -1242,10 +1382,14 @@ def explain_scan(
     organs = organ_names = labels = None
     t = time.perf_counter()
     if organs_path is not None:  # first: the reader's temporaries never meet the scan's
-        labels, labels_affine, organ_names = load_organ_map(organs_path, organ_names_path)
+        # stages.read: the result read ahead while the scan before was explained (batch)
+        labels, labels_affine, organ_names = stages.read(
+            organs_key(organs_path, organ_names_path), load_organ_map, organs_path,
+            organ_names_path,
+        )  # fmt: skip
     timings["read_organs_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    scan = io.read_scan(scan_path, series=series)
+    scan = stages.read(scan_key(scan_path, series), io.read_scan, scan_path, series)
     notes = list(scan.warnings)
     timings["read_s"] = time.perf_counter() - t
     if labels is not None:
@@ -1268,102 +1412,121 @@ def explain_scan(
     result.warnings[:0] = notes
     paths = paths_of(result.explained)
     outputs.check_writable(paths.values(), force)
-    step("write", 0.9)
-    written: dict[str, Path] = {}
-    dicom = None
-    if dicom_out:  # before the scan's voxels are freed: a non-DICOM scan is written first
-        dicom = outputs.DicomMaps(scan, formats, seg_threshold, paths.get("ct_dicom"), stem,
-                                  force)  # fmt: skip
-        if ct_series:
-            written["ct_dicom"] = paths["ct_dicom"]
-    ct = scan.array if png else None
-    scan.array = np.empty((0, 0, 0), np.float32)  # not needed any more: free it early
+    # Everything is written into a temporary folder inside out_dir and moved into place
+    # whole at the end: an error or a kill leaves out_dir as it was (hirescam3d.staging).
+    stage = Staging(out_dir)
+    paths = stage.redirect(paths)
+    try:
+        step("write", 0.9)
+        written: dict[str, Path] = {}
+        dicom = None
+        if dicom_out:  # before the scan's voxels are freed: a non-DICOM scan is written first
+            dicom = outputs.DicomMaps(scan, formats, seg_threshold, paths.get("ct_dicom"), stem,
+                                      force)  # fmt: skip
+            if ct_series:
+                written["ct_dicom"] = paths["ct_dicom"]
+        ct = scan.array if png else None
+        scan.array = np.empty((0, 0, 0), np.float32)  # not needed any more: free it early
 
-    timings["invert_s"] = timings["write_s"] = 0.0
-    for finding, method in result.pairs:
-        key = f"{finding}/{method}"
+        timings["invert_s"] = timings["write_s"] = 0.0
+
+        def write_pair(finding: str, method: str, volume: np.ndarray, volume_affine: Any,
+                       on_scan: np.ndarray | None) -> None:  # fmt: skip
+            key = f"{finding}/{method}"
+            if "nifti" in formats:
+                written[key] = outputs.write_map(
+                    paths[key], volume, volume_affine, method, values, dtype, scan.header,
+                    force=force,
+                )  # fmt: skip
+            if dicom is not None:
+                written.update(dicom.write(paths, volume, volume_affine, finding, method, values))
+            if png:
+                from .figures import save_montage
+
+                written[key + "/png"] = save_montage(
+                    ct, on_scan, paths[key + "/png"], affine=scan.affine,
+                    title=f"{stem}: {finding} ({method}, p = {result.probabilities[finding]:.2f})",
+                    force=force,
+                )
+
+        # each map is written in the background while the next one is placed (at most one
+        # map being written, hirescam3d.stages); written in order, all before the report
+        with stages.background_writer() as writer:
+            for finding, method in result.pairs:
+                t = time.perf_counter()
+                if grid == "scan":
+                    volume, volume_affine = result.scan_map((finding, method)), scan.affine
+                else:
+                    volume, volume_affine = (result.model_map((finding, method)),
+                                             result.grid.affine)  # fmt: skip
+                on_scan = None
+                if png:
+                    on_scan = volume if grid == "scan" else result.scan_map((finding, method))
+                timings["invert_s"] += time.perf_counter() - t
+                writer.submit(write_pair, finding, method, volume, volume_affine, on_scan)
+                del volume, on_scan
+        timings["write_s"] += writer.seconds
         t = time.perf_counter()
-        if grid == "scan":
-            volume, volume_affine = result.scan_map((finding, method)), scan.affine
-        else:
-            volume, volume_affine = result.model_map((finding, method)), result.grid.affine
-        timings["invert_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        if "nifti" in formats:
-            written[key] = outputs.write_map(
-                paths[key], volume, volume_affine, method, values, dtype, scan.header,
-                force=force,
+        for finding in result.masks:  # the predicted masks, on the scan's grid
+            written[f"{finding}/mask"] = outputs.write_labels(
+                paths[f"{finding}/mask"], result.mask_on_scan(finding), scan.affine, force=force,
+                name="predicted",
             )  # fmt: skip
-        if dicom is not None:
-            written.update(dicom.write(paths, volume, volume_affine, finding, method, values))
-        if png:
-            from .figures import save_montage
-
-            on_scan = volume if grid == "scan" else result.scan_map((finding, method))
-            written[key + "/png"] = save_montage(
-                ct, on_scan, paths[key + "/png"], affine=scan.affine,
-                title=f"{stem}: {finding} ({method}, p = {result.probabilities[finding]:.2f})",
-                force=force,
-            )
-        del volume
         timings["write_s"] += time.perf_counter() - t
-    t = time.perf_counter()
-    for finding in result.masks:  # the predicted masks, on the scan's grid
-        written[f"{finding}/mask"] = outputs.write_labels(
-            paths[f"{finding}/mask"], result.mask_on_scan(finding), scan.affine, force=force,
-            name="predicted",
-        )  # fmt: skip
-    timings["write_s"] += time.perf_counter() - t
-    timings.update(result.timings)
-    timings["total_s"] = time.perf_counter() - start
-    result.timings = timings
+        timings.update(result.timings)
+        timings["total_s"] = time.perf_counter() - start
+        result.timings = timings
 
-    report = result.to_dict()
-    report["input"] = {
-        **report.pop("image", {}),
-        "path": str(Path(scan_path).resolve()),
-        "sha256": scan.sha256,
-        "spacing_mm": list(scan.spacing),
-        "axcodes": scan.axcodes,
-    }
-    if result.region is not None:
-        report["region"]["path"] = None if region_path is None else str(region_path.resolve())
-        if result.masks:
-            report["region"]["masks"] = {
-                f: paths[f"{f}/mask"].name for f in result.masks
+        report = result.to_dict()
+        report["input"] = {
+            **report.pop("image", {}),
+            "path": str(Path(scan_path).resolve()),
+            "sha256": scan.sha256,
+            "spacing_mm": list(scan.spacing),
+            "axcodes": scan.axcodes,
+        }
+        if result.region is not None:
+            report["region"]["path"] = None if region_path is None else str(region_path.resolve())
+            if result.masks:
+                report["region"]["masks"] = {
+                    f: paths[f"{f}/mask"].name for f in result.masks
+                }  # fmt: skip
+        if organs_path is not None:
+            report["organ_map"] = {
+                "path": str(Path(organs_path).resolve()),
+                "names": {str(k): v for k, v in (organ_names or {}).items()},
+            }
+        if "nifti" in formats:
+            report["outputs"] = {
+                f: {m: paths[f"{f}/{m}"].name for m in methods} for f in result.explained
+            }
+        if dicom is not None:
+            report["dicom"] = {
+                fmt: {f: {m: paths[outputs.map_key(f, m, fmt)].name for m in methods}
+                      for f in result.explained}
+                for fmt in dicom.formats
             }  # fmt: skip
-    if organs_path is not None:
-        report["organ_map"] = {
-            "path": str(Path(organs_path).resolve()),
-            "names": {str(k): v for k, v in (organ_names or {}).items()},
+            report["dicom"]["source_series_uid"] = dicom.source.series_uid
+            if ct_series:
+                report["dicom"]["ct_series"] = paths["ct_dicom"].name
+            if "dicom-seg" in formats:
+                report["dicom"]["seg_threshold"] = float(seg_threshold)
+        report["storage"] = {
+            "formats": list(formats),
+            "grid": grid,
+            "dtype": dtype,
+            "compresslevel": outputs.COMPRESSLEVEL[dtype],
+            "affine": (scan.affine if grid == "scan" else result.grid.affine).tolist(),
         }
-    if "nifti" in formats:
-        report["outputs"] = {
-            f: {m: paths[f"{f}/{m}"].name for m in methods} for f in result.explained
-        }
-    if dicom is not None:
-        report["dicom"] = {
-            fmt: {f: {m: paths[outputs.map_key(f, m, fmt)].name for m in methods}
-                  for f in result.explained}
-            for fmt in dicom.formats
-        }  # fmt: skip
-        report["dicom"]["source_series_uid"] = dicom.source.series_uid
-        if ct_series:
-            report["dicom"]["ct_series"] = paths["ct_dicom"].name
-        if "dicom-seg" in formats:
-            report["dicom"]["seg_threshold"] = float(seg_threshold)
-    report["storage"] = {
-        "formats": list(formats),
-        "grid": grid,
-        "dtype": dtype,
-        "compresslevel": outputs.COMPRESSLEVEL[dtype],
-        "affine": (scan.affine if grid == "scan" else result.grid.affine).tolist(),
-    }
-    if png:
-        report["png"] = {
-            f: {m: paths[f"{f}/{m}/png"].name for m in methods} for f in result.explained
-        }
-    written["report"] = outputs.write_json(paths["report"], report, force=force)
+        if png:
+            report["png"] = {
+                f: {m: paths[f"{f}/{m}/png"].name for m in methods} for f in result.explained
+            }
+        written["report"] = outputs.write_json(paths["report"], report, force=force)
+        written = stage.commit(written)
+    except BaseException:
+        stage.discard()
+        raise
     step("done", 1.0)
     explanation = _scan_explanation(result, _LazyMaps(result), organs, organ_names)
     explanation.report = json.loads(json.dumps(_json_safe(report), default=str))

@@ -19,9 +19,14 @@ the output grid (the last feature map before a 1x1 convolution), each window's m
 ``R * (p_i - b)`` and the stitched map is exactly ``R * (P - b)``: it sums to the region
 score of the blended prediction minus ``b * |R|``. Where every window covering a voxel
 sees the whole receptive field around it (the network's receptive field fits in the
-overlap), the stitched map equals the whole-volume explanation; near a window's inner
-faces the window's zero padding changes its prediction (MONAI's prediction differs from
-the whole-volume one there as well) and its map, by that window's blending weight.
+overlap), and the network has no statistics taken over the whole window, the stitched
+map equals the whole-volume explanation; near a window's inner faces the window's zero
+padding changes its prediction (MONAI's prediction differs from the whole-volume one
+there as well) and its map, by that window's blending weight. Instance and group norm
+(MONAI's ``UNet`` and ``SegResNet`` defaults) normalise with each window's own statistics,
+so every window predicts, and is explained, differently from the whole volume: the
+stitched map explains exactly the stitched prediction (what MONAI returns), not the
+whole-volume one. :func:`sliding_window_explain` warns once per network that has them.
 
 Memory: the volume-sized state is MONAI's accumulators (the blended logits, one map per
 method, a weight sum each) and the region; everything else is per window.
@@ -29,10 +34,13 @@ method, a weight sum each) and the region; everything else is per window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from . import postprocess
 from .capture import model_state_restored
@@ -50,6 +58,52 @@ from .trace import LayerGeometry
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .explainer import Explainer, ExplanationResult, Region, Targets
+
+
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def window_statistics_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s layers that normalise with statistics of their own input in
+    eval mode: ``InstanceNorm`` without running statistics, and ``GroupNorm``."""
+    found = []
+    for name, module in model.named_modules():
+        instance = isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        if (instance and not module.track_running_stats) or isinstance(module, nn.GroupNorm):
+            found.append(name)
+    return found
+
+
+def warn_window_statistics(model: nn.Module) -> None:
+    """Warn (once per network) that window-wide normalisation makes the stitched
+    prediction, and so its explanation, differ from the whole-volume one."""
+    if model in _WARNED:
+        return
+    layers = window_statistics_layers(model)
+    _WARNED.add(model)
+    if not layers:
+        return
+    kinds = sorted({type(dict(model.named_modules())[n]).__name__ for n in layers})
+    warnings.warn(
+        f"{type(model).__name__} has {len(layers)} {'/'.join(kinds)} layer(s) (e.g. "
+        f"{layers[0]!r}) that normalise with each window's own statistics: the stitched "
+        "map explains exactly the stitched (sliding-window) prediction, which differs from "
+        "the whole-volume prediction and its explanation everywhere, not only near window "
+        "faces (see docs/segmentation.md, 'Sliding windows')",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _window_count(spatial: Sequence[int], roi: Sequence[int], overlap: object) -> int:
+    """Windows per item of MONAI's sliding-window schedule over ``spatial``."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+    from monai.utils import ensure_tuple_rep
+
+    size = tuple(max(int(s), int(r)) for s, r in zip(spatial, roi, strict=True))
+    interval = _get_scan_interval(size, tuple(roi), len(size), ensure_tuple_rep(overlap, len(size)))
+    return len(dense_patch_slices(size, tuple(roi), interval))
 
 
 def _target_rows(targets: Targets, batch: int) -> list[list[int | str]]:
@@ -123,7 +177,7 @@ def sliding_window_explain(
     maps: bool = True,
     forward_kwargs: dict | None = None,
     task: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> dict[str, ExplanationResult]:
     """Explain a segmentation model's region scores on ``x`` ``(B, C_in, *spatial)``
     window by window, as :func:`monai.inferers.sliding_window_inference` predicts it.
@@ -135,7 +189,9 @@ def sliding_window_explain(
     ``sliding_window_inference`` pass first, and only windows the mask reaches are
     explained). Each window explains the region cropped to it. ``roi_size``,
     ``overlap``, ``sw_batch_size``, ``mode``, ``sigma_scale``, ``padding_mode``,
-    ``cval``, ``progress``: as for ``sliding_window_inference``.
+    ``cval``: as for ``sliding_window_inference``. ``progress``: True for MONAI's own
+    progress bar, or a callable, called ``progress(done, total)`` after each batch of
+    windows (``total`` counts both passes with ``region="predicted"``).
 
     Returns, per method, an :class:`~hirescam3d.ExplanationResult` on the input grid:
     ``raw`` ``(B, K, *spatial)`` float32, the blended maps in score units per voxel
@@ -164,6 +220,7 @@ def sliding_window_explain(
                 + "; use hirescam or gradcam"
             )
     names = [m.name for m in chosen]
+    warn_window_statistics(explainer.model)
     if callable(getattr(x, "as_tensor", None)):  # a MONAI MetaTensor: plain results
         x = x.as_tensor()
     x = explainer._check_input(x)
@@ -188,8 +245,24 @@ def sliding_window_explain(
     swi = {
         "roi_size": roi, "sw_batch_size": sw_batch_size, "overlap": overlap, "mode": mode,
         "sigma_scale": sigma_scale, "padding_mode": padding_mode, "cval": cval,
-        "progress": progress,
+        "progress": progress is True,
     }  # fmt: skip
+    report = progress if callable(progress) else None
+    total = _window_count(spatial, roi, overlap) * b * (2 if isinstance(region, str) else 1)
+    done = [0]
+
+    def counted(run: Callable) -> Callable:
+        """``run`` (a predictor), reporting the windows done after each call."""
+        if report is None:
+            return run
+
+        def call(window: torch.Tensor, *args: object) -> object:
+            out = run(window, *args)
+            done[0] += int(window.shape[0])
+            report(min(done[0], total), total)
+            return out
+
+        return call
 
     def predict(window: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -210,7 +283,7 @@ def sliding_window_explain(
                     f"region must be a mask or weight map (B or 1, 1 or K, *spatial), or "
                     f"'predicted'; got the string {region!r}"
                 )
-            pred = sliding_window_inference(x, predictor=predict, **swi)
+            pred = sliding_window_inference(x, predictor=counted(predict), **swi)
             c = pred.shape[1]
             tgt = explainer._target_matrix(rows, pred, shape=(b, c))
             task_name = resolve_task(task if task is not None else explainer.task, c)
@@ -258,7 +331,9 @@ def sliding_window_explain(
                 out[f"map:{n}"] = raw.to(window.dtype)
             return out
 
-        blended = sliding_window_inference(x, predictor=predictor, with_coord=True, **swi)
+        blended = sliding_window_inference(
+            x, predictor=counted(predictor), with_coord=True, **swi
+        )
     if pred is None:
         pred = blended["pred"]
     tgt = state["tgt"]

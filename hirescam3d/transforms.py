@@ -18,13 +18,18 @@ transforms switch gradients on themselves, so they also work under ``torch.no_gr
 or ``torch.inference_mode()`` (MONAI evaluators).
 
 Segmentation networks (logits ``(C, *spatial)`` per item) explain a finding's logits
-summed over a region: ``region_key`` names the data-dict entry holding it, a channel-first
-``(1 or K, *spatial)`` mask or weight map on the network's output grid (e.g. a label
-taken through the same preprocessing, nearest-neighbour), or the string ``"predicted"``
-(each finding's own predicted mask, chosen by ``task``)::
+summed over a region: ``region="predicted"`` (each finding's own predicted mask, chosen by
+``task``) or ``region=KEY``, the data-dict entry holding a channel-first ``(1 or K,
+*spatial)`` mask or weight map on the network's output grid (e.g. a label taken through
+the same preprocessing, nearest-neighbour)::
 
     HiResCAMd("image", model=unet, target_layer="model.2.0", findings=["tumour"],
-              region_key="label", values="density")
+              region="label", values="density")
+
+``inferer=`` (a MONAI ``SimpleInferer`` or ``SlidingWindowInferer``; ``"@inferer"`` in a
+bundle config) explains on the inferer's schedule: a sliding-window inferer's windows,
+overlap and blending (:func:`hirescam3d.sliding.sliding_window_explain`), so the explained
+prediction is the one the bundle makes.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from . import postprocess
-from .errors import HiResCAMError, LayerError
+from .errors import HiResCAMError, InputError, LayerError
 from .explainer import Explainer
 from .methods import get_method
+from .sliding import sliding_window_explain
 
 
 class Explaind(MapTransform):
@@ -60,12 +66,18 @@ class Explaind(MapTransform):
         scores_key: if set (formatted with ``key``), the logits ``(C,)`` are stored there.
         info: a :class:`hirescam3d.bundle.ModelInfo` supplying layer and class names.
         values: ``"unit"`` ([0, 1] display maps) or ``"density"`` (raw units per voxel).
-        region_key: segmentation networks: the key of the region whose logits are summed,
-            ``(1 or K, *spatial)`` on the output grid (mask or weights; K: one per finding),
-            or whose value is ``"predicted"``; its value may also be a key-less
-            ``(*spatial)`` array. Required for a segmentation network.
+        region: segmentation networks: which voxels' logits are summed. ``"predicted"``
+            (each finding's own predicted mask) or the key of a data-dict entry holding a
+            mask or weight map ``(1 or K, *spatial)`` on the output grid (K: one per
+            finding; a channel-less ``(*spatial)`` array also works), or holding the
+            string ``"predicted"``. Required for a segmentation network.
+        region_key: the older spelling of ``region``; give one of the two.
         task: how ``"predicted"`` masks are made: ``"softmax"`` (argmax) or ``"sigmoid"``
             (logit >= 0); default ``info.activation`` for a segmentation ``info``.
+        inferer: how the bundle predicts: None or MONAI's ``SimpleInferer`` (the whole
+            item at once) or ``SlidingWindowInferer`` (explained window by window on its
+            schedule, with its ``roi_size``, ``overlap``, ``mode``, ``sigma_scale``,
+            ``padding_mode``, ``cval`` and ``sw_batch_size``; segmentation networks only).
     """
 
     def __init__(
@@ -83,8 +95,20 @@ class Explaind(MapTransform):
         values: str = "unit",
         region_key: str | None = None,
         task: str | None = None,
+        region: str | None = None,
+        inferer: Any = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        name = type(self).__name__
+        if region is not None and region_key is not None:
+            raise HiResCAMError(f"{name}: give region= or region_key=, not both")
+        for arg, value in (("region", region), ("region_key", region_key)):
+            if value is not None and not isinstance(value, str):
+                raise HiResCAMError(
+                    f"{name}: {arg}= takes 'predicted' or the key of a mask in the data, "
+                    f"not a {type(value).__name__}"
+                )
+        self._sliding = sliding_options(inferer, name)
         if values not in ("unit", "density"):
             raise HiResCAMError(f"values must be 'unit' or 'density', not {values!r}")
         if not isinstance(model, nn.Module):
@@ -106,7 +130,8 @@ class Explaind(MapTransform):
         post = postprocess.density if values == "density" else postprocess.unit_maps
         if task is None and getattr(info, "segmentation", False):
             task = info.activation
-        self.region_key = region_key
+        self.region_arg = "region_key" if region_key is not None else "region"
+        self.region_key = region_key if region_key is not None else region
         self.explainer = Explainer(
             model, layer, method=self.methods[0], class_names=class_names, postprocessing=post,
             task=task,
@@ -144,7 +169,7 @@ class Explaind(MapTransform):
             # Inference tensors cannot enter autograd: copy the input outside inference mode.
             with torch.inference_mode(False), torch.enable_grad():
                 x = plain.detach().clone().float().unsqueeze(0)
-                results = self.explainer.explain(x, self._targets(), self.methods, region=region)
+                results = self._explain(x, region)
             names = [self._name(t) for t in self._targets()]
             for method in self.methods:
                 maps = results[method].maps[0].detach().to(plain.device)
@@ -158,16 +183,38 @@ class Explaind(MapTransform):
                 d[self.scores_key.format(key=key)] = scores
         return d
 
+    def _explain(self, x: torch.Tensor, region: torch.Tensor | str | None) -> dict[str, Any]:
+        """One item's results per method: whole, or on the inferer's sliding windows."""
+        name = type(self).__name__
+        try:
+            if self._sliding is None:
+                return self.explainer.explain(x, self._targets(), self.methods, region=region)
+            if region is None:
+                raise InputError(f"{name}: {_NEEDS_REGION}")
+            return sliding_window_explain(
+                self.explainer, x, self._targets(), region, methods=self.methods,
+                **self._sliding,
+            )  # fmt: skip
+        except InputError as err:
+            if region is None and "segmentation output" in str(err):
+                raise InputError(
+                    f"{name}: the model returns a segmentation output; {_NEEDS_REGION}"
+                ) from None
+            raise
+
     def _region(self, d: Mapping[Hashable, Any], dims: int) -> torch.Tensor | str | None:
-        """The region of ``d[region_key]`` as the explainer takes it (``dims`` spatial
-        axes): ``(1, 1 or K, *spatial)``, ``(*spatial)`` as given, or ``"predicted"``; None
-        without a key."""
+        """The region ``region=`` / ``region_key=`` names, as the explainer takes it
+        (``dims`` spatial axes): ``(1, 1 or K, *spatial)``, ``(*spatial)`` as given, or
+        ``"predicted"``; None without one."""
         if self.region_key is None:
             return None
         if self.region_key not in d:
+            if self.region_key == "predicted":
+                return "predicted"
             raise HiResCAMError(
-                f"{type(self).__name__}: region_key {self.region_key!r} is not in the data "
-                f"(keys: {', '.join(map(str, d))})"
+                f"{type(self).__name__}: {self.region_arg}={self.region_key!r} is not a key of "
+                f"the data (keys: {', '.join(map(str, d))}); give {self.region_arg}="
+                "'predicted' or the key of a mask"
             )
         value = d[self.region_key]
         if isinstance(value, str):
@@ -187,6 +234,35 @@ class Explaind(MapTransform):
             meta=deepcopy(image.meta),
             applied_operations=deepcopy(image.applied_operations),
         )
+
+
+_NEEDS_REGION = (
+    "say which voxels' logits to explain with region='predicted' (each finding's own "
+    "predicted mask) or region='<key>' (the key of a mask in the data)"
+)
+_WINDOW_OPTIONS = ("roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale",
+                   "padding_mode", "cval")  # fmt: skip
+
+
+def sliding_options(inferer: Any, owner: str = "Explaind") -> dict[str, Any] | None:
+    """The :func:`~hirescam3d.sliding.sliding_window_explain` options of a MONAI inferer:
+    None for no inferer or a ``SimpleInferer`` (the whole item at once), the window
+    schedule of a ``SlidingWindowInferer``; HiResCAMError for any other inferer."""
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    if inferer is None or type(inferer) is SimpleInferer:
+        return None
+    if type(inferer) is SlidingWindowInferer:  # not SliceInferer: 2D windows of 3D data
+        options = {k: getattr(inferer, k) for k in _WINDOW_OPTIONS}
+        options["mode"] = str(getattr(options["mode"], "value", options["mode"]))
+        options["padding_mode"] = str(
+            getattr(options["padding_mode"], "value", options["padding_mode"])
+        )
+        return options
+    raise HiResCAMError(
+        f"{owner}: inferer= takes MONAI's SimpleInferer or SlidingWindowInferer, not "
+        f"{type(inferer).__name__}"
+    )
 
 
 class HiResCAMd(Explaind):

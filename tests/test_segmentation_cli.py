@@ -61,8 +61,14 @@ def bundle(root: Path, state: dict, activation: str, patch: bool) -> Path:
             spec["is_patch_data"] = patch
     post = [{"_target_": "Activationsd", "keys": "pred", activation: True}]
     name = f"unet_{activation}_{'patch' if patch else 'whole'}"
+    # the bundle's inferer is what hirescam3d follows: whole volumes or gaussian-blended
+    # 32^3 windows (MONAI's sliding_window_inference is the oracle below)
+    inferer = (
+        {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "overlap": 0.25,
+         "mode": "gaussian"} if patch else {"_target_": "SimpleInferer"}
+    )  # fmt: skip
     return write_bundle(root / name, {"_target_": "UNet", **UNET_ARGS}, meta, state,
-                        CT_PREPROCESSING, post)  # fmt: skip
+                        CT_PREPROCESSING, post, extra={"inferer": inferer})  # fmt: skip
 
 
 def ct_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:

@@ -149,7 +149,7 @@ def test_docs_example_runs(monkeypatch, capsys):
             zoo, "load", lambda name=None, **kw: original(name or "axialnet_tiny", **kw)
         )
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 5
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} block {i + 1}", "exec"), namespace)
@@ -158,6 +158,9 @@ def test_docs_example_runs(monkeypatch, capsys):
         printed
     )
     assert "float32 0.0 1.0" in printed
+    # save_bundle inferred the kind and classes, and nobody claims the weights are trained
+    assert "my_classifier classification ('normal', 'lesion')" in printed
+    assert "my_unet segmentation ('background', 'organ') model.2.0 True None" in printed
 
 
 def test_density_values_sum_to_the_hirescam_total():

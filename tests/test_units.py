@@ -66,7 +66,7 @@ def test_demo_sample_logit_map_sums_to_the_contributions(tmp_path):
     assert max(lungs, key=lungs.get) in ("left_lung", "right_lung")
     result = invoke("explain", SAMPLE, "-f", "atelectasis", "-m", "gradcam", "--values",
                     "logit", "--out", tmp_path / "g", "--device", "cpu")
-    assert result.exit_code == 1 and "gradcam have no units" in result.stderr
+    assert result.exit_code == 2 and "gradcam maps have no units" in result.stderr
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
 
 

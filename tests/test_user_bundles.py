@@ -410,9 +410,20 @@ UNET_ATTACKS = {
     ),
     "$ expression argument": (
         _unet_def(channels="$__import__('os').system('touch pwned') or [4, 8]"),
-        "refused: network_def.channels is the MONAI expression",
+        "network_def::channels is the expression",
     ),
-    "@ reference": (_unet_def(out_channels="@num_classes"), "is the MONAI reference"),
+    "$ call outside the allow-list": (
+        _unet_def(channels="$open('pwned', 'w') and [4, 8]"),
+        "the name 'open' is not allowed",
+    ),
+    "$ attribute outside monai, numpy, torch": (
+        _unet_def(channels="$torch.load.__globals__"),
+        "names with '__' are not allowed",
+    ),
+    "@ reference to nothing": (
+        _unet_def(out_channels="@num_classes"),
+        "network_def::out_channels refers to '@num_classes', which the config does not define",
+    ),
     "nested _target_": (
         _unet_def(act={"_target_": "os.system", "command": "touch pwned"}),
         "network_def.act holds the special key '_target_'",
@@ -429,18 +440,24 @@ def test_malicious_unet_bundles_are_refused_in_one_line(tmp_path, unet_state, mo
     assert handle.class_names == ("background", "liver", "tumour")  # metadata still lists
     text = refusal(handle.load)
     assert expected in text and str(folder / INFERENCE) in text
+    if "$" in str(network_def):
+        assert "--trust-bundle" in text
     assert not (tmp_path / "pwned").exists() and not handle.loaded
 
 
 @pytest.mark.parametrize(
     ("transform", "expected"),
     [
-        ({"_target_": "Lambdad", "keys": "image", "func": "$lambda x: x"}, "'Lambdad', which"),
-        ({"_target_": "os.system", "command": "touch pwned"}, "'os.system', which is not"),
-        ({"_target_": "Spacingd", "keys": "image", "pixdim": "$[1, 1, 1]"}, "expression"),
-        ({"_target_": "EnsureTyped", "keys": "image", "device": "@device"}, "reference"),
+        ({"_target_": "Lambdad", "keys": "image", "func": "$lambda x: x"},
+         "preprocessing::transforms::6::func is the expression '$lambda x: x'"),
+        ({"_target_": "os.system", "command": "touch pwned"},
+         "preprocessing transform 6 has _target_ 'os.system', which is not a MONAI"),
+        ({"_target_": "Spacingd", "keys": "image", "pixdim": "$__import__('os')"},
+         "preprocessing::transforms::6::pixdim is the expression"),
+        ({"_target_": "EnsureTyped", "keys": "image", "device": "@gpu"},
+         "preprocessing::transforms::6::device refers to '@gpu'"),
     ],
-)
+)  # fmt: skip
 def test_malicious_preprocessing_is_refused_in_one_line(tmp_path, unet_state, transform, expected):
     folder = write_bundle(
         tmp_path / "evil", _unet_def(), unet_metadata(), unet_state,
@@ -448,8 +465,8 @@ def test_malicious_preprocessing_is_refused_in_one_line(tmp_path, unet_state, tr
     )  # fmt: skip
     text = refusal(lambda: read_info(folder))
     assert expected in text and str(folder / INFERENCE) in text
-    assert "preprocessing.transforms[6]" in text
-    assert "may only use" in text or "write the literal value" in text
+    assert "--trust-bundle" in text or "does not define" in text
+    assert not (tmp_path / "evil" / "pwned").exists()
 
 
 def test_malicious_densenet_bundles_are_refused(tmp_path, monkeypatch):
@@ -460,8 +477,9 @@ def test_malicious_densenet_bundles_are_refused(tmp_path, monkeypatch):
                        "pretrained=True would download weights"),
         "exec": ({"_target_": "exec", "source": "open('pwned', 'w')"},
                  "refusing to build _target_ 'exec'"),
-        "kwargs": ({"_target_": "DenseNet121", **DENSE_ARGS, "out_channels": "$len('abc')"},
-                   "network_def.out_channels is the MONAI expression"),
+        "kwargs": ({"_target_": "DenseNet121", **DENSE_ARGS,
+                    "out_channels": "$open('pwned', 'w') or 3"},
+                   "network_def::out_channels is the expression"),
     }  # fmt: skip
     for name, (network_def, expected) in cases.items():
         folder = write_bundle(tmp_path / name, network_def, dense_metadata(), state)
@@ -534,5 +552,5 @@ def test_a_malicious_bundle_through_the_installed_cli(tmp_path, unet_state):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and str(tmp_path / "evil") in lines[0]
-    assert "refused: network_def.act is the MONAI expression" in lines[0]
+    assert "network_def::act is the expression" in lines[0] and "--trust-bundle" in lines[0]
     assert not (tmp_path / "pwned").exists()

@@ -126,14 +126,22 @@ def canonical_target(target: str) -> str | None:
         return target
     if target in MONAI_NETWORKS:
         return MONAI_PREFIX + target
+    name = target.removeprefix(MONAI_PREFIX)
+    if isinstance(target, str) and name.isidentifier() and not name.startswith("_"):
+        # any other network class of monai.networks.nets (constructors only build modules)
+        nets = importlib.import_module(MONAI_PREFIX[:-1])
+        cls = getattr(nets, name, None)
+        if isinstance(cls, type) and issubclass(cls, importlib.import_module("torch").nn.Module):
+            return MONAI_PREFIX + name
     return None
 
 
 def _refusal(target: str, source: str) -> ModelError:
     return ModelError(
         f"{source}: refusing to build _target_ {target!r}: only hirescam3d architectures "
-        f"({', '.join(ARCHITECTURE_TARGETS)}) and these monai.networks.nets networks can be "
-        f"loaded: {', '.join(MONAI_NETWORKS)}; nothing else is imported or run"
+        f"({', '.join(ARCHITECTURE_TARGETS)}) and monai.networks.nets networks (e.g. "
+        f"{', '.join(MONAI_NETWORKS[:4])}) are built; nothing else is imported or run "
+        "without --trust-bundle"
     )
 
 
@@ -225,7 +233,7 @@ def build_network(target: str, kwargs: dict[str, Any], source: str = "network_de
     kwargs = dict(kwargs)
     kwargs.pop("_desc_", None)
     cls = architecture(canonical, source)
-    if canonical in MONAI_TARGETS and "pretrained" in inspect.signature(cls).parameters:
+    if canonical.startswith(MONAI_PREFIX) and "pretrained" in inspect.signature(cls).parameters:
         if kwargs.get("pretrained") not in (None, False):
             raise ModelError(
                 f"{source}: refused: pretrained={kwargs['pretrained']!r} would download "

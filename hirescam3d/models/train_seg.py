@@ -113,6 +113,8 @@ def train(
     pos_weights: list[float] | None = None,
     presence: float = 0.0,
     top_k: int = 8,
+    crop: tuple[int, int, int] | None = None,
+    crop_ratios: list[float] | None = None,
 ) -> tuple[list[float], int]:
     """Train in place; returns the mean loss of each block of 50 steps and the number of
     steps done (fewer than ``steps`` when ``deadline``, a ``time.time()`` value, passed).
@@ -121,7 +123,13 @@ def train(
     are a few voxels of a volume). ``presence`` weights a volume-level term: per channel,
     BCE of the mean of its ``top_k`` largest logits against whether the channel is present,
     which penalises the few stray voxels a voxel-wise loss barely notices (a finding
-    predicted where it is absent)."""
+    predicted where it is absent).
+
+    ``crop``: train on patches of this size instead of whole volumes, centred by MONAI's
+    ``RandCropByLabelClassesd`` on a voxel of a class drawn with ``crop_ratios`` (one
+    weight for the unlabelled background, then one per channel; a class absent from the
+    volume is skipped), so small findings are seen far more often than their share of
+    voxels."""
     from monai.losses import DiceLoss
 
     from hirescam3d.bundle import apply_window
@@ -136,6 +144,15 @@ def train(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
     )
     dice = DiceLoss(sigmoid=True, batch=True)
+    cropper = None
+    if crop is not None:
+        from monai.transforms import RandCropByLabelClassesd
+
+        cropper = RandCropByLabelClassesd(
+            ["image", "label"], "label", crop, ratios=crop_ratios,
+            num_classes=len(SEG_CHANNELS) + 1, warn=False,
+        )  # fmt: skip
+        cropper.set_random_state(seed)
     weight = None
     if pos_weights is not None:
         weight = torch.tensor(pos_weights, dtype=torch.float32).view(-1, *[1] * (cts.ndim - 1))
@@ -148,6 +165,8 @@ def train(
         idx = np.sort(order[step * batch_size : (step + 1) * batch_size])
         x = apply_window(cts[idx], window).unsqueeze(1)
         y = unpack(torch.from_numpy(labels[idx]))
+        if cropper is not None:
+            x, y = crop_batch(cropper, x, y)
         logits = network(x)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
         loss = loss + dice(logits, y)
@@ -171,6 +190,19 @@ def train(
             break
     network.eval()
     return history, done
+
+
+def crop_batch(cropper, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One patch per item: ``x (B, 1, *S)``, ``y (B, C, *S)`` -> the same, on ``cropper``'s
+    patch size. The label it samples from is ``y`` with an unlabelled-background channel
+    in front (class 0)."""
+    xs, ys = [], []
+    for xi, yi in zip(x, y, strict=True):
+        label = torch.cat([(yi.amax(0, keepdim=True) == 0).float(), yi])
+        patch = cropper({"image": xi, "label": label})[0]
+        xs.append(torch.as_tensor(patch["image"]))
+        ys.append(torch.as_tensor(patch["label"])[1:])
+    return torch.stack(xs), torch.stack(ys)
 
 
 def keep_freed_memory() -> None:
@@ -206,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--presence", type=float, default=0.0, help="volume-level term weight")
     parser.add_argument("--top-k", type=int, default=8, help="logits per channel it averages")
+    parser.add_argument("--crop", type=int, nargs=3, default=None,
+                        help="train on patches of this size (S H W) instead of whole volumes")
+    parser.add_argument(
+        "--crop-ratios", type=float, nargs="+", default=None,
+        help="patch-centre class weights: background, then one per channel",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", default=None,
+        help="start from this bundle's weights (zoo name or folder) instead of the seed's",
+    )  # fmt: skip
     parser.add_argument("--max-minutes", type=float, default=29.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
@@ -213,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.pos_weights) != len(SEG_CHANNELS):
         parser.error(f"--pos-weights needs {len(SEG_CHANNELS)} values, one per channel")
+    if args.crop_ratios is not None and len(args.crop_ratios) != len(SEG_CHANNELS) + 1:
+        parser.error(f"--crop-ratios needs {len(SEG_CHANNELS) + 1} values: background, then "
+                     "one per channel")  # fmt: skip
 
     from hirescam3d.bundle import save_bundle
     from hirescam3d.handle import ModelHandle
@@ -227,10 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = time.time() - start
     log(f"phantoms ready ({gen_s:.0f} s)")
     network = entry.build(args.seed)
+    if args.init is not None:  # fine-tuning: the weights of an earlier run, loaded safely
+        network.load_state_dict(ModelHandle.resolve(args.init).load()[0].state_dict())
+        log(f"starting from the weights of {args.init}")
     history, done = train(
         network, cts, labels, entry.info.input.window, args.steps, args.batch_size, args.lr,
         args.weight_decay, args.seed, deadline=start + 60 * args.max_minutes,
         pos_weights=args.pos_weights, presence=args.presence, top_k=args.top_k,
+        crop=tuple(args.crop) if args.crop else None, crop_ratios=args.crop_ratios,
     )  # fmt: skip
     wall = time.time() - start
     info = entry.info
@@ -249,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         "pos_weights": args.pos_weights,
         "presence": args.presence,
         "top_k": args.top_k,
+        "init": args.init,
+        "crop": args.crop,
+        "crop_ratios": args.crop_ratios,
         "block_losses": [round(v, 5) for v in history],
         "phantom_generation_s": round(gen_s, 1),
         "wall_time_s": round(wall, 1),

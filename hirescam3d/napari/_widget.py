@@ -118,6 +118,12 @@ class ExplainWidget(QWidget):
         row.addWidget(browse)
         form.addRow("Model", row)
         self.model_combo.currentTextChanged.connect(self._refresh_findings)
+        self.trust_box = QCheckBox("Trust bundle")
+        self.trust_box.setToolTip(
+            "Let MONAI's ConfigParser run the bundle folder's config (its $ expressions and "
+            "_target_ classes): the same trust as `python -m monai.bundle run`"
+        )
+        form.addRow("", self.trust_box)
 
         self.findings_list = QListWidget()
         self.findings_list.setMaximumHeight(110)
@@ -315,6 +321,7 @@ class ExplainWidget(QWidget):
                               f"region layer {region_layer.name!r}")  # fmt: skip
         cancel, emitter, models = self._cancel, self._emitter, self._models
         values = self.values_combo.currentText()
+        trust = self.trust_box.isChecked()
 
         def progress(stage: str, fraction: float) -> None:
             if cancel.is_set():
@@ -325,7 +332,7 @@ class ExplainWidget(QWidget):
             try:
                 return _explain(
                     image, affine, model, findings, methods, organs, organs_affine, names,
-                    progress, models, values, region,
+                    progress, models, values, region, trust,
                 )
             except Cancelled:
                 return None  # not an error: no notification
@@ -629,6 +636,7 @@ def _explain(
     models: dict[str, Any],
     values: str = "unit",
     region: np.ndarray | None = None,
+    trust: bool = False,
 ) -> ExplainResult:
     """The worker's job (no Qt): load the model (cached), align organs, explain.
 
@@ -640,8 +648,8 @@ def _explain(
     from ..pipeline import explain_image
 
     progress("loading model", 0.0)
-    if model not in models:
-        models[model] = ModelHandle.resolve(model).load()
+    if model not in models or trust:  # trust: a bundle folder's config run by MONAI
+        models[model] = ModelHandle.resolve(model, trust=trust).load()
     notes: list[str] = []
     if organs is not None:
         organs, note = align_organs(organs, organs_affine, image.shape, affine, "organ layer")

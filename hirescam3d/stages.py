@@ -1,0 +1,184 @@
+"""Overlapped stages of a run: read the next scan ahead, write maps in the background.
+
+Two small helpers with bounded memory, used by :func:`hirescam3d.pipeline.explain_scan` and
+``hirescam3d batch``:
+
+- :class:`ReadAhead`: ``batch`` asks it to read scan k+1 (and its organ map) in a thread
+  while scan k is explained; ``explain_scan`` then takes the result through :func:`read`
+  instead of reading again. At most one scan (and its organ map) is read ahead, on top
+  of the scan being explained. A read that fails keeps its exception, and its warnings
+  are kept too (``warnings._showwarnmsg`` is routed per thread): both are raised where
+  the scan would have been read, so the scan fails or warns exactly as before. Nothing is
+  written, so a killed run leaves nothing of it behind.
+- :class:`BackgroundWriter`: runs write jobs one at a time, in order, in a thread, while
+  the caller computes the next map; :meth:`BackgroundWriter.submit` first waits for the
+  job before, so at most one map is being written while the next is computed. A failed
+  job's exception is raised by the next :meth:`~BackgroundWriter.submit` or by
+  :meth:`~BackgroundWriter.drain`; :meth:`~BackgroundWriter.close` always waits for the
+  running job, so nothing writes after the caller has given up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_active = threading.local()
+_capture = threading.local()  # the warnings of a read running ahead, per thread
+_passed_on: list[Callable[..., Any]] = []
+
+
+def _dispatch(msg: Any) -> None:
+    """``warnings._showwarnmsg``: a read-ahead thread keeps its warnings for the scan they
+    belong to; every other thread shows them as before."""
+    sink = getattr(_capture, "sink", None)
+    if sink is not None:
+        sink.append(msg)
+    else:
+        _passed_on[0](msg)
+
+
+def _install_dispatch() -> None:
+    if warnings._showwarnmsg is not _dispatch:  # type: ignore[attr-defined]
+        _passed_on[:] = [warnings._showwarnmsg]  # type: ignore[attr-defined]
+        warnings._showwarnmsg = _dispatch  # type: ignore[attr-defined]
+
+
+def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Any, list[Any]]:
+    """``fn(*args)`` in a read-ahead thread: ``(result, error, warnings)``, never raising."""
+    _capture.sink = sink = []
+    try:
+        return fn(*args), None, sink
+    except Exception as err:  # noqa: BLE001 - raised again where the scan is read
+        return None, err, sink
+    finally:
+        _capture.sink = None
+
+
+class ReadAhead:
+    """Reads started ahead in one thread, taken by key (:func:`read`).
+
+    Each :meth:`start` opens a generation (the reads of one scan); what the generation
+    before started and was not taken yet stays (the scan about to be explained), anything
+    older is dropped: at most the reads of the current scan and of the next one are held.
+    """
+
+    def __init__(self) -> None:
+        _install_dispatch()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hirescam3d-read-ahead")
+        self._entries: list[tuple[int, Hashable, Future]] = []
+        self._generation = 0
+
+    def start(self, reads: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+        """Start reading ``{key: (function, args)}`` in the background."""
+        self._generation += 1
+        self._entries = [e for e in self._entries if e[0] >= self._generation - 1]
+        for key, (fn, args) in reads.items():
+            self._entries.append((self._generation, key, self._pool.submit(_kept, fn, args)))
+
+    def take(self, key: Hashable) -> Future | None:
+        """The earliest read of ``key`` started and not taken yet, else None."""
+        for i, (_, k, future) in enumerate(self._entries):
+            if k == key:
+                del self._entries[i]
+                return future
+        return None
+
+    def close(self) -> None:
+        """Drop what was not taken and wait for a read still running."""
+        self._entries = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def read_ahead() -> Iterator[ReadAhead]:
+    """Make a :class:`ReadAhead` the one :func:`read` consults (in this thread)."""
+    reader = ReadAhead()
+    previous = getattr(_active, "reader", None)
+    _active.reader = reader
+    try:
+        yield reader
+    finally:
+        _active.reader = previous
+        reader.close()
+
+
+def read(key: Hashable, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, or the result (or exception) of the same read started ahead under
+    ``key`` by the active :class:`ReadAhead`."""
+    reader = getattr(_active, "reader", None)
+    future = reader.take(key) if reader is not None else None
+    if future is None:
+        return fn(*args)
+    result, error, kept = future.result()
+    for msg in kept:  # shown now, as if raised here (the scan's own warnings)
+        warnings.warn_explicit(msg.message, msg.category, msg.filename, msg.lineno,
+                               source=msg.source)  # fmt: skip
+    if error is not None:
+        raise error
+    return result
+
+
+class BackgroundWriter:
+    """Write jobs run in order in one thread; at most one running while the caller works.
+
+    ``seconds``: the summed run time of the jobs (the writing itself)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hirescam3d-writer")
+        self._last: Future | None = None
+        self.seconds = 0.0
+
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        """Wait for the job before (raising its exception), then start ``fn(*args)``."""
+        self.drain()
+        self._last = self._pool.submit(self._timed, fn, *args)
+        return self._last
+
+    def drain(self) -> None:
+        """Wait for the running job; raise its exception if it failed."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        """Wait for the running job (its exception, if any, is left to :meth:`drain`)."""
+        self._pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def background_writer() -> Iterator[BackgroundWriter]:
+    """A :class:`BackgroundWriter`, drained on success and always closed: on an error no
+    job is still writing when the error leaves the block."""
+    writer = BackgroundWriter()
+    try:
+        yield writer
+        writer.drain()
+    finally:
+        writer.close()
+
+
+def scan_key(path: Any, series: str | None) -> tuple[str, str, str | None]:
+    """The :func:`read` key of ``io.read_scan(path, series=series)``."""
+    return ("scan", os.path.abspath(os.fspath(path)), series)
+
+
+def organs_key(path: Any, names: Any) -> tuple[str, str, str | None]:
+    """The :func:`read` key of ``organs.load_organ_map(path, names)``."""
+    return ("organs", os.path.abspath(os.fspath(path)),
+            None if names is None else os.path.abspath(os.fspath(names)))  # fmt: skip

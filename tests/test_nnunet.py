@@ -1,0 +1,349 @@
+"""nnU-Net v2 model folders, checked against nnU-Net itself.
+
+The model folder is made by nnU-Net (``hirescam3d.nnunet_phantom``: phantoms as a raw
+dataset, nnU-Net's fingerprint and plans, the network its trainer builds from the plans
+with seeded weights, saved as its trainer saves checkpoints) once per session. The
+oracle is nnU-Net's ``nnUNetPredictor`` reading the same NIfTI file from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2", reason="needs hirescam3d[nnunet]")
+
+from test_cli import assert_one_line_error, invoke  # noqa: E402
+
+from hirescam3d.errors import HiResCAMError, InputError, ModelError  # noqa: E402
+from hirescam3d.nnunet import (  # noqa: E402
+    open_model,
+    predictor,
+    preprocess,
+    segmentation,
+)
+from hirescam3d.nnunet_explain import explain_preprocessed  # noqa: E402
+from hirescam3d.nnunet_phantom import write_phantom_ct  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+LAYER = "decoder.stages.2"  # the last decoder stage of the planned 4-stage U-Net
+
+
+@pytest.fixture(scope="session")
+def nnunet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m hirescam3d.nnunet_phantom ROOT --folds 0 1`` in a temporary folder."""
+    from hirescam3d.nnunet_phantom import build_phantom_model
+
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        return build_phantom_model(tmp_path_factory.mktemp("nnunet"), folds=(0, 1))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``tiles``: on the plans' spacing, two tiles; ``resampled``: another spacing (the
+    preprocessing resamples it, pads one axis and cuts 2 x 2 tiles)."""
+    root = tmp_path_factory.mktemp("nnunet_scans")
+    return {
+        "tiles": write_phantom_ct(root / "tiles_0000.nii.gz", 12, (24, 40, 48), (6.0, 5.0, 5.0)),
+        "resampled": write_phantom_ct(root / "resampled_0000.nii.gz", 13, (20, 36, 44),
+                                      (7.0, 6.0, 6.0)),
+    }  # fmt: skip
+
+
+def nnunet_predicts(folder: Path, scan: Path, folds: tuple, mirror: bool, out: Path):
+    """nnU-Net's own prediction from the file: (segmentation array, probabilities)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                        perform_everything_on_device=False, device=torch.device("cpu"),
+                        verbose=False, allow_tqdm=False)  # fmt: skip
+    p.initialize_from_trained_model_folder(str(folder), folds)
+    p.predict_from_files_sequential([[str(scan)]], str(out), save_probabilities=True)
+    name = scan.name.replace("_0000.nii.gz", "")
+    seg = np.asanyarray(nib.load(str(out / f"{name}.nii.gz")).dataobj)
+    probabilities = np.load(out / f"{name}.npz")["probabilities"]
+    return seg, probabilities
+
+
+@pytest.mark.parametrize(
+    ("scan", "folds", "mirror"), [("tiles", (0,), True), ("resampled", (0, 1), False)]
+)
+def test_prediction_equals_nnunet_predictor(nnunet_folder, scans, tmp_path, scan, folds, mirror):
+    seg, probs = nnunet_predicts(nnunet_folder, scans[scan], folds, mirror, tmp_path)
+    model = open_model(nnunet_folder, folds)
+    pre = preprocess(model, scans[scan])
+    from hirescam3d.nnunet import predict_logits
+
+    ours, our_probs = segmentation(model, predict_logits(model, pre.data, mirror),
+                                   pre.properties)  # fmt: skip
+    assert len(np.unique(seg)) == 3  # background, lungs and heart are all predicted
+    np.testing.assert_array_equal(np.asarray(ours).transpose(2, 1, 0), seg)
+    assert np.abs(np.asarray(our_probs) - probs).max() <= 1e-4
+
+
+def _fp32_nnunet_logits(model, data: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """nnU-Net's own blend, accumulated in float32 instead of its float16."""
+    half = torch.half
+    torch.half = torch.float32  # nnU-Net allocates its accumulators as torch.half
+    try:
+        return predictor(model, mirror).predict_logits_from_preprocessed_data(data).float()
+    finally:
+        torch.half = half
+
+
+@pytest.mark.parametrize(("scan", "folds", "mirror"),
+                         [("tiles", (0,), True), ("resampled", (0, 1), False)])  # fmt: skip
+def test_logit_maps_sum_to_region_score_minus_bias(nnunet_folder, scans, scan, folds, mirror):
+    model = open_model(nnunet_folder, folds)
+    pre = preprocess(model, scans[scan])
+    e = explain_preprocessed(model, pre, LAYER, ["lungs", "heart"], mirror)
+    reference = _fp32_nnunet_logits(model, pre.data, mirror)
+    flips = 8 if mirror else 1
+    assert [p["fold"] for p in e.passes] == [f for f in folds for _ in range(flips)]
+    bias = sum(  # the passes' mean bias: each fold's, read from its checkpoint by hand
+        torch.load(nnunet_folder / f"fold_{f}" / "checkpoint_final.pth", weights_only=False)
+        ["network_weights"]["decoder.seg_layers.2.bias"] for f in folds
+    ) / len(folds)
+    for k, c in enumerate((1, 2)):  # lungs, heart
+        region = (e.logits.argmax(0) == c).float()
+        torch.testing.assert_close(e.region[k], region)
+        score = float((region * reference[c]).sum())
+        expected = score - float(bias[c]) * float(region.sum())
+        assert abs(bias[c]) > 1e-3  # the bias term matters in this check
+        assert float(e.raw[k].sum()) == pytest.approx(expected, rel=1e-4, abs=1e-2)
+        inside = region > 0
+        assert (e.blended[c][inside] - reference[c][inside]).abs().max() < 1e-4
+
+
+def test_monai_gaussian_blend_is_not_nnunets():
+    """Why the tiles are nnU-Net's: MONAI's gaussian mode (sigma_scale 0.125) peaks at
+    (n - 1) / 2 and floors at 1e-3, and its schedule places windows elsewhere."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+    from nnunetv2.inference.sliding_window_prediction import (
+        compute_gaussian,
+        compute_steps_for_sliding_window,
+    )
+
+    patch = (24, 40, 40)
+    monai_map = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu")
+    nnunet_map = compute_gaussian(patch, 1 / 8, 1, dtype=torch.float64,
+                                  device=torch.device("cpu"))  # fmt: skip
+    diff = (monai_map / monai_map.max()).double() - nnunet_map / nnunet_map.max()
+    assert diff.abs().max() > 0.1
+    interval = _get_scan_interval((110,), (64,), 1, (0.5,))
+    monai_starts = [int(s[0].start) for s in dense_patch_slices((110,), (64,), interval)]
+    assert compute_steps_for_sliding_window((110,), (64,), 0.5) == [[0, 23, 46]]
+    assert monai_starts != [0, 23, 46]
+
+
+def test_cli_explain_layers_and_report(nnunet_folder, scans, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--folds", "0",
+                    "--no-mirror", "--values", "logit", "--finding", "heart",
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["passes"] == [{"fold": 0, "flip": []}] and report["guaranteed"] is True
+    entry = report["findings"]["heart"]
+    assert entry["map_sum"] == pytest.approx(
+        entry["region_score_explained"] - entry["bias"] * entry["region_voxels"], rel=1e-4
+    )
+    (tmp_path / "oracle").mkdir()
+    seg, _ = nnunet_predicts(nnunet_folder, scans["tiles"], (0,), False, tmp_path / "oracle")
+    written = np.asanyarray(nib.load(str(out / "tiles_0000_nnunet_segmentation.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written, seg)
+    heart = nib.load(str(out / "tiles_0000_heart_hirescam.nii.gz"))
+    assert heart.shape == seg.shape
+    np.testing.assert_allclose(heart.affine, nib.load(str(scans["tiles"])).affine)
+    layers = invoke("layers", "--model", nnunet_folder, "--json")
+    assert layers.exit_code == 0 and LAYER in layers.stdout
+    audit = invoke("audit", "--model", nnunet_folder)
+    assert audit.exit_code == 0, audit.stderr
+
+
+# -- safe loading -------------------------------------------------------------------------
+class Planted:
+    """Unpickling it writes ``marker``: a checkpoint that would run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_checkpoint_that_runs_code_is_refused(nnunet_folder, tmp_path):
+    folder = tmp_path / "planted"
+    shutil.copytree(nnunet_folder, folder)
+    marker = tmp_path / "marker.txt"
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    payload = torch.load(checkpoint, weights_only=False)
+    payload["logging"] = Planted(marker)
+    torch.save(payload, checkpoint)
+    with pytest.raises(ModelError) as err:
+        open_model(folder, [0])
+    assert "refused" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+    torch.load(checkpoint, weights_only=False)  # what an unsafe load would have done
+    assert marker.read_text() == "code ran"
+
+
+# -- bad input: one line, no file ---------------------------------------------------------
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "Dataset501_Phantom" / folder.name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_folder_without_plans(nnunet_folder, scans, tmp_path):
+    folder = _copy(nnunet_folder, tmp_path)
+    (folder / "plans.json").unlink()
+    result = invoke("explain", scans["tiles"], "--model", folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, "no plans.json", code=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_fold(nnunet_folder, scans, tmp_path):
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--folds", "3",
+                    "--out", tmp_path / "o")  # fmt: skip
+    assert_one_line_error(result, "fold 3", "folds present: 0, 1", code=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_of_another_architecture(nnunet_folder, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = _copy(nnunet_folder, tmp_path)
+    checkpoint = folder / "fold_1" / "checkpoint_final.pth"
+    payload = torch.load(checkpoint, weights_only=False)
+    plans = payload["init_args"]["plans"]
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    kwargs["features_per_stage"] = [8, 16, 32, 64]  # twice as wide
+    manager = PlansManager(plans)
+    net = nnUNetTrainer.build_network_architecture(
+        manager, manager.get_configuration("3d_fullres"), 1, 3, enable_deep_supervision=False
+    )
+    payload["network_weights"] = net.state_dict()
+    torch.save(payload, checkpoint)
+    with pytest.raises(ModelError) as err:
+        open_model(folder)
+    assert "fold_1" in str(err.value) and "another architecture" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_2d_configuration_given_a_3d_scan(nnunet_folder, scans, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = tmp_path / "Dataset501_Phantom" / "nnUNetTrainer__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(nnunet_folder / name, folder / name)
+    payload = torch.load(nnunet_folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    manager = PlansManager(payload["init_args"]["plans"])
+    net = nnUNetTrainer.build_network_architecture(
+        manager, manager.get_configuration("2d"), 1, 3, enable_deep_supervision=False
+    )
+    payload["network_weights"] = net.state_dict()
+    payload["init_args"]["configuration"] = "2d"
+    payload["inference_allowed_mirroring_axes"] = (0, 1)
+    torch.save(payload, folder / "fold_0" / "checkpoint_final.pth")
+    model = open_model(folder)
+    with pytest.raises(InputError) as err:
+        preprocess(model, scans["tiles"])
+    assert "2D configuration '2d'" in str(err.value) and "\n" not in str(err.value)
+    result = invoke("explain", scans["tiles"], "--model", folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, "a 3D volume", "2D model", code=result.exit_code or 1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_nnunetv2_not_installed(nnunet_folder, scans, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 -> ImportError
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, 'pip install "hirescam3d[nnunet]"', code=1)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(HiResCAMError, match="nnunetv2, which is not installed"):
+        open_model(nnunet_folder)
+
+
+def test_generic_pipeline_refuses_nnunet_folders(nnunet_folder):
+    """batch, compare and napari run the generic pipeline, which would explain another
+    prediction than nnU-Net's: they refuse the folder with one line."""
+    from hirescam3d.pipeline import resolve_model
+
+    with pytest.raises(ModelError, match="hirescam3d explain") as err:
+        resolve_model(str(nnunet_folder))
+    assert "\n" not in str(err.value)
+
+
+def test_region_based_training_is_explained_per_region(nnunet_folder, scans, tmp_path):
+    """A region-based training (sigmoid outputs, regions_class_order): one map per region,
+    named from dataset.json, over nnU-Net's own region masks."""
+    import json
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = _copy(nnunet_folder, tmp_path)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "chest_organs": [1, 2], "heart": 2}
+    dataset["regions_class_order"] = [1, 2]
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    shutil.rmtree(folder / "fold_1")
+    payload = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    manager = PlansManager(payload["init_args"]["plans"])
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        net = nnUNetTrainer.build_network_architecture(
+            manager, manager.get_configuration("3d_fullres"), 1, 2, enable_deep_supervision=False
+        )
+    payload["network_weights"] = net.state_dict()
+    torch.save(payload, folder / "fold_0" / "checkpoint_final.pth")
+    model = open_model(folder)
+    assert model.class_names == ("chest_organs", "heart") and model.task == "sigmoid"
+    pre = preprocess(model, scans["tiles"])
+    e = explain_preprocessed(model, pre, LAYER, None, mirror=False)
+    assert e.names == ["chest_organs", "heart"]
+    for k in range(2):  # nnU-Net's region k: sigmoid(logit) > 0.5
+        torch.testing.assert_close(e.region[k], (torch.sigmoid(e.logits[k].float()) > 0.5).float())
+        assert float(e.raw[k].sum()) == pytest.approx(
+            float(e.region_scores[k] - e.bias[k] * e.region[k].sum()), rel=1e-4, abs=1e-2)
+    seg, _ = nnunet_predicts(folder, scans["tiles"], (0,), False, tmp_path)
+    ours, _ = segmentation(model, e.logits, pre.properties)
+    np.testing.assert_array_equal(np.asarray(ours).transpose(2, 1, 0), seg)
+
+
+def test_checkpoint_option_and_mirror_default(nnunet_folder, tmp_path):
+    """--checkpoint names each fold's file; mirroring defaults to what the checkpoint's
+    inference_allowed_mirroring_axes allows, as in nnU-Net."""
+    from hirescam3d.handle import ModelHandle
+
+    result = invoke("findings", "--model", nnunet_folder, "--checkpoint", "checkpoint_best.pth")
+    assert_one_line_error(result, "no fold_N/checkpoint_best.pth", code=1)
+    folder = _copy(nnunet_folder, tmp_path)
+    shutil.rmtree(folder / "fold_1")
+    payload = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert ModelHandle.resolve(str(folder)).mirror is True  # (0, 1, 2) in the fixture
+    payload["inference_allowed_mirroring_axes"] = None
+    torch.save(payload, folder / "fold_0" / "checkpoint_best.pth")
+    handle = ModelHandle.resolve(str(folder)).with_options(checkpoint="checkpoint_best.pth")
+    assert handle.folds == [0] and handle.mirror is False
+    assert handle.with_options(mirror=True).mirror is True
+    listed = invoke("findings", "--model", folder, "--checkpoint", "checkpoint_best.pth")
+    assert listed.exit_code == 0 and "heart" in listed.stdout
