@@ -565,16 +565,26 @@ def batch_command(
     Usage errors (missing inputs, unknown model or finding) raise before any rank starts
     work; ``explain`` replaces :func:`run_pipeline` (tests).
     """
-    explain = explain or run_pipeline
     from .explain import check_out_folder
 
     check_out_folder(out)
     items = assign_ids(collect_inputs(inputs))
     opts = check_options(opts)
     check_item_regions(items, opts)
+    nnunet = opts.handle.source == "nnunet"  # nnU-Net's own path, as `explain` takes it
+    if nnunet:
+        from .nnunet import check_nnunet_options, explain_nnunet_item, nnunet_signature
+
+        check_nnunet_options(opts)
+        if any(item.region is not None for item in items):
+            raise CLIUsageError("nnU-Net model folders are explained on nnU-Net's predicted "
+                                "regions: drop the manifest's 'region' column")  # fmt: skip
+    explain = explain or (explain_nnunet_item if nnunet else run_pipeline)
     loaded = load_checked(opts.handle, opts.layer)
     # New weights under the same model name make earlier outputs stale.
     signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}
+    if nnunet:
+        signature |= nnunet_signature(opts.handle)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):

@@ -68,6 +68,12 @@ def compare_command(
             f"(got {len(opts.findings)})"
         )
     opts = check_options(opts)
+    if opts.handle.source == "nnunet":
+        raise CLIUsageError(
+            f"compare scores several methods' maps against each other, and an nnU-Net model "
+            f"folder ({opts.model}) is explained with hirescam only (on nnU-Net's tiles): use "
+            "`hirescam3d explain` for it"
+        )
     out = Path(out) if out is not None else default_out_dir(scan)
     with warnings_to_stderr(debug) as shown, stage_progress(not quiet, "comparing") as progress:
         progress("loading model", 0.0)

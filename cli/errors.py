@@ -24,7 +24,13 @@ try:  # typer >= 0.25 vendors click and exposes its exception base as TyperExcep
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import ClickException as _ClickException
 
-from hirescam3d.errors import HiResCAMError, LayerError, OptionError, TargetError
+from hirescam3d.errors import (
+    HiResCAMError,
+    LayerError,
+    ModelOutputError,
+    OptionError,
+    TargetError,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -38,7 +44,7 @@ class CLIUsageError(HiResCAMError):
 
 # Library errors that mean "the command line asked for something that does not exist".
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
-    CLIUsageError, TargetError, LayerError, OptionError,
+    CLIUsageError, TargetError, LayerError, OptionError, ModelOutputError,
 )
 
 

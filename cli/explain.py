@@ -16,6 +16,7 @@ from typing import Any
 
 from .console import note, out_console, stage_progress
 from .errors import CLIUsageError, print_warning, warnings_to_stderr
+from .model_outputs import output_selector
 from .models import check_findings, load_checked, model_text, resolve_handle
 
 
@@ -45,6 +46,7 @@ class ExplainOptions:
     overlap: float = 0.25
     sw_batch_size: int = 1
     wait: bool = False  # queue behind another run holding --out's lock (not an output option)
+    output: str | None = None  # --output INDEX|KEY: the logits of a tuple/dict-output model
     # The resolved model (hirescam3d.handle.ModelHandle), set by check_options.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -108,6 +110,7 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
         opts.methods = ["hirescam"]
     opts.methods = list(dict.fromkeys(m.lower() for m in opts.methods))
     opts.handle = resolve_handle(opts.model)
+    opts.handle.output_selector = output_selector(opts.output)
     opts.model = model_text(opts.handle)
     opts.findings = check_findings(opts.handle, opts.findings)
     check_segmentation_options(opts)

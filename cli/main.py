@@ -89,6 +89,19 @@ def _root(
     use_nnunet_options()
 
 
+# For a model that returns a tuple, list or dict (explain and audit)
+ModelOutput = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        help="For a model that returns a tuple, list or dict: the INDEX or KEY of the "
+        "logits to explain (as Explainer(..., output_selector=...) in Python).",
+        metavar="INDEX|KEY",
+        show_default=False,
+    ),
+]
+
+
 # -- options shared by explain and batch --------------------------------------------------
 Finding = Annotated[
     list[str] | None,
@@ -355,6 +368,7 @@ def explain(
     folds: Folds = None,
     checkpoint: Checkpoint = None,
     mirror: Mirror = None,
+    output: ModelOutput = None,
     debug: Debug = False,
 ) -> None:
     """Explain one scan: <stem>_<finding>_<method>.nii.gz on the scan's grid + report.json.
@@ -370,7 +384,7 @@ def explain(
         values, dtype, grid, formats, seg_threshold, series, region, roi_size, overlap,
         sw_batch_size,
     )
-    opts.wait = wait
+    opts.wait, opts.output = wait, output
     with reported_errors(debug):
         explain_command(scan, out, opts, json_out=json_out, quiet=quiet, debug=debug)
 
@@ -415,12 +429,16 @@ def batch(
     quiet: Quiet = False,
     config: BundleConfig = None,
     trust_bundle: TrustBundle = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
+    mirror: Mirror = None,
     debug: Debug = False,
 ) -> None:
     """Explain many scans; resumable, and sharded over ranks under torchrun.
 
     Segmentation models: a CSV manifest's 'region' column gives each scan's mask."""
     use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint, mirror)
     from .batch import batch_command
 
     opts = _options(
@@ -528,16 +546,7 @@ def audit(
             show_default=False,
         ),
     ] = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            "--output",
-            help="For a model that returns a tuple, list or dict: the INDEX or KEY of the "
-            "logits to explain (as Explainer(..., output_selector=...) in Python).",
-            metavar="INDEX|KEY",
-            show_default=False,
-        ),
-    ] = None,
+    output: ModelOutput = None,
     config: BundleConfig = None,
     trust_bundle: TrustBundle = False,
     show_all: AllRows = False,

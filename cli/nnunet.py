@@ -3,6 +3,7 @@ and ``explain`` for an nnU-Net model folder."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,24 +73,8 @@ def explain_nnunet_command(
     from hirescam3d.nnunet_scan import explain_nnunet_scan
 
     from .console import note, out_console
-    from .errors import CLIUsageError
 
-    if opts.methods != ["hirescam"] or opts.region not in (None, "predicted"):
-        raise CLIUsageError(
-            "nnU-Net model folders are explained with --method hirescam on nnU-Net's "
-            "predicted regions: drop --method / --region"
-        )
-    unused = [name for name, given in (
-        ("--organs", opts.organs is not None), ("--png", opts.png),
-        ("--format", opts.formats != "nifti"), ("--grid", opts.grid != "scan"),
-        ("--dtype", opts.dtype != "float32"), ("--roi-size", opts.roi_size is not None),
-        ("--series", opts.series is not None),
-    ) if given]  # fmt: skip
-    if unused:
-        raise CLIUsageError(
-            f"{', '.join(unused)}: not supported for nnU-Net model folders yet; drop "
-            f"{'it' if len(unused) == 1 else 'them'} (maps are float32 NIfTI on the scan's grid)"
-        )
+    check_nnunet_options(opts)
     findings = None if opts.all_findings else (opts.findings or None)
     report, paths = explain_nnunet_scan(
         scan, out, opts.handle, findings, opts.layer, opts.values, opts.force
@@ -108,3 +93,61 @@ def explain_nnunet_command(
         )
     for path in paths.values():
         console.print(str(path))
+
+
+def check_nnunet_options(opts: Any) -> None:
+    """CLIUsageError for ``explain``/``batch`` options the nnU-Net path does not take
+    (methods other than hirescam, a region mask, storage and display options)."""
+    from .errors import CLIUsageError
+
+    if opts.methods != ["hirescam"] or opts.region not in (None, "predicted"):
+        raise CLIUsageError(
+            "nnU-Net model folders are explained with --method hirescam on nnU-Net's "
+            "predicted regions: drop --method / --region"
+        )
+    unused = [name for name, given in (
+        ("--organs", opts.organs is not None), ("--png", opts.png),
+        ("--format", opts.formats != "nifti"), ("--grid", opts.grid != "scan"),
+        ("--dtype", opts.dtype != "float32"), ("--roi-size", opts.roi_size is not None),
+        ("--series", opts.series is not None),
+    ) if given]  # fmt: skip
+    if unused:
+        raise CLIUsageError(
+            f"{', '.join(unused)}: not supported for nnU-Net model folders yet; drop "
+            f"{'it' if len(unused) == 1 else 'them'} (maps are float32 NIfTI on the scan's grid)"
+        )
+
+
+@dataclass
+class NnunetItemResult:
+    """What ``batch`` records of one nnU-Net scan (as it reads a pipeline result)."""
+
+    report: dict[str, Any]
+    findings: list[str] = field(default_factory=list)
+    probabilities: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def explain_nnunet_item(
+    scan: Path, out: Path, opts: Any, loaded: Any = None, progress: Any = None
+) -> tuple[NnunetItemResult, dict[str, Any]]:
+    """``batch``'s explain call for an nnU-Net model folder: the same
+    :func:`hirescam3d.nnunet_scan.explain_nnunet_scan` as ``explain`` (``loaded`` and
+    ``progress`` are unused: the handle holds the opened folds)."""
+    from hirescam3d.nnunet_scan import explain_nnunet_scan
+
+    check_nnunet_options(opts)
+    findings = None if opts.all_findings else (opts.findings or None)
+    report, paths = explain_nnunet_scan(
+        scan, out, opts.handle, findings, opts.layer, opts.values, opts.force
+    )
+    return NnunetItemResult(
+        report=report, findings=list(report["findings"]),
+        probabilities={n: e["mean_probability"] for n, e in report["findings"].items()},
+    ), paths  # fmt: skip
+
+
+def nnunet_signature(handle: Any) -> dict[str, Any]:
+    """The nnU-Net choices that change a batch's outputs (folds, checkpoint, mirroring)."""
+    return {"nnunet": {"folds": [str(f) for f in handle.folds],
+                       "checkpoint": handle.checkpoint, "mirror": handle.mirror}}  # fmt: skip

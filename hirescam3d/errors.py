@@ -34,3 +34,8 @@ class ScanError(InputError):
 class OptionError(ScanError):
     """An option names something the input does not hold (e.g. an unknown DICOM series
     UID, ``--series`` on a file that is not DICOM): a usage error, exit code 2 in the CLI."""
+
+
+class ModelOutputError(ModelError):
+    """The model returns a tuple, list or dict and nothing picks the logits from it (pass
+    ``output_selector=``; ``--output INDEX|KEY`` in the CLI): exit code 2 in the CLI."""

@@ -55,7 +55,7 @@ from .bundle import (
     read_info,
     read_network_def,
 )
-from .errors import LayerError, ModelError, TargetError
+from .errors import LayerError, ModelError, ModelOutputError, TargetError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -732,6 +732,13 @@ class ModelHandle:
             return None
 
 
+def output_selector_of(network: nn.Module) -> Callable[[object], torch.Tensor] | None:
+    """The ``output_selector`` of the handle ``network`` was loaded through (None if none):
+    how the pipeline picks the logits of a tuple- or dict-output network."""
+    known = _BY_NETWORK.get(network)
+    return None if known is None else known.output_selector
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerChoice:
     """What :func:`choose_default_layer` chose: the layer's ``verdict`` (``default=True``),
@@ -774,6 +781,24 @@ def _output_modules(
     return {name for name, t in outputs.items() if t is final}
 
 
+def _refuse_several_outputs(network: nn.Module, x: torch.Tensor, source: str) -> None:
+    """ModelOutputError saying what ``network`` returns when it is not one tensor."""
+    import torch
+
+    from .capture import model_state_restored
+
+    with model_state_restored(network), torch.no_grad():
+        out = network(x)
+    if isinstance(out, dict):
+        what, pick = f"a dict with keys {', '.join(map(repr, out))}", "KEY"
+    else:
+        what, pick = f"a {type(out).__name__} of {len(out)}", "INDEX"  # type: ignore[arg-type]
+    raise ModelOutputError(
+        f"{source}: the network returns {what}, not one tensor of logits; pick the logits "
+        f"with --output {pick} (output_selector= in Python)"
+    )
+
+
 def _has_conv(module: nn.Module) -> bool:
     from torch import nn
 
@@ -803,7 +828,9 @@ def choose_default_layer(
 
     x = probe_input(network, input_shape, 0)
     tr = trace(network, x, output_selector)
-    output_shape = tuple(tr.output_shape or ())
+    if tr.output_shape is None:
+        _refuse_several_outputs(network, x, source)
+    output_shape = tuple(tr.output_shape)
     final = _output_modules(network, x, output_shape, output_selector)
     modules = dict(network.named_modules())
     groups = []

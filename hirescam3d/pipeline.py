@@ -39,7 +39,7 @@ from torch import nn
 from . import stages
 from .bundle import PREPROCESSING_TRANSFORMS, ModelInfo, preprocessing_transforms
 from .errors import HiResCAMError, InputError, ModelError, TargetError
-from .handle import ModelHandle, match_findings
+from .handle import ModelHandle, match_findings, output_selector_of
 from .methods import get_method
 from .outputs import _json_safe, output_paths  # noqa: F401 - kept importable from here
 from .scan_grid import _SLAB_VOXELS, ModelGrid, _fast_extent, invert_maps  # noqa: F401
@@ -1014,6 +1014,7 @@ def explain_arrays(
     explainer = Explainer(
         network, layer, methods[0], class_names=class_names, progress=passes,
         task=info.activation if segmentation else None,
+        output_selector=output_selector_of(network),
     )  # fmt: skip
     seg = window = None
     identity = postprocess.stretch_geometry(grid.shape, grid.shape)

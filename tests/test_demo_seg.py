@@ -74,6 +74,71 @@ def test_training_reproduces_from_the_seed():
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed orders the data
 
 
+def test_mask_postprocessing_thresholds_and_removes_small_components():
+    from hirescam3d.seg_postprocess import MaskPostprocessing
+
+    names = ("a", "b")
+    logits = torch.full((1, 2, 6, 6, 6), -5.0)
+    logits[0, 0, 0:2, 0:2, 0:2] = 1.0  # 8 voxels, p = 0.731
+    logits[0, 0, 4, 4, 4] = 3.0  # 1 voxel, p = 0.953
+    logits[0, 1, 0:3, 0:3, 0:3] = 0.5  # 27 voxels, p = 0.622
+    logits[0, 1, 5, 5, 0:2] = 2.0  # 2 voxels, p = 0.881
+    rule = MaskPostprocessing({"a": 0.7, "b": 0.8}, {"a": 2})
+    masks = rule.masks(logits, names)
+    # by hand: class a keeps the 8-voxel cube (0.731 >= 0.7), the single voxel is too
+    # small; class b keeps only the 2 voxels above 0.8 (no size rule for b)
+    assert masks.dtype == torch.bool and masks.shape == logits.shape
+    assert int(masks[0, 0].sum()) == 8 and bool(masks[0, 0, 0:2, 0:2, 0:2].all())
+    assert int(masks[0, 1].sum()) == 2 and bool(masks[0, 1, 5, 5, 0:2].all())
+    # without the rule's constants: sigmoid >= 0.5
+    assert torch.equal(MaskPostprocessing().masks(logits, names), logits >= 0)
+
+
+def test_mask_postprocessing_refuses_malformed_metadata():
+    from hirescam3d.errors import ModelError
+    from hirescam3d.seg_postprocess import MaskPostprocessing
+
+    for bad, words in (({"threshold": {"nodule": 1.5}}, "between 0 and 1"),
+                       ({"min_voxels": {"nodule": -1}}, ">= 0"),
+                       ({"threshold": {"spleen": 0.5}}, "spleen"),
+                       ([], "object")):  # fmt: skip
+        with pytest.raises(ModelError, match=words):
+            MaskPostprocessing.from_dict(bad, SEG_CHANNELS, "meta.json")
+
+
+def test_tuning_scores_each_pair_by_hand():
+    from hirescam3d.models import tune_seg_masks as tune
+
+    # phantom 1: finding present (10 voxels); prediction = one 8-voxel component inside
+    # it and one 5-voxel stray. phantom 2: absent; a 12-voxel stray.
+    logit = np.full((4, 8, 8), -4.0, dtype=np.float32)
+    truth = np.zeros((4, 8, 8), dtype=bool)
+    truth[0, 0, 0:8] = truth[0, 1, 0:2] = True
+    logit[0, 0, 0:8] = 3.0
+    logit[3, 5:6, 3:8] = 3.0
+    stray = np.full((4, 8, 8), -4.0, dtype=np.float32)
+    stray[2, 0:2, 0:6] = 3.0
+    tables = [tune.component_table(logit, truth), tune.component_table(stray, truth & False)]
+    scores = tune.score_table(tables, [10, 0])
+    j = {n: tune.MIN_VOXELS.index(n) for n in (0, 10, 20)}
+    # min 0: Dice 2*8/(13+10), absent case called (12 >= 10 voxels) -> mean
+    assert scores[0, j[0]] == pytest.approx((16 / 23 + 0) / 2)
+    # min 10: the 8-voxel component goes too (Dice 0); the 12-voxel stray stays
+    assert scores[0, j[10]] == pytest.approx(0.0)
+    # min 20: nothing left: Dice 0, absent case right
+    assert scores[0, j[20]] == pytest.approx(0.5)
+    assert tune.best(scores) == (tune.THRESHOLDS[0], 0)
+
+
+def test_tuning_refuses_held_out_seeds(tmp_path):
+    from hirescam3d.models import tune_seg_masks as tune
+
+    with pytest.raises(ValueError, match="held out"):
+        tune.tune(tmp_path, [99_999, 200_800])
+    with pytest.raises(SystemExit):
+        tune.main(["--bundle", str(tmp_path), "--first-seed", "50"])
+
+
 @pytest.fixture(scope="module")
 def demo_seg():
     return ModelHandle.resolve("demo_seg").load()

@@ -436,3 +436,70 @@ def test_kill_9_while_writing_a_dicom_series_leaves_nothing_partial(tmp_path, ou
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _gap_bundle(folder: Path, kind: str, state: dict) -> Path:
+    """A bundle of ``usermodels.Gap(kind)`` (user code: needs --trust-bundle)."""
+    import torch
+
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    inference = {
+        "network_def": {"_target_": "usermodels.Gap", "kind": kind},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "ScaleIntensityd", "keys": "image"},
+        ]},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
+    }  # fmt: skip
+    metadata = {"name": f"gap_{kind}", "version": "0.1.0", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1, "spatial_shape": list(SHAPE)}},
+        "outputs": {"pred": {"type": "probabilities", "class_names": ["a", "b", "c"]}}}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    torch.save(state, folder / "models" / "model.pt")
+    return folder
+
+
+@pytest.mark.slow
+def test_row5_explain_takes_output_for_a_tuple_output_bundle(user_models):
+    """explain names a tuple output in one line; with --output 0 it explains exactly what
+    the same weights explain in a network that returns the logits alone."""
+    import torch
+
+    sys.path.insert(0, str(user_models))
+    try:
+        import usermodels
+
+        torch.manual_seed(0)
+        state = usermodels.Gap().state_dict()
+    finally:
+        sys.path.remove(str(user_models))
+        sys.modules.pop("usermodels", None)
+    scan = save_nifti(user_models / "scan.nii.gz")
+    env = {**ENV, "PYTHONPATH": str(user_models)}
+
+    def explain_with(bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(SCRIPT), "explain", str(scan), "--model", str(bundle), "--trust-bundle",
+             "-f", "b", "--values", "logit", "--grid", "model", "--out", str(out), *extra],
+            capture_output=True, text=True, timeout=300, env=env, cwd=user_models,
+        )  # fmt: skip
+
+    two = _gap_bundle(user_models / "two_heads", "tuple", state)
+    one = _gap_bundle(user_models / "one_head", "tensor", state)
+    done = explain_with(two, user_models / "refused")
+    line = done.stderr.splitlines()[-1]
+    assert done.returncode == 2 and "tuple" in line and "--output" in line, done.stderr
+    assert not (user_models / "refused").exists()
+    picked = explain_with(two, user_models / "picked", "--output", "0")
+    plain = explain_with(one, user_models / "plain")
+    assert picked.returncode == 0 and plain.returncode == 0, (picked.stderr, plain.stderr)
+    maps = [sorted((user_models / name).glob("*_b_hirescam.nii.gz")) for name in ("picked", "plain")]
+    assert len(maps[0]) == len(maps[1]) == 1
+    a, b = (np.asarray(nib.load(str(m[0])).dataobj) for m in maps)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a).sum() > 0

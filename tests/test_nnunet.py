@@ -347,3 +347,78 @@ def test_checkpoint_option_and_mirror_default(nnunet_folder, tmp_path):
     assert handle.with_options(mirror=True).mirror is True
     listed = invoke("findings", "--model", folder, "--checkpoint", "checkpoint_best.pth")
     assert listed.exit_code == 0 and "heart" in listed.stdout
+
+
+# -- batch, compare and napari take the same nnU-Net path as explain ----------------------
+def test_batch_writes_what_explain_writes(nnunet_folder, scans, tmp_path):
+    """batch over two scans: per scan the same files, with the same arrays, as explain on
+    that scan; nnU-Net's segmentation equals nnUNetPredictor's; a rerun skips the scans,
+    other folds make them stale."""
+    import json
+
+    options = ("--model", nnunet_folder, "--folds", "0", "--no-mirror", "--values", "logit")
+    batch = invoke("batch", scans["tiles"], scans["resampled"], "--out", tmp_path / "b",
+                   *options, "--json")  # fmt: skip
+    assert batch.exit_code == 0, batch.stderr
+    records = json.loads(batch.stdout)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    for name, scan in scans.items():
+        single = tmp_path / f"explain_{name}"
+        result = invoke("explain", scan, *options, "--out", single)
+        assert result.exit_code == 0, result.stderr
+        written = sorted(p.name for p in single.glob("*.nii.gz"))
+        item = tmp_path / "b" / f"{name}_0000"
+        assert written == sorted(p.name for p in item.glob("*.nii.gz"))
+        assert any(n.endswith("_lungs_hirescam.nii.gz") for n in written)
+        for file in written:
+            a, b = nib.load(str(single / file)), nib.load(str(item / file))
+            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+            np.testing.assert_array_equal(a.affine, b.affine)
+        report = json.loads((item / "report.json").read_text())
+        assert report["passes"] == [{"fold": 0, "flip": []}]
+    (tmp_path / "oracle").mkdir()
+    seg, _ = nnunet_predicts(nnunet_folder, scans["resampled"], (0,), False, tmp_path / "oracle")
+    batch_seg = tmp_path / "b" / "resampled_0000" / "resampled_0000_nnunet_segmentation.nii.gz"
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(batch_seg)).dataobj), seg)
+    again = invoke("batch", scans["tiles"], "--out", tmp_path / "b", *options, "--json")
+    assert [r.get("note") for r in json.loads(again.stdout)] == ["already done"]
+    other = invoke("batch", scans["tiles"], "--out", tmp_path / "b", "--model", nnunet_folder,
+                   "--folds", "1", "--no-mirror", "--values", "logit", "--json")  # fmt: skip
+    assert "other options" in json.loads(other.stdout)[0]["note"]
+
+
+def test_batch_and_compare_refuse_what_the_nnunet_path_cannot_do(nnunet_folder, scans, tmp_path):
+    result = invoke("batch", scans["tiles"], "--out", tmp_path / "b", "--model", nnunet_folder,
+                    "--method", "gradcam")  # fmt: skip
+    assert_one_line_error(result, "--method hirescam", code=2)
+    result = invoke("compare", scans["tiles"], "--finding", "lungs", "--model", nnunet_folder,
+                    "--out", tmp_path / "c")  # fmt: skip
+    assert_one_line_error(result, "hirescam only", "hirescam3d explain", code=2)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_napari_job_returns_nnunets_predicted_region(nnunet_folder, scans, tmp_path):
+    """The widget's worker job on the CT layer's array: nnU-Net's segmentation of the same
+    scan (nnUNetPredictor) as its masks, and the maps explain writes for the file."""
+    pytest.importorskip("napari", reason="needs hirescam3d[napari]")
+    from hirescam3d.napari._widget import _explain
+    from hirescam3d.nnunet_handle import NnunetHandle
+    from hirescam3d.nnunet_scan import explain_nnunet_scan
+
+    img = nib.load(str(scans["resampled"]))
+    ct, affine = img.get_fdata(dtype=np.float32), img.affine
+    result = _explain(ct, affine, str(nnunet_folder), ["lungs", "heart"], ["hirescam"], None,
+                      None, None, lambda *_: None, {}, "unit",
+                      nnunet={"folds": ["0"], "mirror": False})  # fmt: skip
+    (tmp_path / "oracle").mkdir()
+    seg, _ = nnunet_predicts(nnunet_folder, scans["resampled"], (0,), False, tmp_path / "oracle")
+    for label, name in ((1, "lungs"), (2, "heart")):
+        assert 0 < (seg == label).sum() < seg.size
+        np.testing.assert_array_equal(result.masks[name], (seg == label).astype(np.uint8))
+    handle = NnunetHandle.open(nnunet_folder, ["0"], None, False)
+    _, paths = explain_nnunet_scan(scans["resampled"], tmp_path / "e", handle, ["heart"])
+    expected = nib.load(str(paths["heart/hirescam"])).get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(result.maps[("heart", "hirescam")], expected, atol=1e-6)
+    with pytest.raises(InputError, match="a painted region is not supported"):
+        _explain(ct, affine, str(nnunet_folder), ["lungs"], ["hirescam"], None, None, None,
+                 lambda *_: None, {}, "unit", np.ones(ct.shape, bool))  # fmt: skip

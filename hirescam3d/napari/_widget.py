@@ -637,17 +637,33 @@ def _explain(
     values: str = "unit",
     region: np.ndarray | None = None,
     trust: bool = False,
+    nnunet: dict[str, Any] | None = None,
 ) -> ExplainResult:
     """The worker's job (no Qt): load the model (cached), align organs, explain.
 
     Segmentation models explain each finding's logits summed over ``region`` (a bool
     ``(I, J, K)`` mask on the CT's grid), or over its predicted mask without one; those
-    masks come back in ``ExplainResult.masks`` (uint8 on the CT's grid)."""
+    masks come back in ``ExplainResult.masks`` (uint8 on the CT's grid). An nnU-Net model
+    folder goes through ``explain``'s nnU-Net path (:mod:`hirescam3d.napari._nnunet`);
+    ``nnunet``: its ``folds``/``checkpoint``/``mirror`` choices."""
     from ..handle import ModelHandle
     from ..organs import align_organs
     from ..pipeline import explain_image
+    from ._nnunet import explain_nnunet_image, is_nnunet_model
 
     progress("loading model", 0.0)
+    if is_nnunet_model(model):
+        key = f"nnunet:{model}:{sorted((nnunet or {}).items())}"
+        if key not in models:
+            handle = ModelHandle.resolve(model)
+            models[key] = handle.with_options(**nnunet) if nnunet else handle
+        progress("explaining", 0.1)
+        maps, probabilities, masks = explain_nnunet_image(
+            image, affine, models[key], findings, methods, values, region, organs
+        )
+        progress("done", 1.0)
+        return ExplainResult(maps=maps, probabilities=probabilities, fractions={},
+                             warnings=[], values=values, masks=masks)  # fmt: skip
     if model not in models or trust:  # trust: a bundle folder's config run by MONAI
         models[model] = ModelHandle.resolve(model, trust=trust).load()
     notes: list[str] = []
