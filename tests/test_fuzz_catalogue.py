@@ -498,7 +498,7 @@ def test_row5_explain_takes_output_for_a_tuple_output_bundle(user_models):
     picked = explain_with(two, user_models / "picked", "--output", "0")
     plain = explain_with(one, user_models / "plain")
     assert picked.returncode == 0 and plain.returncode == 0, (picked.stderr, plain.stderr)
-    maps = [sorted((user_models / name).glob("*_b_hirescam.nii.gz")) for name in ("picked", "plain")]
+    maps = [sorted((user_models / n).glob("*_b_hirescam.nii.gz")) for n in ("picked", "plain")]
     assert len(maps[0]) == len(maps[1]) == 1
     a, b = (np.asarray(nib.load(str(m[0])).dataobj) for m in maps)
     np.testing.assert_array_equal(a, b)
