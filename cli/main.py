@@ -527,25 +527,9 @@ def layers(
 
 @app.command()
 def audit(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Zoo name, bundle folder, or module:callable returning your nn.Module. "
-            "Default: demo.",
-            show_default=False,
-        ),
-    ] = None,
+    model: AuditModel = None,
     layer: Layer = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape",
-            help="One input's shape without batch, e.g. 1x96x128x128 (C x spatial); needed "
-            "for module:callable.",
-            show_default=False,
-        ),
-    ] = None,
+    input_shape: InputShape = None,
     output: ModelOutput = None,
     config: BundleConfig = None,
     trust_bundle: TrustBundle = False,

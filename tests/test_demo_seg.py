@@ -127,7 +127,10 @@ def test_tuning_scores_each_pair_by_hand():
     assert scores[0, j[10]] == pytest.approx(0.0)
     # min 20: nothing left: Dice 0, absent case right
     assert scores[0, j[20]] == pytest.approx(0.5)
-    assert tune.best(scores) == (tune.THRESHOLDS[0], 0)
+    # threshold 0.98 (logit 3.89) predicts nothing: 0.5 too, reached with the smallest size
+    assert scores[tune.THRESHOLDS.index(0.98), j[0]] == pytest.approx(0.5)
+    assert scores.max() == pytest.approx(0.5)
+    assert tune.best(scores) == (0.98, 0)
 
 
 def test_tuning_refuses_held_out_seeds(tmp_path):

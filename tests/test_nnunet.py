@@ -283,8 +283,8 @@ def test_nnunetv2_not_installed(nnunet_folder, scans, tmp_path, monkeypatch):
 
 
 def test_generic_pipeline_refuses_nnunet_folders(nnunet_folder):
-    """batch, compare and napari run the generic pipeline, which would explain another
-    prediction than nnU-Net's: they refuse the folder with one line."""
+    """The generic pipeline (explain_scan, explain_image, compare_scan) would explain
+    another prediction than nnU-Net's: it refuses the folder with one line."""
     from hirescam3d.pipeline import resolve_model
 
     with pytest.raises(ModelError, match="hirescam3d explain") as err:
@@ -422,3 +422,39 @@ def test_napari_job_returns_nnunets_predicted_region(nnunet_folder, scans, tmp_p
     with pytest.raises(InputError, match="a painted region is not supported"):
         _explain(ct, affine, str(nnunet_folder), ["lungs"], ["hirescam"], None, None, None,
                  lambda *_: None, {}, "unit", np.ones(ct.shape, bool))  # fmt: skip
+
+
+@pytest.mark.gui
+@pytest.mark.skipif(
+    not os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen",
+    reason="napari canvases need an X display with OpenGL: run under xvfb-run",
+)
+def test_napari_widget_shows_nnunets_region(nnunet_folder, scans, tmp_path, make_napari_viewer,
+                                            qtbot):  # fmt: skip
+    """The widget with the folder, fold 0 and mirroring off: HiResCAM only, and the
+    'lungs region' layer is nnUNetPredictor's lungs, on the layer's (SPL) axes."""
+    pytest.importorskip("napari", reason="needs hirescam3d[napari]")
+    from hirescam3d.napari._layers import display_geometry, to_display
+    from hirescam3d.napari._widget import ExplainWidget
+
+    img = nib.load(str(scans["tiles"]))
+    ct, affine = img.get_fdata(dtype=np.float32), img.affine
+    viewer = make_napari_viewer(show=True)
+    shown, shown_affine = to_display(ct, affine)
+    viewer.add_image(shown, name="ct", **display_geometry(shown_affine))
+    widget = ExplainWidget(viewer)
+    widget.model_combo.setCurrentText(str(nnunet_folder))
+    assert widget.methods() == ["hirescam"]
+    widget.set_findings(["lungs"])
+    widget.nnunet_folds.setText("0")
+    widget.nnunet_mirror.setCurrentText("mirror off")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.status.text().startswith("done"), widget.status.text()
+    (tmp_path / "oracle").mkdir()
+    seg, _ = nnunet_predicts(nnunet_folder, scans["tiles"], (0,), False, tmp_path / "oracle")
+    to_spl = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("SPL")
+    )
+    expected = nib.orientations.apply_orientation((seg == 1).astype(np.uint8), to_spl)
+    np.testing.assert_array_equal(np.asarray(viewer.layers["lungs region"].data), expected)

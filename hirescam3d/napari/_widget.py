@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QProgressBar,
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 NO_ORGANS = "(none)"
 PREDICTED = "predicted"  # the Region choice: each finding's predicted mask
+#: nnU-Net mirroring choices -> NnunetHandle ``mirror`` (None: as the checkpoint allows)
+NNUNET_MIRROR = {"mirror: as trained": None, "mirror on": True, "mirror off": False}
 OUTSIDE = "(outside organs)"
 METHOD_COLUMNS = 3
 DEFAULT_METHODS = ("hirescam", "gradcam")
@@ -124,6 +127,7 @@ class ExplainWidget(QWidget):
             "_target_ classes): the same trust as `python -m monai.bundle run`"
         )
         form.addRow("", self.trust_box)
+        self._build_nnunet_row(form)
 
         self.findings_list = QListWidget()
         self.findings_list.setMaximumHeight(110)
@@ -200,6 +204,32 @@ class ExplainWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
 
+    def _build_nnunet_row(self, form: QFormLayout) -> None:
+        """nnU-Net model folders: folds, checkpoint and mirroring (``explain``'s --folds,
+        --checkpoint, --mirror/--no-mirror); blank means nnU-Net's default."""
+        self.nnunet_folds = QLineEdit()
+        self.nnunet_folds.setPlaceholderText("folds: all")
+        self.nnunet_folds.setToolTip("nnU-Net: the folds to average, e.g. 0,1 (blank: all)")
+        self.nnunet_checkpoint = QLineEdit()
+        self.nnunet_checkpoint.setPlaceholderText("checkpoint_final.pth")
+        self.nnunet_checkpoint.setToolTip("nnU-Net: each fold's checkpoint file")
+        self.nnunet_mirror = QComboBox()
+        self.nnunet_mirror.addItems(list(NNUNET_MIRROR))
+        self.nnunet_mirror.setToolTip(
+            "nnU-Net: average the mirrored passes (default: as the checkpoint allows)"
+        )
+        row = QHBoxLayout()
+        for w in (self.nnunet_folds, self.nnunet_checkpoint, self.nnunet_mirror):
+            row.addWidget(w)
+        form.addRow("nnU-Net", row)
+
+    def nnunet_options(self) -> dict[str, Any]:
+        """The nnU-Net row's choices as :meth:`NnunetHandle.with_options` takes them."""
+        folds = self.nnunet_folds.text().replace(",", " ").split()
+        given = {"folds": folds or None, "checkpoint": self.nnunet_checkpoint.text().strip(),
+                 "mirror": NNUNET_MIRROR[self.nnunet_mirror.currentText()]}  # fmt: skip
+        return {k: v for k, v in given.items() if v not in (None, "")}
+
     # -- choices --------------------------------------------------------------------------
     def _refresh_layers(self, *_: Any) -> None:
         try:
@@ -217,7 +247,12 @@ class ExplainWidget(QWidget):
             self.model_combo.setCurrentText(folder)
 
     def _refresh_findings(self, *_: Any) -> None:
-        names, _ = _model_classes(self.model_combo.currentText().strip())
+        from ._nnunet import is_nnunet_model
+
+        text = self.model_combo.currentText().strip()
+        names, _ = _model_classes(text)
+        if text and is_nnunet_model(text):  # nnU-Net's path explains with HiResCAM only
+            self.set_methods(["hirescam"])
         checked = set(self.findings()) if self.findings_list.count() else None
         self.findings_list.clear()
         for i, name in enumerate(names):
@@ -322,6 +357,9 @@ class ExplainWidget(QWidget):
         cancel, emitter, models = self._cancel, self._emitter, self._models
         values = self.values_combo.currentText()
         trust = self.trust_box.isChecked()
+        from ._nnunet import is_nnunet_model
+
+        nnunet = self.nnunet_options() if is_nnunet_model(model) else None
 
         def progress(stage: str, fraction: float) -> None:
             if cancel.is_set():
@@ -332,7 +370,7 @@ class ExplainWidget(QWidget):
             try:
                 return _explain(
                     image, affine, model, findings, methods, organs, organs_affine, names,
-                    progress, models, values, region, trust,
+                    progress, models, values, region, trust, nnunet,
                 )
             except Cancelled:
                 return None  # not an error: no notification
