@@ -4,6 +4,13 @@ Exact command (2-core CPU; seeded and reproducible)::
 
     python -m hirescam3d.models.train_seg --out hirescam3d/bundles/demo_seg
 
+It trains, writes the bundle, then chooses the bundle's mask post-processing (per-class
+probability thresholds, smallest kept component) on 60 validation phantoms, the seeds
+right after the training's (:mod:`hirescam3d.models.tune_seg_masks`; about 5 more
+minutes). The shipped weights are v3 below; the post-processing was added to them with
+``python -m hirescam3d.models.tune_seg_masks --bundle hirescam3d/bundles/demo_seg``
+(seeds 200800..200859), which gives the same constants.
+
 The network segments the three organs the findings live in and the five findings, one
 sigmoid channel each (multi-label: a voxel can be heart and cardiomegaly at once), on
 the demo model's input grid (96 x 128 x 128 voxels of 3 x 2.5 x 2.5 mm, HU window -400
@@ -25,6 +32,13 @@ optional volume-level term (``--presence``, off) was tried against stray predict
 voxels: at weight 1 (nodule weight 10) it emptied every finding channel. A
 ``--max-minutes`` guard stops early on a slow machine (the bundle then records
 ``steps_completed``); the weights reproduce from the seed only for a run that completes.
+
+Tried after v3 and not shipped (v4): 300 steps of fine-tuning the v3 weights on
+64 x 96 x 96 patches centred by MONAI's ``RandCropByLabelClassesd`` (``--init``,
+``--crop 64 96 96 --crop-ratios 1 0.5 0.5 0.5 1 1 1 4 2``, nodule BCE weight 10, lr 5e-4;
+24 min on the shared machine). On the validation seeds its organ Dice at sigmoid >= 0.5
+fell (right lung 0.85, heart 0.77, against 0.98 and 0.94) and it still found no nodule
+(the chosen post-processing again called none), so v3 stays.
 """
 
 from __future__ import annotations
@@ -250,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--max-minutes", type=float, default=29.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--val-count", type=int, default=60,
+        help="validation phantoms (the seeds after the training's) that choose the mask "
+        "post-processing (hirescam3d.models.tune_seg_masks); 0: none",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -308,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     save_bundle(network, info, args.out, network_def={"_target_": "UNet", **SEG_UNET})
     log(f"wrote {args.out} in {wall / 60:.1f} min")
+    if args.val_count > 0:  # the mask post-processing, on seeds right after the training's
+        from .tune_seg_masks import tune, write
+
+        first = seeds[-1] + 1
+        write(args.out, tune(args.out, list(range(first, first + args.val_count)), args.workers))
+        log(f"mask post-processing chosen on seeds {first}..{first + args.val_count - 1}")
     return 0
 
 
