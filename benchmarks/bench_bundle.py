@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_scale import run_measured
+from bench_scale import run_json as run
 
 HERE = Path(__file__).resolve().parent
 BUNDLE = HERE.parent / "tests" / "data" / "model_zoo" / "spleen_ct_segmentation"
@@ -94,13 +94,6 @@ else:
     extra = {"spleen_voxels": int(mask.sum()), "map_shape": list(scan_map.shape)}
 print(json.dumps({"call_s": time.perf_counter() - start, **extra}))
 """
-
-
-def run(args: list[str]) -> dict:
-    """Run ``args``: its last stdout line (JSON), wall seconds and peak RSS (wait4)."""
-    measured = run_measured(args)
-    result = json.loads(measured.pop("stdout").strip().splitlines()[-1])
-    return {**result, **measured}
 
 
 def main() -> None:

@@ -81,6 +81,14 @@ def run_measured(args: list[str]) -> dict[str, Any]:
     return {"stdout": out.decode(), "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
+def run_json(args: list[str]) -> dict[str, Any]:
+    """Run ``args``: the JSON of its last stdout line, with ``wall_s`` and ``peak_rss_bytes``
+    of that process (:func:`run_measured`)."""
+    measured = run_measured(args)
+    result = json.loads(measured.pop("stdout").strip().splitlines()[-1])
+    return {**result, **measured}
+
+
 def run_process(args: list[str]) -> dict[str, float]:
     """Run ``args``; ``{"wall_s", "peak_rss_bytes"}`` of that process."""
     measured = run_measured(args)

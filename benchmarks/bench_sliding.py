@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_scale import run_measured
+from bench_scale import run_json as run
 
 HERE = Path(__file__).resolve().parent
 SEED, SHAPE, SPACING = 20260105, (300, 512, 512), (1.0, 0.7, 0.7)
@@ -83,13 +83,6 @@ else:
              "region_scores": res.region_scores[0].tolist()}
 print(json.dumps({"call_s": seconds, **extra}))
 """
-
-
-def run(args: list[str]) -> dict:
-    """Run ``args``: its last stdout line (JSON), wall seconds and peak RSS (wait4)."""
-    measured = run_measured(args)
-    result = json.loads(measured.pop("stdout").strip().splitlines()[-1])
-    return {**result, **measured}
 
 
 def main() -> None:

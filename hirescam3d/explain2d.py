@@ -335,8 +335,9 @@ def explain_image2d(
 
 def check_formats_2d(formats: str | Sequence[str]) -> tuple[str, ...]:
     """``"nifti,png"`` -> the 2D map formats, once each (InputError for others)."""
-    parts = formats.split(",") if isinstance(formats, str) else list(formats)
-    chosen = tuple(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+    from .outputs import split_formats
+
+    chosen = split_formats(formats)
     bad = [f for f in chosen if f not in FORMATS_2D]
     if bad or not chosen:
         raise InputError(

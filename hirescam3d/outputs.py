@@ -73,12 +73,17 @@ def mask_file_name(stem: str, finding: str) -> str:
     return f"{stem}_{finding}_predicted_mask.nii.gz"
 
 
+def split_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """``"nifti, PNG"`` or a list -> lower-case names, in order, once each (not checked)."""
+    parts = formats.split(",") if isinstance(formats, str) else list(formats)
+    return tuple(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+
+
 def check_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     """``"nifti,dicom"`` or ``["nifti", "dicom-seg"]`` -> the formats, in order, once each.
 
     Raises :class:`HiResCAMError` for an unknown or empty choice."""
-    parts = formats.split(",") if isinstance(formats, str) else list(formats)
-    chosen = tuple(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+    chosen = split_formats(formats)
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
         raise HiResCAMError(
