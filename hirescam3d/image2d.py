@@ -294,10 +294,10 @@ def spatial_dims_of_file(path: str | Path) -> int | None:
     if suffix in NIFTI_SUFFIXES:
         import nibabel as nib
 
-        from .nifti import _quiet_nibabel
+        from .nifti import quiet_nibabel
 
         try:
-            with _quiet_nibabel():
+            with quiet_nibabel():
                 shape = nib.load(str(path)).shape
         except Exception:  # the readers say what is wrong
             return None

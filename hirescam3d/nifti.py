@@ -37,7 +37,7 @@ _MAX_ORIGIN_MM = 1e7
 
 
 @contextlib.contextmanager
-def _quiet_nibabel() -> Iterator[None]:
+def quiet_nibabel() -> Iterator[None]:
     """Keep nibabel's own header log lines (e.g. 'pixdim[1,2,3] should be non-zero') off
     stderr: every problem they describe is checked here and reported in one line."""
     from nibabel import imageglobals
@@ -91,7 +91,7 @@ def _raw_nifti_header(path: Path) -> Any | None:
     from nibabel.openers import ImageOpener
 
     try:
-        with _quiet_nibabel(), ImageOpener(str(path)) as f:
+        with quiet_nibabel(), ImageOpener(str(path)) as f:
             block = f.read(4)
             sizes = {int.from_bytes(block, "little"), int.from_bytes(block, "big")}
             klass = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
@@ -479,7 +479,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
         _check_data_size(path, raw, shape)
         _check_scaling(path, raw)
         affine, notes = _nifti_affine(path, raw, shape)
-    with _quiet_nibabel():
+    with quiet_nibabel():
         try:
             img = nib.load(str(path))
         except Exception as err:  # ImageFileError, gzip/zlib errors, bad headers

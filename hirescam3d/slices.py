@@ -32,7 +32,7 @@ from torch import nn
 
 from . import postprocess
 from .errors import InputError
-from .sliding import _is_identity, sliding_window_explain
+from .sliding import is_identity, sliding_window_explain
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .explainer import Explainer, ExplanationResult, Region, Targets
@@ -93,7 +93,7 @@ class _SliceExplainer:
         for name, res in results.items():
             raw = res.raw
             geo = res.geometry or self._inner.geometry(flat, forward_kwargs=forward_kwargs)
-            if not _is_identity(geo, size2d):
+            if not is_identity(geo, size2d):
                 raw = postprocess.density(raw, geo, size2d)  # score units per pixel
             out[name] = dataclasses.replace(
                 res,

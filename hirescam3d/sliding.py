@@ -155,7 +155,7 @@ def _padded(region: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def _is_identity(geometry: LayerGeometry, size: Sequence[int]) -> bool:
+def is_identity(geometry: LayerGeometry, size: Sequence[int]) -> bool:
     return tuple(geometry.grid_shape) == tuple(size) and all(
         a.first == 0 and a.step == 1 for a in geometry.axes
     )
@@ -326,7 +326,7 @@ def sliding_window_explain(
                 geo = res.geometry or explainer.geometry(window, forward_kwargs=kwargs)
                 size = tuple(window.shape[2:])
                 raw = res.raw
-                if not _is_identity(geo, size):
+                if not is_identity(geo, size):
                     raw = postprocess.density(raw, geo, size)
                 out[f"map:{n}"] = raw.to(window.dtype)
             return out
