@@ -129,6 +129,7 @@ def train(
     top_k: int = 8,
     crop: tuple[int, int, int] | None = None,
     crop_ratios: list[float] | None = None,
+    pos_mean: float = 0.0,
 ) -> tuple[list[float], int]:
     """Train in place; returns the mean loss of each block of 50 steps and the number of
     steps done (fewer than ``steps`` when ``deadline``, a ``time.time()`` value, passed).
@@ -143,7 +144,10 @@ def train(
     ``RandCropByLabelClassesd`` on a voxel of a class drawn with ``crop_ratios`` (one
     weight for the unlabelled background, then one per channel; a class absent from the
     volume is skipped), so small findings are seen far more often than their share of
-    voxels."""
+    voxels.
+
+    ``pos_mean`` weights a class-balanced term: per channel, the mean BCE over its positive
+    voxels alone, so a 30-voxel nodule weighs as much as a lung."""
     from monai.losses import DiceLoss
 
     from hirescam3d.bundle import apply_window
@@ -184,6 +188,8 @@ def train(
         logits = network(x)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
         loss = loss + dice(logits, y)
+        if pos_mean > 0:
+            loss = loss + pos_mean * positive_mean_bce(logits, y)
         if presence > 0:
             peak = logits.flatten(2).topk(top_k, dim=2).values.mean(2)  # (B, C)
             loss = loss + presence * nn.functional.binary_cross_entropy_with_logits(
@@ -204,6 +210,17 @@ def train(
             break
     network.eval()
     return history, done
+
+
+def positive_mean_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over channels with positives in the batch of the mean BCE of their positive
+    voxels; ``logits``, ``y``: ``(B, C, *S)``."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    dims = [0, *range(2, y.ndim)]
+    count = y.sum(dims)
+    per_channel = (bce * y).sum(dims) / count.clamp(min=1)
+    present = count > 0
+    return per_channel[present].mean() if present.any() else logits.sum() * 0
 
 
 def crop_batch(cropper, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 2.0],
         help="BCE weight of positive voxels per channel, in SEG_CHANNELS order",
     )
+    parser.add_argument("--pos-mean", type=float, default=0.0,
+                        help="weight of the per-channel mean BCE over positive voxels")
     parser.add_argument("--presence", type=float, default=0.0, help="volume-level term weight")
     parser.add_argument("--top-k", type=int, default=8, help="logits per channel it averages")
     parser.add_argument("--crop", type=int, nargs=3, default=None,
@@ -299,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         args.weight_decay, args.seed, deadline=start + 60 * args.max_minutes,
         pos_weights=args.pos_weights, presence=args.presence, top_k=args.top_k,
         crop=tuple(args.crop) if args.crop else None, crop_ratios=args.crop_ratios,
+        pos_mean=args.pos_mean,
     )  # fmt: skip
     wall = time.time() - start
     info = entry.info
@@ -316,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "(batch=True) + presence x BCE of the top-k mean logit per channel",
         "pos_weights": args.pos_weights,
         "presence": args.presence,
+        "pos_mean": args.pos_mean,
         "top_k": args.top_k,
         "init": args.init,
         "crop": args.crop,
