@@ -37,6 +37,7 @@ demo: $(STAMP)
 # Qt's offscreen platform lacks. Without xvfb-run they skip themselves.
 test: $(STAMP) gui-deps judges
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(MAKE) docs
 	if command -v xvfb-run >/dev/null 2>&1; then \
 		xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest $(PYTEST_ARGS); \
@@ -82,4 +83,4 @@ constraints: $(STAMP)
 		| sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .import_linter_cache

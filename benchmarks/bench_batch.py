@@ -35,7 +35,8 @@ BASELINE = """
 import sys
 import torch
 from monai.data import MetaTensor
-from hirescam3d import io, zoo
+from hirescam3d.io import scans as io
+from hirescam3d.models import zoo
 from hirescam3d.pipeline import preprocess_transforms
 network, info = zoo.load("demo")
 pre = preprocess_transforms(info, "image", from_array=True)
@@ -47,7 +48,7 @@ for path in sys.argv[1:]:
     with torch.no_grad():
         network(image.as_tensor()[None])
 """
-MAKE = ("import sys; from hirescam3d.phantom import make_chest_ct; "
+MAKE = ("import sys; from hirescam3d.data.phantom import make_chest_ct; "
         "make_chest_ct(int(sys.argv[2]), shape=tuple(map(int, sys.argv[3].split(','))), "
         "spacing=tuple(map(float, sys.argv[4].split(','))))"
         ".save(sys.argv[1], f'p{sys.argv[2]}')")  # fmt: skip

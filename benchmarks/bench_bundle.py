@@ -40,7 +40,7 @@ import shutil, sys
 from pathlib import Path
 import nibabel as nib, numpy as np, torch
 from monai.bundle import ConfigParser
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
 work, bundle = Path(sys.argv[1]), Path(sys.argv[2])
 p = make_chest_ct(int(sys.argv[3]), shape=tuple(map(int, sys.argv[4].split(","))),
                   spacing=tuple(map(float, sys.argv[5].split(","))))
@@ -83,8 +83,8 @@ if kind == "bundle":
     labels = post(data)["pred"]
     extra = {"spleen_voxels": int((labels == 1).sum())}
 else:
-    from hirescam3d import io
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.io import scans as io
+    from hirescam3d.models.handle import ModelHandle
     from hirescam3d.pipeline import explain_arrays
     handle = ModelHandle.resolve(root)
     scan = io.read_scan(work + "/ct.nii.gz")

@@ -45,7 +45,8 @@ def _ops(net, x):
     import torch.nn.functional as F
     from monai.visualize import GradCAM as MonaiGradCAM
 
-    from hirescam3d import Explainer, postprocess
+    from hirescam3d import Explainer
+    from hirescam3d.core import postprocess
 
     ex = Explainer(net, "layer4")
     targets20 = list(range(N_CLASSES))

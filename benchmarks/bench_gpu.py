@@ -99,7 +99,8 @@ def bench_core(size: tuple[int, ...], device: torch.device, repeats: int) -> dic
 def bench_axialnet(
     size: tuple[int, ...], device: torch.device, repeats: int, model: str = "axialnet"
 ) -> dict[str, Any]:
-    from hirescam3d import Explainer, zoo
+    from hirescam3d import Explainer
+    from hirescam3d.models import zoo
 
     network, info = zoo.load(model)
     network = network.to(device)
@@ -126,9 +127,9 @@ def bench_sliding(
     from monai.inferers import sliding_window_inference
 
     from hirescam3d import Explainer
-    from hirescam3d.bundle import apply_window
-    from hirescam3d.handle import ModelHandle
-    from hirescam3d.phantom import make_chest_ct
+    from hirescam3d.data.phantom import make_chest_ct
+    from hirescam3d.models.bundle import apply_window
+    from hirescam3d.models.handle import ModelHandle
 
     network, info = ModelHandle.resolve("demo_seg").load()
     network = network.to(device)

@@ -41,7 +41,7 @@ def seconds(method: str, size: tuple[int, ...], repeats: int) -> float:
 
 
 def main() -> None:
-    from hirescam3d.methods import METHODS
+    from hirescam3d.core.methods import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))

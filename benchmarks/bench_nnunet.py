@@ -1,7 +1,7 @@
 """nnU-Net benchmark: ``hirescam3d explain`` of one predicted region of an nnU-Net model
 folder against ``nnUNetPredictor`` alone on the same scan and passes (issue 23).
 
-The model folder is made by ``hirescam3d.nnunet_phantom`` with nnU-Net's planned network
+The model folder is made by ``hirescam3d.data.nnunet_phantom`` with nnU-Net's planned network
 width (``--width 0``), its ``3d_fullres`` plans then given ``--patch`` and ``--spacing``
 (the network built from the plans is the same U-Net; only the tiles and the resampling
 change). The scan: ``make_chest_ct(SEED, shape=--shape, spacing=--scan-spacing)`` as
@@ -54,7 +54,7 @@ main()
 
 def make_model(root: Path, patch: list[int], spacing: list[float], folds: list[int]) -> Path:
     """The phantom model folder, nnU-Net's planned width, with ``patch`` and ``spacing``."""
-    subprocess.run([sys.executable, "-m", "hirescam3d.nnunet_phantom", str(root), "--width",
+    subprocess.run([sys.executable, "-m", "hirescam3d.data.nnunet_phantom", str(root), "--width",
                     "0", "--folds", *map(str, folds)], check=True, capture_output=True)  # fmt: skip
     folder = root / "nnUNet_results" / "Dataset501_Phantom"
     folder = folder / "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -65,7 +65,7 @@ def make_model(root: Path, patch: list[int], spacing: list[float], folds: list[i
 
 
 def make_scan(path: Path, shape: list[int], spacing: list[float]) -> Path:
-    code = ("import sys; from pathlib import Path; from hirescam3d.nnunet_phantom import "
+    code = ("import sys; from pathlib import Path; from hirescam3d.data.nnunet_phantom import "
             "write_phantom_ct as w; w(Path(sys.argv[1]), int(sys.argv[2]), "
             "tuple(map(int, sys.argv[3].split(','))), tuple(map(float, sys.argv[4].split(','))))")
     subprocess.run([sys.executable, "-c", code, str(path), str(SEED), ",".join(map(str, shape)),

@@ -38,7 +38,8 @@ BASELINE = """
 import sys
 import numpy as np, torch
 from monai.data import MetaTensor
-from hirescam3d import io, zoo
+from hirescam3d.io import scans as io
+from hirescam3d.models import zoo
 from hirescam3d.pipeline import preprocess_transforms
 network, info = zoo.load("demo")
 scan = io.read_scan(sys.argv[1])
@@ -57,7 +58,7 @@ def make_case(folder: Path) -> dict[str, Path]:
     if not (ct.exists() and organs.exists()):
         # In a child process: a child's peak RSS (wait4) counts its parent's resident
         # memory at fork, so this process must stay small for the measurements.
-        code = ("import sys; from hirescam3d.phantom import make_chest_ct; "
+        code = ("import sys; from hirescam3d.data.phantom import make_chest_ct; "
                 f"make_chest_ct({SEED}, shape={SHAPE}, spacing={SPACING})"
                 ".save(sys.argv[1], 'chest')")  # fmt: skip
         subprocess.run([sys.executable, "-c", code, str(folder)], check=True)

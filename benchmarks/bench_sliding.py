@@ -40,7 +40,7 @@ CLASSES = ("right_lung", "heart")
 TARGETS = {"call_over_inference": 2.5, "peak_rss_over_inference": 1.5}
 MAKE = """
 import sys, numpy as np
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
 p = make_chest_ct(int(sys.argv[2]), shape=tuple(map(int, sys.argv[3].split(","))),
                   spacing=tuple(map(float, sys.argv[4].split(","))))
 np.save(sys.argv[1] + "/ct.npy", p.ct)
@@ -49,8 +49,8 @@ np.save(sys.argv[1] + "/organs.npy", p.organs)
 RUN = """
 import json, sys, time
 import numpy as np, torch
-from hirescam3d.bundle import apply_window
-from hirescam3d.handle import ModelHandle
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
 folder, kind, classes = sys.argv[1], sys.argv[2], sys.argv[6].split(",")
 roi, overlap, sw = tuple(map(int, sys.argv[3].split(","))), float(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(int(sys.argv[7]))

@@ -3,7 +3,7 @@
 The maps are the real ones of the ``bench_scale`` case (``make_chest_ct(20260105, shape=(300,
 512, 512), spacing=(1.0, 0.7, 0.7))``, demo model, all five findings x HiResCAM and
 Grad-CAM, on the scan's grid): each is computed, then written with
-:func:`hirescam3d.outputs.write_map` once per deflate backend (``zlib``: the standard
+:func:`hirescam3d.io.outputs.write_map` once per deflate backend (``zlib``: the standard
 library, as before issue 25; ``isal``: ISA-L's igzip, the default now), in alternating
 order; only the ``write_map`` calls are timed. Every written file is checked against the
 map with the standard library's ``gzip`` reader. Writes the ``map_write`` entry of
@@ -32,9 +32,9 @@ TARGET_S = 3.3  # issue 25: 10.0 s before, at least 3x faster
 
 def maps(shape: tuple[int, int, int]):
     """Yield ``(name, volume, affine)`` for the ten maps of the case (F-ordered float32)."""
-    from hirescam3d.phantom import make_chest_ct
+    from hirescam3d.data.phantom import make_chest_ct
+    from hirescam3d.models.zoo import CHEST_FINDINGS
     from hirescam3d.pipeline import explain_arrays
-    from hirescam3d.zoo import CHEST_FINDINGS
 
     phantom = make_chest_ct(SEED, shape=shape, spacing=SPACING)
     affine = np.diag([*SPACING, 1.0])
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from hirescam3d import gzip_stream, outputs
+    from hirescam3d.io import gzip_stream, outputs
 
     shape = tuple(int(s) for s in args.shape.split(","))
     backends = ["zlib", "isal"]

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from hirescam3d.bundle import apply_window
-from hirescam3d.explainer import Explainer
-from hirescam3d.handle import ModelHandle
-from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.core.explainer import Explainer
+from hirescam3d.data.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
 
 ORGAN_LABEL = {name: label for label, name in ORGAN_NAMES.items()}
 

@@ -15,7 +15,7 @@ from monai.networks.nets import DenseNet121, resnet18
 from monai.visualize import GradCAM as MonaiGradCAM
 from monai.visualize.class_activation_maps import default_normalizer, default_upsampler
 
-from hirescam3d.monai_api import GradCAM
+from hirescam3d.monai.visualize import GradCAM
 
 NETS = {
     "DenseNet121": (lambda: DenseNet121(3, 1, 3), "class_layers.relu"),

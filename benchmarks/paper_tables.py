@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hirescam3d import metrics
-from hirescam3d.bundle import apply_window
-from hirescam3d.explainer import Explainer
-from hirescam3d.handle import ModelHandle
-from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.core.explainer import Explainer
+from hirescam3d.data.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.evaluate import metrics
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
 
 METHODS = ("hirescam", "gradcam")
 ORGAN_LABEL = {name: label for label, name in ORGAN_NAMES.items()}
@@ -200,7 +200,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def cells_touching(mask: np.ndarray, geometry) -> torch.Tensor:
     """Bool ``(T, h, w)``: the explanation cells whose tile holds any voxel of ``mask``."""
-    from hirescam3d.postprocess import pool_to_cells
+    from hirescam3d.core.postprocess import pool_to_cells
 
     return pool_to_cells(torch.from_numpy(mask).float()[None], geometry)[0] > 0
 
@@ -299,8 +299,8 @@ def metrics_cost(repeats: int = 3) -> dict:
 
     from bench_core import median_seconds
 
+    from hirescam3d.data.sample import sample_paths
     from hirescam3d.pipeline import explain_scan
-    from hirescam3d.sample import sample_paths
 
     network, info = ModelHandle.resolve("demo").load()
     explainer = Explainer(network, info.target_layer)

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from demo_quality import held_out_seeds, report
 
-from hirescam3d.bundle import apply_window
-from hirescam3d.explainer import Explainer
-from hirescam3d.handle import ModelHandle
-from hirescam3d.metrics import relevance_mass
-from hirescam3d.models.train_seg import seg_targets
-from hirescam3d.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
-from hirescam3d.zoo import SEG_CHANNELS
+from hirescam3d.core.explainer import Explainer
+from hirescam3d.data.phantom import FINDING_ORGANS, FINDINGS, ORGAN_NAMES, make_chest_ct
+from hirescam3d.evaluate.metrics import relevance_mass
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.training.train_seg import seg_targets
+from hirescam3d.models.zoo import SEG_CHANNELS
 
 ORGAN_LABEL = {name: label for label, name in ORGAN_NAMES.items()}
 FP_VOXELS = 10  # an absent finding counts as called from this many predicted voxels

@@ -17,8 +17,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNet, UNet
 
-from hirescam3d import Explainer, postprocess
-from hirescam3d.handle import ModelHandle
+from hirescam3d import Explainer
+from hirescam3d.core import postprocess
+from hirescam3d.models.handle import ModelHandle
 
 SIZE, ROI, OVERLAP = 64, 48, 0.5
 NETS = {

@@ -61,7 +61,7 @@ def run_audit(
     output: str | None = None,
 ) -> tuple[list[Any], str | None, str]:
     """``(verdicts, audited layer or None for "any", model label)``."""
-    from hirescam3d.audit import audit_layer, audit_model
+    from hirescam3d.core.audit import audit_layer, audit_model
 
     from .model_outputs import check_model_output, output_selector
     from .models import resolve_handle

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hirescam3d import stages
+from hirescam3d.pipeline import stages
 
 from .console import items_progress, out_console, throughput
 from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
@@ -75,13 +75,13 @@ def _is_dicom_file(path: Path) -> bool:
         return True
     if path.suffix:
         return False
-    from hirescam3d.io import looks_like_dicom
+    from hirescam3d.io.scans import looks_like_dicom
 
     return looks_like_dicom(path)
 
 
 def _is_image_file(path: Path) -> bool:
-    from hirescam3d.io import SCAN_SUFFIXES
+    from hirescam3d.io.scans import SCAN_SUFFIXES
 
     name = path.name.lower()
     return any(name.endswith(s) for s in SCAN_SUFFIXES if s != ".dcm")
@@ -206,7 +206,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Source]:
 def assign_ids(inputs: Sequence[Source | tuple[Path, str | None]]) -> list[BatchItem]:
     """Items with unique output folder names: the manifest id or the scan stem, with
     ``_2``, ``_3``... appended to repeats (deterministic, so every rank agrees)."""
-    from hirescam3d.io import scan_stem
+    from hirescam3d.io.scans import scan_stem
 
     items: list[BatchItem] = []
     used: set[str] = set()
@@ -247,8 +247,8 @@ def shard(items: Sequence[BatchItem], rank: int, world_size: int) -> list[BatchI
 # -- files --------------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it
-    into place (:func:`hirescam3d.outputs.atomic_write_text`)."""
-    from hirescam3d.outputs import atomic_write_text as write
+    into place (:func:`hirescam3d.io.outputs.atomic_write_text`)."""
+    from hirescam3d.io.outputs import atomic_write_text as write
 
     return write(path, text, force=True, durable=True)
 
@@ -435,10 +435,10 @@ def reads_ahead(
     item: BatchItem, out: Path, opts: ExplainOptions, signature: dict[str, Any]
 ) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
     """The reads :func:`hirescam3d.pipeline.explain_scan` will make for ``item`` (its scan
-    and the organ map), for :class:`hirescam3d.stages.ReadAhead`; none for an item that
+    and the organ map), for :class:`hirescam3d.pipeline.stages.ReadAhead`; none for an item that
     :func:`process_item` will skip."""
-    from hirescam3d import io
-    from hirescam3d.organs import load_organ_map
+    from hirescam3d.io import scans as io
+    from hirescam3d.io.organs import load_organ_map
 
     if not opts.force:
         if item.region is not None:
@@ -642,9 +642,9 @@ def batch_command(
 
 
 class OutputFolderLock:
-    """The lock of ``--out`` (:mod:`hirescam3d.out_lock`) for a batch: rank 0 takes it and
+    """The lock of ``--out`` (:mod:`hirescam3d.io.out_lock`) for a batch: rank 0 takes it and
     tells the other ranks whether it got it; while it holds it, it removes the temporary
-    folders of killed runs (:func:`hirescam3d.staging.remove_stale_staging`)."""
+    folders of killed runs (:func:`hirescam3d.io.staging.remove_stale_staging`)."""
 
     def __init__(self, out: Path, dist: Distributed, wait: bool) -> None:
         self.out, self.dist, self.wait = out, dist, wait
@@ -652,8 +652,8 @@ class OutputFolderLock:
 
     def acquire(self) -> None:
         from hirescam3d.errors import HiResCAMError
-        from hirescam3d.out_lock import output_lock
-        from hirescam3d.staging import remove_stale_staging
+        from hirescam3d.io.out_lock import output_lock
+        from hirescam3d.io.staging import remove_stale_staging
 
         refused = None
         if self.dist.rank == 0:

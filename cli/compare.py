@@ -1,7 +1,7 @@
 """``hirescam3d compare SCAN --finding F``: option checks, one library call, what is printed.
 
 The work (one explain pass for every method, metrics, figure) is
-:func:`hirescam3d.compare.compare_scan`; stdout holds the result (a table, the paths
+:func:`hirescam3d.evaluate.compare.compare_scan`; stdout holds the result (a table, the paths
 with ``--quiet``, ``compare.json`` with ``--json``); progress and warnings go to stderr.
 """
 
@@ -34,9 +34,9 @@ def check_mask_not_empty(mask: Path) -> None:
     """InputError (exit 1, as --region) for a --mask without any nonzero voxel; checked
     before the model loads or any folder is made."""
     import numpy as np
+    from hirescam3d.io.scans import read_image
 
     from hirescam3d.errors import InputError
-    from hirescam3d.io import read_image
 
     if not np.any(np.asarray(read_image(mask)[0])):
         raise InputError(
@@ -55,7 +55,7 @@ def compare_command(
     debug: bool = False,
 ) -> None:
     """Run ``hirescam3d compare``; raise library/usage errors for the caller to report."""
-    from hirescam3d.compare import compare_scan
+    from hirescam3d.evaluate.compare import compare_scan
 
     require_path(scan, "scan")
     require_path(mask, "--mask")

@@ -47,7 +47,7 @@ class ExplainOptions:
     sw_batch_size: int = 1
     wait: bool = False  # queue behind another run holding --out's lock (not an output option)
     output: str | None = None  # --output INDEX|KEY: the logits of a tuple/dict-output model
-    # The resolved model (hirescam3d.handle.ModelHandle), set by check_options.
+    # The resolved model (hirescam3d.models.handle.ModelHandle), set by check_options.
     handle: Any = field(default=None, repr=False, compare=False)
 
     def signature(self) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def check_options(opts: ExplainOptions) -> ExplainOptions:
             "are signed: use --dtype float32 (exact) or int16"
         )
     from hirescam3d.errors import HiResCAMError
-    from hirescam3d.outputs import check_formats
+    from hirescam3d.io.outputs import check_formats
 
     try:
         opts.formats = ",".join(check_formats(opts.formats))
@@ -160,7 +160,7 @@ def check_series_option(scan: Path, series: str | None) -> None:
     """CLIUsageError (exit 2) for --series on a scan that is not DICOM."""
     if series is None or Path(scan).is_dir():
         return
-    from hirescam3d.io import looks_like_dicom
+    from hirescam3d.io.scans import looks_like_dicom
 
     if Path(scan).suffix.lower() != ".dcm" and not looks_like_dicom(Path(scan)):
         raise CLIUsageError(
@@ -191,7 +191,7 @@ def check_segmentation_options(opts: ExplainOptions) -> None:
 
 def default_out_dir(scan: Path) -> Path:
     """``./<scan-stem>_explanations`` in the current folder."""
-    from hirescam3d.io import scan_stem
+    from hirescam3d.io.scans import scan_stem
 
     return Path.cwd() / f"{scan_stem(scan)}_explanations"
 
@@ -300,16 +300,16 @@ def explain_command(
     check_series_option(scan, opts.series)
     from .explain2d import explain_2d_command, route
 
-    if route(scan, opts):  # a 2D image and a 2D model: hirescam3d.explain2d
+    if route(scan, opts):  # a 2D image and a 2D model: hirescam3d.pipeline.explain2d
         return explain_2d_command(scan, out, opts, json_out, quiet, debug)
     opts = check_options(opts)
-    from hirescam3d.input_checks import precheck_scan_file
+    from hirescam3d.io.input_checks import precheck_scan_file
 
     precheck_scan_file(scan)  # header-only problems before the model loads
     out = Path(out) if out is not None else default_out_dir(scan)
     check_out_folder(out)
     if opts.handle.source == "nnunet":  # nnU-Net's own preprocessing, tiles and export
-        from hirescam3d.out_lock import output_lock
+        from hirescam3d.io.out_lock import output_lock
 
         from .nnunet import explain_nnunet_command
 
@@ -327,8 +327,8 @@ def explain_command(
             "(use --finding NAME or --all-findings to choose)",
             quiet,
         )
-    from hirescam3d.out_lock import output_lock
-    from hirescam3d.staging import remove_stale_staging
+    from hirescam3d.io.out_lock import output_lock
+    from hirescam3d.io.staging import remove_stale_staging
 
     with output_lock(out, "hirescam3d explain", wait=opts.wait), warnings_to_stderr(debug) \
             as shown, stage_progress(not quiet) as progress:  # fmt: skip

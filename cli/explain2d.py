@@ -27,7 +27,7 @@ def route(scan: Path, opts: Any) -> bool:
     for a 3D scan and a 3D model. ScanError (one line, exit 1 as for any unusable image)
     when they disagree."""
     from hirescam3d.errors import ScanError
-    from hirescam3d.image2d import SUPPORTED_2D, spatial_dims_of_file
+    from hirescam3d.io.image2d import SUPPORTED_2D, spatial_dims_of_file
 
     dims = spatial_dims_of_file(scan)
     handle = resolve_handle(opts.model)
@@ -73,7 +73,7 @@ def explain_2d_command(
 ) -> None:
     """Run ``hirescam3d explain`` on a 2D image; raise library/usage errors for the caller."""
     from hirescam3d.errors import HiResCAMError
-    from hirescam3d.explain2d import check_formats_2d, explain_picture
+    from hirescam3d.pipeline.explain2d import check_formats_2d, explain_picture
 
     from .explain import default_out_dir
 
@@ -93,7 +93,7 @@ def explain_2d_command(
     if not opts.findings and not opts.all_findings:
         note("no --finding given: explaining every finding with probability >= 0.5 "
              "(use --finding NAME or --all-findings to choose)", quiet)  # fmt: skip
-    from hirescam3d.out_lock import output_lock
+    from hirescam3d.io.out_lock import output_lock
 
     with output_lock(out, "hirescam3d explain", wait=getattr(opts, "wait", False)), \
             warnings_to_stderr(debug) as shown, stage_progress(not quiet) as progress:

@@ -2,7 +2,7 @@
 
 ``models`` and ``findings`` read the zoo's cards and bundle metadata only: no
 architecture is imported, no network built, no weights read. ``layers`` loads the model
-and runs the audit (:meth:`hirescam3d.handle.ModelHandle.layers`).
+and runs the audit (:meth:`hirescam3d.models.handle.ModelHandle.layers`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _trained(handle: Any) -> str:
 
 def model_rows() -> list[dict[str, Any]]:
     """One dict per zoo model: name, description, trained, input, layer, cached guarantee."""
-    from hirescam3d import zoo
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.models import zoo
+    from hirescam3d.models.handle import ModelHandle
 
     rows = []
     for name in zoo.names():
@@ -91,7 +91,7 @@ def findings_command(model: str | None, json_out: bool = False) -> None:
         sys.stdout.write(json.dumps(list(names)) + "\n")
     else:
         if handle.source == "bundle":  # a MONAI bundle: its metadata's name and version
-            from hirescam3d.bundle import monai_bundle_title
+            from hirescam3d.models.bundle import monai_bundle_title
 
             title = monai_bundle_title(handle.bundle_path)
             sys.stdout.write(f"# {title}\n" if title else "")

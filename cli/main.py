@@ -19,7 +19,7 @@ from .view import view
 
 def _method_choices() -> type[enum.Enum]:
     """The built-in explanation methods as choices (named without importing torch)."""
-    from hirescam3d.method_names import BUILTIN_METHODS
+    from hirescam3d.core.method_names import BUILTIN_METHODS
 
     return enum.Enum("MethodChoice", {name: name for name in BUILTIN_METHODS}, type=str)
 

@@ -21,7 +21,7 @@ _COPIES = 4
 def check_input_size(shape: Sequence[int], text: str) -> None:
     """CLIUsageError (exit 2) when a ``(1, *shape)`` float32 probe input (and the copies the
     audit makes of it) would not fit in the memory available now."""
-    from hirescam3d.input_checks import available_memory, human_bytes
+    from hirescam3d.io.input_checks import available_memory, human_bytes
 
     needed = math.prod(shape) * _BYTES * _COPIES
     available = available_memory()
@@ -71,7 +71,7 @@ def check_model_output(network: Any, shape: Sequence[int], where: str, output: s
     1) naming ``where`` when the forward pass raises. The network is not changed."""
     import torch
 
-    from hirescam3d.audit import probe_input
+    from hirescam3d.core.audit import probe_input
     from hirescam3d.errors import ModelError
 
     x = probe_input(network, shape)

@@ -1,5 +1,5 @@
 """Resolving ``--model``, ``--finding`` and ``--layer`` values: a thin shell over
-:class:`hirescam3d.handle.ModelHandle`, which holds every rule (zoo name vs bundle folder,
+:class:`hirescam3d.models.handle.ModelHandle`, which holds every rule (zoo name vs bundle folder,
 finding names, layers).
 
 Unknown names are usage errors (exit code 2) found before any work starts; a model that
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CLIUsageError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.models.handle import ModelHandle
 
 DEFAULT_MODEL = "demo"
 
@@ -31,7 +31,7 @@ def use_bundle_options(config: str | None, trust: bool) -> None:
     if trust:
         import sys
 
-        from hirescam3d.bundle_config import TRUST_WARNING
+        from hirescam3d.models.bundle_config import TRUST_WARNING
 
         print(f"warning: {TRUST_WARNING}", file=sys.stderr)
 
@@ -44,7 +44,7 @@ def resolve_handle(model: str | None) -> ModelHandle:
     """
     import warnings
 
-    from hirescam3d.handle import ModelHandle, ModelNotFoundError
+    from hirescam3d.models.handle import ModelHandle, ModelNotFoundError
 
     try:
         with warnings.catch_warnings():  # the trust warning was printed once already

@@ -70,7 +70,7 @@ def explain_nnunet_command(
     """``hirescam3d explain`` for an nnU-Net model folder (after the option checks)."""
     import json
 
-    from hirescam3d.nnunet_scan import explain_nnunet_scan
+    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
 
     from .console import note, out_console
 
@@ -132,9 +132,9 @@ def explain_nnunet_item(
     scan: Path, out: Path, opts: Any, loaded: Any = None, progress: Any = None
 ) -> tuple[NnunetItemResult, dict[str, Any]]:
     """``batch``'s explain call for an nnU-Net model folder: the same
-    :func:`hirescam3d.nnunet_scan.explain_nnunet_scan` as ``explain`` (``loaded`` and
+    :func:`hirescam3d.pipeline.nnunet_scan.explain_nnunet_scan` as ``explain`` (``loaded`` and
     ``progress`` are unused: the handle holds the opened folds)."""
-    from hirescam3d.nnunet_scan import explain_nnunet_scan
+    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
 
     check_nnunet_options(opts)
     findings = None if opts.all_findings else (opts.findings or None)

@@ -11,7 +11,7 @@ from .console import note
 
 def sample_command(directory: Path, force: bool = False, quiet: bool = False) -> None:
     """Write the sample files, print their paths (stdout) and the next command (stderr)."""
-    from hirescam3d.sample import write_sample
+    from hirescam3d.data.sample import write_sample
 
     note(f"writing the sample chest CT into {directory} ...", quiet)
     paths = write_sample(directory, force=force)

@@ -82,8 +82,8 @@ def load_sample(directory: Path | None = None) -> tuple[dict[str, Any], Path | N
     """The sample scan's volumes (shipped files, else regenerated into a temporary folder)."""
     import nibabel as nib
 
-    from hirescam3d.phantom import make_chest_ct
-    from hirescam3d.sample import SAMPLE_FINDINGS, SAMPLE_SEED, sample_paths, write_sample
+    from hirescam3d.data.phantom import make_chest_ct
+    from hirescam3d.data.sample import SAMPLE_FINDINGS, SAMPLE_SEED, sample_paths, write_sample
 
     tmp = None
     directory = directory or SAMPLE_DIR
@@ -122,9 +122,10 @@ def body_labels(organs: np.ndarray, names: dict[int, str], body: np.ndarray):
 def run_sample(sample_dir: Path | None = None) -> SampleRun:
     """Explain every finding of the sample scan with HiResCAM and Grad-CAM (demo model),
     and capture the activations and gradients at the explained layer."""
-    from hirescam3d import Explainer, methods, pipeline
-    from hirescam3d.handle import ModelHandle
-    from hirescam3d.zoo import CHEST_FINDINGS
+    from hirescam3d import Explainer, pipeline
+    from hirescam3d.core import methods
+    from hirescam3d.models.handle import ModelHandle
+    from hirescam3d.models.zoo import CHEST_FINDINGS
 
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -8,21 +8,31 @@ are imported by the modules that use them.
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import HiResCAMError, InputError, LayerError, ModelError, ScanError, TargetError
+from hirescam3d import _moved
+from hirescam3d.errors import (
+    HiResCAMError,
+    InputError,
+    LayerError,
+    ModelError,
+    ScanError,
+    TargetError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .explainer import Explainer, ExplanationResult
-    from .methods import METHODS, cam, gradcam, hirescam, register_method
+    from hirescam3d.core.explainer import Explainer, ExplanationResult
+    from hirescam3d.core.methods import METHODS, cam, gradcam, hirescam, register_method
 
 _LAZY = {
-    "Explainer": "explainer",
-    "ExplanationResult": "explainer",
-    "METHODS": "methods",
-    "cam": "methods",
-    "gradcam": "methods",
-    "hirescam": "methods",
-    "register_method": "methods",
+    "Explainer": "core.explainer",
+    "ExplanationResult": "core.explainer",
+    "METHODS": "core.methods",
+    "cam": "core.methods",
+    "gradcam": "core.methods",
+    "hirescam": "core.methods",
+    "register_method": "core.methods",
 }
+
+_moved.install(__name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -30,7 +40,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from test_cli import invoke
 
-from hirescam3d.audit import audit_layer, audit_model
+from hirescam3d.core.audit import audit_layer, audit_model
 from hirescam3d.errors import LayerError
-from hirescam3d.models.axialnet import axialnet_tiny
-from hirescam3d.zoo import CHEST_FINDINGS
+from hirescam3d.models.nets.axialnet import axialnet_tiny
+from hirescam3d.models.zoo import CHEST_FINDINGS
 
 NETS = textwrap.dedent(
     '''

@@ -4,7 +4,7 @@ Every case builds its own input in ``tmp_path`` and runs the installed ``hiresca
 console script, checking the exit code, that stderr holds exactly the intended lines (no
 ITK or nibabel noise), that a refused run leaves no output file and that a run that
 proceeds writes maps with the input's exact shape and affine. Variants and a property
-test over randomly corrupted NIfTI headers run through :func:`hirescam3d.io.read_scan`.
+test over randomly corrupted NIfTI headers run through :func:`hirescam3d.io.scans.read_scan`.
 Volumes are 20^3 voxels of 16 x 16 x 14 mm, so they fill the small model's field of view.
 """
 
@@ -21,12 +21,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import installed_console_script
+from hirescam3d.io.scans import ScanWarning, read_scan, write_explanation, write_labels
 from nibabel.affines import from_matvec
 from nibabel.eulerangles import euler2mat
 
-from hirescam3d import io, nifti
 from hirescam3d.errors import HiResCAMError, ScanError
-from hirescam3d.io import ScanWarning, read_scan, write_explanation, write_labels
+from hirescam3d.io import nifti
+from hirescam3d.io import scans as io
 
 MODEL, FINDING = "axialnet_tiny", "atelectasis"
 SHAPE = (20, 20, 20)

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import nibabel as nib
 import pytest
 from conftest import installed_console_script
+from hirescam3d.io.scans import OutputError
 from typer.testing import CliRunner
 
 import hirescam3d
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import ScanError
-from hirescam3d.io import OutputError
-from hirescam3d.phantom import make_chest_ct
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "axialnet_tiny"

@@ -26,13 +26,13 @@ import pytest
 import torch
 from conftest import installed_console_script
 
-from hirescam3d import io
-from hirescam3d.bundle import load_bundle, read_info
-from hirescam3d.bundle_config import BundleConfig, trusted_get, trusted_parser
-from hirescam3d.bundle_monai import resolve
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import HiResCAMError, ModelError
-from hirescam3d.handle import ModelHandle
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.io import scans as io
+from hirescam3d.models.bundle import load_bundle, read_info
+from hirescam3d.models.bundle_config import BundleConfig, trusted_get, trusted_parser
+from hirescam3d.models.bundle_monai import resolve
+from hirescam3d.models.handle import ModelHandle
 from hirescam3d.pipeline import explain_arrays
 
 ZOO = Path(__file__).parent / "data" / "model_zoo"

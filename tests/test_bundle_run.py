@@ -53,7 +53,7 @@ def _extra_config(tmp_path: Path, scan: Path, out: Path) -> Path:
         "output_dir": str(out),
         "+postprocessing#transforms": [
             {
-                "_target_": "hirescam3d.transforms.HiResCAMd",
+                "_target_": "hirescam3d.monai.transforms.HiResCAMd",
                 "keys": "@image_key",
                 "model": "@network",
                 "target_layer": LAYER,
@@ -90,8 +90,8 @@ def _extra_config(tmp_path: Path, scan: Path, out: Path) -> Path:
 def test_hirescamd_in_spleen_bundle_under_monai_bundle_run(tmp_path):
     from monai.bundle import ConfigParser, run
 
-    from hirescam3d.phantom import make_chest_ct
-    from hirescam3d.transforms import HiResCAMd
+    from hirescam3d.data.phantom import make_chest_ct
+    from hirescam3d.monai.transforms import HiResCAMd
 
     root = _bundle_with_weights(tmp_path)
     published = (BUNDLE / "configs" / "inference.json").read_text()
@@ -122,7 +122,7 @@ def test_hirescamd_in_spleen_bundle_under_monai_bundle_run(tmp_path):
     # 2. inverting it with MONAI's Invertd gives the file monai.bundle.run wrote.
     from monai.transforms import Invertd
 
-    from hirescam3d.audit import audit_layer
+    from hirescam3d.core.audit import audit_layer
 
     parser = ConfigParser()
     parser.read_config(root / "configs" / "inference.json")

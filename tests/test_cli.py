@@ -20,7 +20,7 @@ from conftest import installed_console_script
 from typer.testing import CliRunner
 
 import hirescam3d
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "axialnet_tiny"
@@ -124,7 +124,7 @@ def test_help_lists_every_command_and_version_prints():
 
 
 def test_method_choices_come_from_the_registry():
-    from hirescam3d.method_names import BUILTIN_METHODS
+    from hirescam3d.core.method_names import BUILTIN_METHODS
 
     # the CLI names methods without importing torch; the registry holds exactly those
     assert set(BUILTIN_METHODS) == set(hirescam3d.METHODS)
@@ -161,7 +161,7 @@ def test_error_messages_and_exit_codes():
 
 # -- models, findings, layers -------------------------------------------------------------
 def test_models_lists_the_zoo_with_training_state():
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     result = invoke("models")
     assert result.exit_code == 0
@@ -178,8 +178,8 @@ def test_models_lists_the_zoo_with_training_state():
 
 
 def test_findings_of_default_and_named_models():
-    from hirescam3d.models import VOC_CLASSES
-    from hirescam3d.zoo import CHEST_FINDINGS
+    from hirescam3d.models.nets import VOC_CLASSES
+    from hirescam3d.models.zoo import CHEST_FINDINGS
 
     result = invoke("findings")
     assert result.exit_code == 0
@@ -243,8 +243,9 @@ def test_listings_read_metadata_only(args):
     proc, modules = _run_listing(*args)
     assert proc.returncode == 0, proc.stderr
     assert "torch" not in modules
-    assert "hirescam3d.models.axialnet" not in modules
-    assert not any(m.startswith(("hirescam3d.models.voc", "hirescam3d.audit")) for m in modules)
+    assert "hirescam3d.models.nets.axialnet" not in modules
+    heavy = ("hirescam3d.models.nets.voc", "hirescam3d.core.audit")
+    assert not any(m.startswith(heavy) for m in modules)
     assert "monai" not in modules
     assert proc.stdout.strip()
 
@@ -252,10 +253,10 @@ def test_listings_read_metadata_only(args):
 def test_findings_of_a_bundle_read_metadata_only(corrupt_bundle):
     proc, modules = _run_listing("findings", "--model", str(corrupt_bundle), "--json")
     assert proc.returncode == 0, proc.stderr
-    from hirescam3d.zoo import CHEST_FINDINGS
+    from hirescam3d.models.zoo import CHEST_FINDINGS
 
     assert json.loads(proc.stdout) == list(CHEST_FINDINGS)
-    assert "hirescam3d.models.axialnet" not in modules and "monai" not in modules
+    assert "hirescam3d.models.nets.axialnet" not in modules and "monai" not in modules
 
 
 def test_unknown_model_is_a_usage_error_listing_valid_names(scan, tmp_path):
@@ -287,8 +288,8 @@ def test_unknown_model_is_a_usage_error_listing_valid_names(scan, tmp_path):
 @pytest.fixture(scope="module")
 def corrupt_bundle(tmp_path_factory) -> Path:
     """A valid axialnet_tiny bundle whose models/model.pt is then cut to half its size."""
-    from hirescam3d import zoo
-    from hirescam3d.bundle import save_bundle
+    from hirescam3d.models import zoo
+    from hirescam3d.models.bundle import save_bundle
 
     folder = tmp_path_factory.mktemp("bundle") / "tiny_bundle"
     network, info = zoo.load(MODEL)
@@ -678,7 +679,7 @@ def test_cuda_request_without_cuda(scan, tmp_path):
 
 # -- sample -------------------------------------------------------------------------------
 def test_sample_refuses_to_overwrite(tmp_path):
-    from hirescam3d.sample import sample_paths
+    from hirescam3d.data.sample import sample_paths
 
     paths = sample_paths(tmp_path)
     paths["scan"].write_bytes(b"mine")
@@ -689,8 +690,8 @@ def test_sample_refuses_to_overwrite(tmp_path):
 
 
 def test_sample_writes_the_files_and_suggests_the_next_command(tmp_path, monkeypatch):
-    from hirescam3d import phantom
-    from hirescam3d.sample import SAMPLE_FINDINGS, SAMPLE_SEED
+    from hirescam3d.data import phantom
+    from hirescam3d.data.sample import SAMPLE_FINDINGS, SAMPLE_SEED
 
     seeds = []
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from test_cli import assert_one_line_error, invoke
 
-from hirescam3d import metrics
+from hirescam3d.evaluate import metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data"
@@ -89,7 +89,7 @@ def test_metrics_match_independent_computation(compared, explained) -> None:
         for label, name in names.items():
             share = positive[organs == label].sum() / positive.sum()
             assert got["relevance_mass_per_organ"][name] == pytest.approx(share, abs=1e-4)
-        # the other mask metrics, from hirescam3d.metrics on the written maps
+        # the other mask metrics, from hirescam3d.evaluate.metrics on the written maps
         loc = metrics.localisation_metrics(
             torch.from_numpy(explained[m])[None, None], torch.from_numpy(mask)[None, None]
         )

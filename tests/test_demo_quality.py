@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hirescam3d import zoo
-from hirescam3d.phantom import FINDINGS
+from hirescam3d.data.phantom import FINDINGS
+from hirescam3d.models import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "demo_quality.py"

@@ -17,13 +17,13 @@ import torch
 from monai.networks.nets import UNet
 from test_cli import invoke
 
-from hirescam3d.bundle import apply_window
-from hirescam3d.explainer import Explainer
-from hirescam3d.handle import ModelHandle
-from hirescam3d.models import train_seg
-from hirescam3d.phantom import make_chest_ct
-from hirescam3d.sample import sample_paths
-from hirescam3d.zoo import SEG_CHANNELS
+from hirescam3d.core.explainer import Explainer
+from hirescam3d.data.phantom import make_chest_ct
+from hirescam3d.data.sample import sample_paths
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.training import train_seg
+from hirescam3d.models.zoo import SEG_CHANNELS
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +75,7 @@ def test_training_reproduces_from_the_seed():
 
 
 def test_mask_postprocessing_thresholds_and_removes_small_components():
-    from hirescam3d.seg_postprocess import MaskPostprocessing
+    from hirescam3d.models.seg_postprocess import MaskPostprocessing
 
     names = ("a", "b")
     logits = torch.full((1, 2, 6, 6, 6), -5.0)
@@ -96,7 +96,7 @@ def test_mask_postprocessing_thresholds_and_removes_small_components():
 
 def test_mask_postprocessing_refuses_malformed_metadata():
     from hirescam3d.errors import ModelError
-    from hirescam3d.seg_postprocess import MaskPostprocessing
+    from hirescam3d.models.seg_postprocess import MaskPostprocessing
 
     for bad, words in (({"threshold": {"nodule": 1.5}}, "between 0 and 1"),
                        ({"min_voxels": {"nodule": -1}}, ">= 0"),
@@ -107,7 +107,7 @@ def test_mask_postprocessing_refuses_malformed_metadata():
 
 
 def test_tuning_scores_each_pair_by_hand():
-    from hirescam3d.models import tune_seg_masks as tune
+    from hirescam3d.models.training import tune_seg_masks as tune
 
     # phantom 1: finding present (10 voxels); prediction = one 8-voxel component inside
     # it and one 5-voxel stray. phantom 2: absent; a 12-voxel stray.
@@ -134,7 +134,7 @@ def test_tuning_scores_each_pair_by_hand():
 
 
 def test_tuning_refuses_held_out_seeds(tmp_path):
-    from hirescam3d.models import tune_seg_masks as tune
+    from hirescam3d.models.training import tune_seg_masks as tune
 
     with pytest.raises(ValueError, match="held out"):
         tune.tune(tmp_path, [99_999, 200_800])
@@ -206,7 +206,7 @@ def test_cli_explains_the_samples_findings_over_their_post_processed_masks(tmp_p
     docs/segmentation.md)."""
     from scipy import ndimage
 
-    from hirescam3d.phantom import FINDINGS
+    from hirescam3d.data.phantom import FINDINGS
 
     rule = demo_seg[1].mask_postprocessing
     assert rule is not None

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from hirescam3d.io.scans import read_scan
 from pydicom.uid import generate_uid
 from test_cli import assert_one_line_error, invoke
 from test_dicom_out import (
@@ -24,8 +25,7 @@ from test_dicom_out import (
     source_slices,
 )
 
-from hirescam3d.io import read_scan
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
 
 pytestmark = pytest.mark.slow
 

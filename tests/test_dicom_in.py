@@ -15,13 +15,13 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from hirescam3d.io.scans import ScanWarning, read_image, read_scan
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import ScanError
-from hirescam3d.io import ScanWarning, read_image, read_scan
-from hirescam3d.phantom import make_chest_ct
 
 SHAPE = (16, 48, 48)  # phantom (slice, row, column)
 SPACING = (2.5, 2.0, 2.0)

@@ -1,4 +1,4 @@
-"""DICOM outputs (hirescam3d.dicom_out): Parametric Maps, Segmentations and CT series.
+"""DICOM outputs (hirescam3d.io.dicom_write): Parametric Maps, Segmentations and CT series.
 
 Oracles: positions and orientations are read back with pydicom from the source slices
 (or computed from the affine given to the writer), SEG frames are compared with numpy
@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hirescam3d.io.scans import OutputError, read_scan, reorient
 
-from hirescam3d import dicom_out
-from hirescam3d.dicom import DicomSource
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import HiResCAMError
-from hirescam3d.io import OutputError, read_scan, reorient
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.io import dicom_write as dicom_out
+from hirescam3d.io.dicom import DicomSource
 
 CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests/98892001/CT5N"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -9,7 +9,7 @@ turn that CT series back into the scan's HU on the scan's world grid and each Pa
 Map back into the NIfTI map's values at the same world points. Voxels are matched through
 world coordinates (each file's voxel -> RAS affine, read with nibabel), never by array
 order. The objects are written by the code the command line uses
-(:class:`hirescam3d.outputs.DicomMaps`, :func:`hirescam3d.outputs.write_map`).
+(:class:`hirescam3d.io.outputs.DicomMaps`, :func:`hirescam3d.io.outputs.write_map`).
 
 Where the tools are missing these tests skip, saying why (``make judges``, run by
 ``make test``, installs them with apt-get as root: ``.ci/install-judges.sh``).
@@ -27,11 +27,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from hirescam3d.io.scans import read_scan
 
-from hirescam3d import dicom_out
-from hirescam3d.io import read_scan
-from hirescam3d.outputs import DicomMaps, map_key, write_map
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
+from hirescam3d.io import dicom_write as dicom_out
+from hirescam3d.io.outputs import DicomMaps, map_key, write_map
 
 CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests/98892001/CT5N"
 ENHANCED_CT = Path(pydicom.data.get_testdata_file("eCT_Supplemental.dcm"))

@@ -116,7 +116,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture()
 def method_registry():
     """Pages may register methods (methods.md does): the registry is restored after."""
-    from hirescam3d import methods
+    from hirescam3d.core import methods
 
     saved = dict(methods.METHODS)
     yield
@@ -210,7 +210,7 @@ def test_shell_examples_parse():
 
 def _inputs_exist(command, ctx) -> bool:
     """Whether every file the parsed command reads exists in the working folder."""
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     for param in command.params:
         value = ctx.params.get(param.name)

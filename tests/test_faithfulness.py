@@ -3,7 +3,8 @@
 import torch
 from conftest import ConvLinearNet, GapLinearNet, make_input
 
-from hirescam3d import Explainer, postprocess
+from hirescam3d import Explainer
+from hirescam3d.core import postprocess
 
 
 def exact_contribution(net: ConvLinearNet, x: torch.Tensor, k: int) -> torch.Tensor:

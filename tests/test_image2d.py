@@ -17,15 +17,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hirescam3d.io.scans import read_image, read_scan
 from PIL import Image, ImageDraw
 from test_cli import assert_one_line_error, invoke
 from torch import nn
 
-from hirescam3d.bundle import InputSpec, ModelInfo, preprocessing_transforms
 from hirescam3d.errors import ScanError
-from hirescam3d.explain2d import explain_picture
-from hirescam3d.image2d import read_image2d, spatial_dims_of_file
-from hirescam3d.io import read_image, read_scan
+from hirescam3d.io.image2d import read_image2d, spatial_dims_of_file
+from hirescam3d.models.bundle import InputSpec, ModelInfo, preprocessing_transforms
+from hirescam3d.pipeline.explain2d import explain_picture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +221,7 @@ def test_cli_explains_a_jpeg_with_resnet34v(tmp_path):
     with the network's own head and fc layer on an independently preprocessed input."""
     from monai.transforms import Resize, ScaleIntensityRange
 
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     square_picture(size=(150, 100)).save(tmp_path / "photo.jpg", quality=95)
     out = tmp_path / "out"
@@ -304,7 +304,7 @@ def test_slice_explanations_follow_monai_slice_inferer(spatial_dim, roi):
     from monai.inferers import SliceInferer
 
     from hirescam3d import Explainer
-    from hirescam3d.slices import slice_inferer_explain
+    from hirescam3d.core.slices import slice_inferer_explain
 
     torch.manual_seed(0)
     net = SliceSeg().eval()
@@ -330,13 +330,13 @@ def test_a_bundle_slice_inferer_entry_explains_as_monai_parses_it():
     from monai.bundle import ConfigParser
 
     from hirescam3d import Explainer
-    from hirescam3d.errors import ModelError
-    from hirescam3d.slices import (
+    from hirescam3d.core.slices import (
         check_slice_inferer,
         slice_inferer_explain,
         slice_options,
         slice_predict,
     )
+    from hirescam3d.errors import ModelError
 
     entry = {"_target_": "SliceInferer", "roi_size": [12, 10], "spatial_dim": 1,
              "sw_batch_size": 2, "overlap": 0.5, "mode": "gaussian"}  # fmt: skip

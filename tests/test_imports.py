@@ -10,7 +10,8 @@ CODE = """
 import sys, pkgutil, importlib
 import hirescam3d
 for mod in pkgutil.walk_packages(hirescam3d.__path__, "hirescam3d."):
-    if mod.name.startswith(("hirescam3d.cli", "hirescam3d.napari._", "hirescam3d.models.train")):
+    skip = ("hirescam3d.cli", "hirescam3d.napari._", "hirescam3d.models.training")
+    if mod.name.startswith(skip):
         continue
     importlib.import_module(mod.name)
 import hirescam3d.napari  # the plugin package itself must not pull napari in

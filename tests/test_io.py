@@ -12,9 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from hirescam3d.errors import HiResCAMError, ScanError
-from hirescam3d.io import (
+from hirescam3d.io.scans import (
     OutputError,
     ScanWarning,
     read_scan,
@@ -23,6 +21,8 @@ from hirescam3d.io import (
     write_explanation,
     write_labels,
 )
+
+from hirescam3d.errors import HiResCAMError, ScanError
 
 
 def ct_like(shape=(12, 10, 8), seed=0) -> np.ndarray:
@@ -272,7 +272,7 @@ def test_explanation_refuses_overwrite_and_force(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from hirescam3d import outputs
+    from hirescam3d.io import outputs
 
     def broken_write(path, pieces, level):
         Path(path).write_bytes(b"partial")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hirescam3d import postprocess
+from hirescam3d.core import postprocess
+from hirescam3d.core.methods import METHODS, cam, get_method, gradcam, hirescam, register_method
 from hirescam3d.errors import HiResCAMError
-from hirescam3d.methods import METHODS, cam, get_method, gradcam, hirescam, register_method
 
 # Two 2x2 feature maps (F=2) and the gradient of one class score (paper Fig. 2 style).
 A = torch.tensor([[[[1.0, 2.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]])  # (1, 2, 2, 2)

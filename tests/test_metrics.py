@@ -1,4 +1,4 @@
-"""hirescam3d.metrics: each metric against a direct NumPy implementation (2D and 3D, ties,
+"""hirescam3d.evaluate.metrics: each metric against a direct NumPy implementation (2D and 3D, ties,
 empty masks, all-zero maps) and against values computed by hand."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from conftest import SPATIAL, ConvLinearNet, make_input
 from scipy import stats
 from torch import nn
 
-from hirescam3d import Explainer, InputError, metrics
-from hirescam3d.postprocess import stretch_geometry
+from hirescam3d import Explainer, InputError
+from hirescam3d.core.postprocess import stretch_geometry
+from hirescam3d.evaluate import metrics
 
 SHAPES = {2: (5, 6), 3: (3, 4, 5)}
 

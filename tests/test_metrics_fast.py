@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hirescam3d import metrics
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.data.phantom import make_chest_ct
+from hirescam3d.evaluate import metrics
 
 UNEVEN = (0.013, 0.05, 0.1, 0.1, 0.33, 0.5, 0.77, 0.9, 0.999)
 

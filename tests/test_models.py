@@ -6,9 +6,9 @@ from torch import nn
 
 from hirescam3d import Explainer
 from hirescam3d.errors import InputError
-from hirescam3d.handle import ModelHandle
-from hirescam3d.models import AxialNet, CAMNet, VOCNet, axialnet_tiny
-from hirescam3d.zoo import CHEST_FINDINGS
+from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.nets import AxialNet, CAMNet, VOCNet, axialnet_tiny
+from hirescam3d.models.zoo import CHEST_FINDINGS
 
 NAMES = list(CHEST_FINDINGS)
 
@@ -228,7 +228,7 @@ def test_tiny_grid_tiles_the_slice():
 def test_triplet_labels_mark_triplets_the_mask_touches():
     import numpy as np
 
-    from hirescam3d.models.train_demo import triplet_labels
+    from hirescam3d.models.training.train_demo import triplet_labels
 
     mask = np.zeros((12, 4, 4), dtype=bool)
     mask[5:7, 1, 2] = True  # slices 5 and 6: triplets 1 (3-5) and 2 (6-8)
@@ -240,7 +240,7 @@ def test_triplet_labels_mark_triplets_the_mask_touches():
 def test_balanced_triplets_draw_half_positives():
     import numpy as np
 
-    from hirescam3d.models.train_demo import balanced_triplets
+    from hirescam3d.models.training.train_demo import balanced_triplets
 
     present = np.zeros((5, 4), dtype=np.float32)
     present[2, 1] = present[4, 3] = 1
@@ -256,9 +256,9 @@ def test_balanced_triplets_draw_half_positives():
 def test_triplet_logits_are_each_triplets_own_fc_output():
     import numpy as np
 
-    from hirescam3d.bundle import apply_window
-    from hirescam3d.models import axialnet_tiny
-    from hirescam3d.models.train_demo import triplet_logits
+    from hirescam3d.models.bundle import apply_window
+    from hirescam3d.models.nets import axialnet_tiny
+    from hirescam3d.models.training.train_demo import triplet_logits
 
     torch.manual_seed(0)
     net = axialnet_tiny(NAMES).eval()
@@ -278,8 +278,8 @@ def test_triplet_logits_are_each_triplets_own_fc_output():
 def test_both_training_stages_keep_the_chosen_fc_rows_nonnegative():
     import numpy as np
 
-    from hirescam3d.models import axialnet_tiny
-    from hirescam3d.models.train_demo import pretrain_triplets, train
+    from hirescam3d.models.nets import axialnet_tiny
+    from hirescam3d.models.training.train_demo import pretrain_triplets, train
 
     torch.manual_seed(0)
     net = axialnet_tiny(["a", "b"])

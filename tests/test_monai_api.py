@@ -13,7 +13,7 @@ from monai.visualize import GradCAMpp as MonaiGradCAMpp
 from monai.visualize.class_activation_maps import default_upsampler as monai_upsampler
 from torch import nn
 
-from hirescam3d.monai_api import CAM, GradCAM, GradCAMpp, HiResCAM, ModelView
+from hirescam3d.monai.visualize import CAM, GradCAM, GradCAMpp, HiResCAM, ModelView
 
 # MONAI's GradCAM leaves its backward hooks on the network; they fire (and warn) when we
 # differentiate the same network afterwards.

@@ -15,8 +15,7 @@ from conftest import CONV, SPATIAL, ConvLinearNet, GapLinearNet, make_input
 from torch import nn
 
 from hirescam3d import Explainer
-from hirescam3d.errors import HiResCAMError
-from hirescam3d.methods import (
+from hirescam3d.core.methods import (
     METHODS,
     cam,
     eigencam,
@@ -29,6 +28,7 @@ from hirescam3d.methods import (
     register_method,
     xgradcam,
 )
+from hirescam3d.errors import HiResCAMError
 
 NEW_GRADIENT_METHODS = ("gradcampp", "xgradcam", "layercam", "gradxinput")
 NEW_METHODS = (*NEW_GRADIENT_METHODS, "eigencam")

@@ -21,7 +21,7 @@ if not os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscr
         allow_module_level=True,
     )
 
-from hirescam3d import zoo  # noqa: E402
+from hirescam3d.models import zoo  # noqa: E402
 from hirescam3d.napari import _layers  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -368,9 +368,8 @@ def test_view_command_opens_aligned_layers_and_the_widget(
     import napari
     import nibabel as nib
     import typer
+    from hirescam3d.io.scans import write_explanation
     from typer.testing import CliRunner
-
-    from hirescam3d.io import write_explanation
 
     try:
         from hirescam3d.cli.view import view

@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("napari", reason="napari is not installed (pip install hirescam3d[napari])")
 
+from hirescam3d.io.scans import write_explanation  # noqa: E402
+
 from hirescam3d.errors import InputError  # noqa: E402
-from hirescam3d.io import write_explanation  # noqa: E402
 from hirescam3d.napari import _layers, _reader, _writer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +227,7 @@ def test_explanation_file_round_trip_keeps_geometry_and_values(tmp_path):
 def test_uint8_map_of_a_custom_model_is_named_from_the_report(tmp_path):
     """A --dtype uint8 map reads back as [0, 1] values; a finding the chest zoo does not
     know is named from the report.json written beside the maps."""
-    from hirescam3d.outputs import write_json, write_map
+    from hirescam3d.io.outputs import write_json, write_map
 
     volume = np.random.default_rng(4).random(SHAPE_SPL).astype(np.float32)
     ras, ras_affine = _to_ras_order(volume, AFFINE_SPL)

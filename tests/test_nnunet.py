@@ -1,6 +1,6 @@
 """nnU-Net v2 model folders, checked against nnU-Net itself.
 
-The model folder is made by nnU-Net (``hirescam3d.nnunet_phantom``: phantoms as a raw
+The model folder is made by nnU-Net (``hirescam3d.data.nnunet_phantom``: phantoms as a raw
 dataset, nnU-Net's fingerprint and plans, the network its trainer builds from the plans
 with seeded weights, saved as its trainer saves checkpoints) once per session. The
 oracle is nnU-Net's ``nnUNetPredictor`` reading the same NIfTI file from disk.
@@ -22,15 +22,15 @@ pytest.importorskip("nnunetv2", reason="needs hirescam3d[nnunet]")
 
 from test_cli import assert_one_line_error, invoke  # noqa: E402
 
+from hirescam3d.data.nnunet_phantom import write_phantom_ct  # noqa: E402
 from hirescam3d.errors import HiResCAMError, InputError, ModelError  # noqa: E402
-from hirescam3d.nnunet import (  # noqa: E402
+from hirescam3d.models.nnunet import (  # noqa: E402
     open_model,
     predictor,
     preprocess,
     segmentation,
 )
-from hirescam3d.nnunet_explain import explain_preprocessed  # noqa: E402
-from hirescam3d.nnunet_phantom import write_phantom_ct  # noqa: E402
+from hirescam3d.pipeline.nnunet_explain import explain_preprocessed  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LAYER = "decoder.stages.2"  # the last decoder stage of the planned 4-stage U-Net
@@ -38,8 +38,8 @@ LAYER = "decoder.stages.2"  # the last decoder stage of the planned 4-stage U-Ne
 
 @pytest.fixture(scope="session")
 def nnunet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``python -m hirescam3d.nnunet_phantom ROOT --folds 0 1`` in a temporary folder."""
-    from hirescam3d.nnunet_phantom import build_phantom_model
+    """``python -m hirescam3d.data.nnunet_phantom ROOT --folds 0 1`` in a temporary folder."""
+    from hirescam3d.data.nnunet_phantom import build_phantom_model
 
     keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
     saved = {k: os.environ.get(k) for k in keys}
@@ -84,7 +84,7 @@ def test_prediction_equals_nnunet_predictor(nnunet_folder, scans, tmp_path, scan
     seg, probs = nnunet_predicts(nnunet_folder, scans[scan], folds, mirror, tmp_path)
     model = open_model(nnunet_folder, folds)
     pre = preprocess(model, scans[scan])
-    from hirescam3d.nnunet import predict_logits
+    from hirescam3d.models.nnunet import predict_logits
 
     ours, our_probs = segmentation(model, predict_logits(model, pre.data, mirror),
                                    pre.properties)  # fmt: skip
@@ -332,7 +332,7 @@ def test_region_based_training_is_explained_per_region(nnunet_folder, scans, tmp
 def test_checkpoint_option_and_mirror_default(nnunet_folder, tmp_path):
     """--checkpoint names each fold's file; mirroring defaults to what the checkpoint's
     inference_allowed_mirroring_axes allows, as in nnU-Net."""
-    from hirescam3d.handle import ModelHandle
+    from hirescam3d.models.handle import ModelHandle
 
     result = invoke("findings", "--model", nnunet_folder, "--checkpoint", "checkpoint_best.pth")
     assert_one_line_error(result, "no fold_N/checkpoint_best.pth", code=1)
@@ -401,9 +401,9 @@ def test_napari_job_returns_nnunets_predicted_region(nnunet_folder, scans, tmp_p
     """The widget's worker job on the CT layer's array: nnU-Net's segmentation of the same
     scan (nnUNetPredictor) as its masks, and the maps explain writes for the file."""
     pytest.importorskip("napari", reason="needs hirescam3d[napari]")
+    from hirescam3d.models.nnunet_handle import NnunetHandle
     from hirescam3d.napari._widget import _explain
-    from hirescam3d.nnunet_handle import NnunetHandle
-    from hirescam3d.nnunet_scan import explain_nnunet_scan
+    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
 
     img = nib.load(str(scans["resampled"]))
     ct, affine = img.get_fdata(dtype=np.float32), img.affine

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from hirescam3d.io.scans import OutputError
 from test_pipeline import SPEC, BlobNet, blob_model, oblique_phantom
 
-from hirescam3d import outputs, postprocess
-from hirescam3d.bundle import InputSpec, ModelInfo, preprocessing_transforms
+from hirescam3d.core import postprocess
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import HiResCAMError, InputError
-from hirescam3d.io import OutputError
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.io import outputs
+from hirescam3d.models.bundle import InputSpec, ModelInfo, preprocessing_transforms
 from hirescam3d.pipeline import explain_arrays, explain_scan, invert_maps
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hirescam3d.io.scans import OutputError
 from test_batch import MODEL, REPO, invoke, log_records, small_scans, temp_leftovers
 
-from hirescam3d import io, outputs, stages
-from hirescam3d.io import OutputError
-from hirescam3d.pipeline import explain_scan
+from hirescam3d.io import outputs
+from hirescam3d.io import scans as io
+from hirescam3d.pipeline import explain_scan, stages
 
 
 @pytest.mark.slow

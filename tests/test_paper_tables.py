@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from hirescam3d import metrics, zoo
-from hirescam3d.bundle import apply_window
-from hirescam3d.explainer import Explainer
-from hirescam3d.handle import ModelHandle
-from hirescam3d.models.axialnet import axialnet_tiny
-from hirescam3d.models.voc import VOCNet
-from hirescam3d.phantom import FINDINGS, make_chest_ct
-from hirescam3d.trace import AxisGeometry, LayerGeometry
+from hirescam3d.core.explainer import Explainer
+from hirescam3d.core.trace import AxisGeometry, LayerGeometry
+from hirescam3d.data.phantom import FINDINGS, make_chest_ct
+from hirescam3d.evaluate import metrics
+from hirescam3d.models import zoo
+from hirescam3d.models.bundle import apply_window
+from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.nets.axialnet import axialnet_tiny
+from hirescam3d.models.nets.voc import VOCNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def test_shipped_shortcut_model_reads_the_marker():
         prob[marker] = float(torch.sigmoid(res.scores[0, k]))
         if marker:
             # the largest positive contribution sits in a cell holding marker voxels
-            from hirescam3d.postprocess import pool_to_cells
+            from hirescam3d.core.postprocess import pool_to_cells
 
             cells = pool_to_cells(torch.from_numpy(p.marker).float()[None], res.geometry)[0]
             top = torch.argmax(res.raw[0, 0])

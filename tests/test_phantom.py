@@ -1,4 +1,4 @@
-"""Tests for the synthetic chest-CT phantom (hirescam3d.phantom)."""
+"""Tests for the synthetic chest-CT phantom (hirescam3d.data.phantom)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hirescam3d.errors import InputError
-from hirescam3d.phantom import (
+from hirescam3d.data.phantom import (
     FINDING_ORGANS,
     FINDINGS,
     ORGAN_NAMES,
     ChestPhantom,
     make_chest_ct,
 )
+from hirescam3d.errors import InputError
 
 SMALL = {"shape": (48, 64, 64), "spacing": (6.0, 5.0, 5.0)}
 LABEL = {name: key for key, name in ORGAN_NAMES.items()}

@@ -17,13 +17,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hirescam3d.io.scans import OutputError, write_labels
 from monai.data import MetaTensor
 from torch import nn
 
-from hirescam3d.bundle import InputSpec, ModelInfo, preprocessing_transforms
+from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import InputError, TargetError
-from hirescam3d.io import OutputError, write_labels
-from hirescam3d.phantom import make_chest_ct
+from hirescam3d.models.bundle import InputSpec, ModelInfo, preprocessing_transforms
 from hirescam3d.pipeline import explain_image, explain_scan, preprocess_transforms
 
 SPEC = InputSpec(3, 1, (56, 56, 56), "SPL", (5.0, 6.0, 6.0), (-1000.0, 3000.0))
@@ -264,7 +264,7 @@ def test_explain_image_checks_inputs():
 
 def test_demo_architecture_plumbing():
     """The demo architecture (untrained here) runs through the whole pipeline."""
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     network, info = zoo.load("axialnet_tiny")
     ph = make_chest_ct(2, findings=["nodule"], shape=(48, 64, 64), spacing=(6.0, 5.0, 5.0))
@@ -283,7 +283,7 @@ def test_demo_architecture_plumbing():
 
 
 def test_montage_slices_and_errors(tmp_path):
-    from hirescam3d.figures import most_attended_slices, save_montage
+    from hirescam3d.evaluate.figures import most_attended_slices, save_montage
 
     heat = np.zeros((10, 8, 6), np.float32)
     heat[7] = 1.0
@@ -320,7 +320,7 @@ def test_cuda_matches_cpu():
 def test_trained_demo_atelectasis_peaks_in_the_planted_atelectasis(tmp_path):
     from scipy import ndimage
 
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     network, info = zoo.load()
     ph = make_chest_ct(11, findings=["atelectasis"])

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from monai.networks.nets import resnet18
 from torch import nn
 
-from hirescam3d import Explainer, postprocess
-from hirescam3d.models.axialnet import AxialNet, axialnet_tiny
-from hirescam3d.zoo import CHEST_FINDINGS
+from hirescam3d import Explainer
+from hirescam3d.core import postprocess
+from hirescam3d.models.nets.axialnet import AxialNet, axialnet_tiny
+from hirescam3d.models.zoo import CHEST_FINDINGS
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -148,7 +149,7 @@ def test_full_axialnet_centres_cover_only_the_middle_of_the_slice():
 
 
 def test_resnet34v_head_cells_are_centred_at_16_plus_32i():
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     net, info = zoo.load("resnet34v")
     geo = Explainer(net, info.target_layer).geometry(torch.zeros(1, 3, 224, 224))
@@ -167,7 +168,7 @@ def test_exact_tiling_placement_equals_interpolate(size):
 
 def test_place_holds_to_tile_edge_and_is_zero_beyond():
     # 3 cells centred at 10, 14, 18 (step 4) on a 30-voxel axis: tiles 8 .. 20
-    from hirescam3d.trace import AxisGeometry, LayerGeometry
+    from hirescam3d.core.trace import AxisGeometry, LayerGeometry
 
     geo = LayerGeometry((3,), (30,), (AxisGeometry(0, 10.0, 4.0, 4.0),))
     out = postprocess.place(torch.tensor([[[1.0, 3.0, 2.0]]]), geo)[0, 0]
@@ -177,7 +178,7 @@ def test_place_holds_to_tile_edge_and_is_zero_beyond():
 
 
 def test_density_preserves_the_sum_and_reports_what_falls_outside():
-    from hirescam3d.trace import AxisGeometry, LayerGeometry
+    from hirescam3d.core.trace import AxisGeometry, LayerGeometry
 
     # cells at 0, 8, 16, 24 with step 8 on a 30-voxel axis (voxel edges -0.5 .. 29.5):
     # tile 0 spans -4 .. 4, of which 4.5 voxels are inside; tiles 1-3 lie inside.

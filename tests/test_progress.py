@@ -13,7 +13,7 @@ from test_batch import MODEL, _import, batch, invoke, touch
 from test_sliding_window import box, make
 
 from hirescam3d import Explainer
-from hirescam3d.sliding import sliding_window_explain
+from hirescam3d.core.sliding import sliding_window_explain
 
 console = _import("hirescam3d.cli.console")
 

@@ -13,7 +13,7 @@ from test_explainer import assert_same_state, snapshot
 from torch import nn
 
 from hirescam3d import Explainer, InputError, TargetError
-from hirescam3d.audit import audit_layer
+from hirescam3d.core.audit import audit_layer
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 GRID = {2: (12, 10), 3: (8, 10, 6)}

@@ -1,4 +1,4 @@
-"""hirescam3d.sample.write_sample: the demo scan, organ map and finding masks on disk."""
+"""hirescam3d.data.sample.write_sample: the demo scan, organ map and finding masks on disk."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from hirescam3d.io.scans import OutputError
 
-from hirescam3d import phantom
-from hirescam3d.io import OutputError
-from hirescam3d.sample import SAMPLE_FINDINGS, SAMPLE_SEED, sample_paths, write_sample
+from hirescam3d.data import phantom
+from hirescam3d.data.sample import SAMPLE_FINDINGS, SAMPLE_SEED, sample_paths, write_sample
 
 KEYS = {"scan", "organs", "organ_names", "findings_json", "atelectasis", "pleural_effusion"}
 

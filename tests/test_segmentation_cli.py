@@ -31,8 +31,8 @@ from test_user_bundles import (
     write_bundle,
 )
 
-from hirescam3d.bundle import INFERENCE
 from hirescam3d.errors import InputError
+from hirescam3d.models.bundle import INFERENCE
 from hirescam3d.pipeline import explain_arrays
 
 WINDOW = (-57.0, 164.0)  # CT_PREPROCESSING's ScaleIntensityRanged

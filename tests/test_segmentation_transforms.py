@@ -14,7 +14,7 @@ from monai.transforms import Compose
 from test_user_bundles import UNET_ARGS, seeded
 
 from hirescam3d.errors import HiResCAMError, InputError
-from hirescam3d.transforms import GradCAMd, HiResCAMd
+from hirescam3d.monai.transforms import GradCAMd, HiResCAMd
 
 CLASSES = ("background", "liver", "tumour")
 LAYER = "model.2.0"  # the last map before the output convolution (test_user_bundles)
@@ -180,7 +180,8 @@ def test_inferer_sliding_window_matches_monai_prediction(unet):
     expected = float(windowed[2][region].double().sum()) - bias * int(region.sum())
     assert total == pytest.approx(expected, rel=1e-4, abs=1e-3)
     # with overlap and gaussian blending: the inferer's whole schedule is used
-    from hirescam3d import Explainer, postprocess
+    from hirescam3d import Explainer
+    from hirescam3d.core import postprocess
 
     inferer = SlidingWindowInferer((8, 16, 8), 2, overlap=0.5, mode="gaussian", sigma_scale=0.2)
     out = HiResCAMd("image", model=unet, target_layer=LAYER, findings=["tumour"],

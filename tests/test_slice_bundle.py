@@ -29,11 +29,11 @@ import torch
 from conftest import installed_console_script
 from test_bundle_configs import lps_phantom, monai_prediction, one_line
 
-from hirescam3d import io
-from hirescam3d.bundle import read_info
-from hirescam3d.bundle_config import trusted_parser
 from hirescam3d.errors import InputError
-from hirescam3d.handle import ModelHandle
+from hirescam3d.io import scans as io
+from hirescam3d.models.bundle import read_info
+from hirescam3d.models.bundle_config import trusted_parser
+from hirescam3d.models.handle import ModelHandle
 from hirescam3d.pipeline import explain_arrays
 
 pytestmark = pytest.mark.usefixtures("one_thread")

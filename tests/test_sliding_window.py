@@ -13,7 +13,8 @@ from monai.inferers import sliding_window_inference
 from test_explainer import assert_same_state, snapshot
 from torch import nn
 
-from hirescam3d import Explainer, InputError, TargetError, postprocess
+from hirescam3d import Explainer, InputError, TargetError
+from hirescam3d.core import postprocess
 
 
 class FCN(nn.Module):
@@ -153,7 +154,7 @@ def test_sliding_window_errors_and_model_state():
     with pytest.raises(InputError, match="roi_size"):
         ex.sliding_window(x, 0, region=region, roi_size=(16, 16))
     with pytest.raises(InputError, match="eigencam"):
-        from hirescam3d.sliding import sliding_window_explain
+        from hirescam3d.core.sliding import sliding_window_explain
 
         sliding_window_explain(ex, x, 0, region, roi_size=16, methods=["eigencam"])
     with pytest.raises(TargetError, match="out of range for 2 classes"):

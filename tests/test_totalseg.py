@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hirescam3d.errors import InputError
-from hirescam3d.organs import load_organ_map
+from hirescam3d.io.organs import load_organ_map
 
 
 def caret_xml(names: dict[int, str]) -> bytes:

@@ -14,11 +14,11 @@ from monai.transforms import Compose, Invertd, LoadImaged, SaveImaged
 from test_pipeline import CELL, blob_model, oblique_phantom
 from torch import nn
 
-from hirescam3d import zoo
+from hirescam3d.core.explainer import Explainer
 from hirescam3d.errors import HiResCAMError
-from hirescam3d.explainer import Explainer
+from hirescam3d.models import zoo
+from hirescam3d.monai.transforms import CAMd, Explaind, GradCAMd, HiResCAMd
 from hirescam3d.pipeline import preprocess_transforms
-from hirescam3d.transforms import CAMd, Explaind, GradCAMd, HiResCAMd
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "monai_pipeline.md"
 
@@ -168,7 +168,7 @@ def test_density_values_sum_to_the_hirescam_total():
     from conftest import GapLinearNet
 
     from hirescam3d import Explainer
-    from hirescam3d.transforms import HiResCAMd
+    from hirescam3d.monai.transforms import HiResCAMd
 
     net = GapLinearNet(3).eval()
     image = torch.randn(1, 4, 6, 6)

@@ -37,7 +37,7 @@ def test_demo_sample_logit_map_sums_to_the_contributions(tmp_path):
 
     from test_cli import invoke
 
-    from hirescam3d import zoo
+    from hirescam3d.models import zoo
 
     network, _ = zoo.load("demo")
     fc_bias = network.fc.bias.detach().double().numpy()

@@ -20,7 +20,8 @@ from test_zoo import Payload
 from torch import nn
 
 from hirescam3d import Explainer
-from hirescam3d.bundle import (
+from hirescam3d.errors import ModelError
+from hirescam3d.models.bundle import (
     INFERENCE,
     METADATA,
     WEIGHTS,
@@ -31,8 +32,7 @@ from hirescam3d.bundle import (
     read_info,
     save_bundle,
 )
-from hirescam3d.errors import ModelError
-from hirescam3d.handle import ModelHandle
+from hirescam3d.models.handle import ModelHandle
 
 UNET_ARGS: dict[str, Any] = {
     "spatial_dims": 3,

@@ -1,6 +1,6 @@
 """Model zoo registry, bundle save/load round trip, safe loading and every error case.
 
-Zoo entries are read through :class:`hirescam3d.handle.ModelHandle` (the one object
+Zoo entries are read through :class:`hirescam3d.models.handle.ModelHandle` (the one object
 front ends ask); ``zoo.load`` is its shortcut.
 """
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from hirescam3d import zoo
-from hirescam3d.bundle import (
+from hirescam3d.errors import ModelError
+from hirescam3d.models import zoo
+from hirescam3d.models.bundle import (
     INFERENCE,
     METADATA,
     WEIGHTS,
@@ -27,9 +28,8 @@ from hirescam3d.bundle import (
     read_info,
     save_bundle,
 )
-from hirescam3d.errors import ModelError
-from hirescam3d.handle import ModelHandle
-from hirescam3d.models import AxialNet
+from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.nets import AxialNet
 
 
 def small_axialnet() -> AxialNet:
@@ -84,7 +84,7 @@ def test_names_and_entries():
 
 
 def test_chest_findings_match_the_phantom():
-    from hirescam3d.phantom import FINDINGS
+    from hirescam3d.data.phantom import FINDINGS
 
     assert zoo.CHEST_FINDINGS == FINDINGS
     assert ModelHandle.resolve("demo").class_names == FINDINGS
@@ -338,7 +338,7 @@ def test_demo_bundle_copy_loads(tmp_path):
 
 
 def test_read_class_names_without_weights(tmp_path):
-    from hirescam3d.bundle import read_class_names
+    from hirescam3d.models.bundle import read_class_names
 
     demo = ModelHandle.resolve("demo")
     assert read_class_names(demo.bundle_path) == demo.class_names == zoo.CHEST_FINDINGS

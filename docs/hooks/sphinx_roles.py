@@ -1,5 +1,5 @@
 """MkDocs hook: the library's docstrings cross-reference in Sphinx style
-(``:func:`hirescam3d.postprocess.density```); mkdocstrings shows the role's name in front
+(``:func:`hirescam3d.core.postprocess.density```); mkdocstrings shows the role's name in front
 of the code span. This drops the role and, as Sphinx does for ``~name``, shortens a name
 with a leading ``~`` to its last component."""
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..io import reorient
+from hirescam3d.errors import InputError
+from hirescam3d.io.scans import reorient
 
 DISPLAY_AXCODES = "SPL"
 META = "hirescam3d"
@@ -236,7 +236,7 @@ def organ_color(name: str) -> tuple[float, float, float]:
     key = name.lower()
     if key not in ORGAN_COLORS:
         try:
-            from ..organs import organ_group
+            from hirescam3d.io.organs import organ_group
 
             key = organ_group(key)
         except Exception:  # the name is only used to pick a colour

@@ -1,7 +1,7 @@
 """The napari worker's job for an nnU-Net v2 model folder (no Qt).
 
 The CT layer is written, with its voxel -> RAS affine, to a NIfTI file in a temporary
-folder, and explained there by :func:`hirescam3d.nnunet_scan.explain_nnunet_scan`, the
+folder, and explained there by :func:`hirescam3d.pipeline.nnunet_scan.explain_nnunet_scan`, the
 code ``hirescam3d explain`` runs (nnU-Net's reader, preprocessing, tiles and export);
 the maps and nnU-Net's segmentation are read back on the layer's grid.
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from hirescam3d.errors import InputError
 
 
 def is_nnunet_model(model: str) -> bool:
     """Whether ``model`` names an nnU-Net trained-model folder (no weights read)."""
-    from ..nnunet import is_nnunet_folder
+    from hirescam3d.models.nnunet import is_nnunet_folder
 
     return is_nnunet_folder(Path(model).expanduser())
 
@@ -45,7 +45,7 @@ def explain_nnunet_image(
     organs: np.ndarray | None = None,
 ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, float], dict[str, np.ndarray]]:
     """Explain nnU-Net's prediction of ``image`` ``(I, J, K)`` (voxel -> RAS ``affine``)
-    with the opened :class:`~hirescam3d.nnunet_handle.NnunetHandle` ``handle``.
+    with the opened :class:`~hirescam3d.models.nnunet_handle.NnunetHandle` ``handle``.
 
     Returns ``(maps, probabilities, masks)`` on the image's grid: float32 maps keyed
     ``(finding, "hirescam")``, each finding's mean probability over its predicted region
@@ -54,7 +54,7 @@ def explain_nnunet_image(
     fractions)."""
     import nibabel as nib
 
-    from ..nnunet_scan import explain_nnunet_scan
+    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
 
     other = [m for m in methods if m != "hirescam"]
     if other or region is not None or organs is not None:

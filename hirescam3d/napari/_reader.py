@@ -18,10 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from ..io import NIFTI_SUFFIXES, SCAN_SUFFIXES, as_volume, read_image, read_scan, scan_stem
-from ..organs import load_organ_map
-from ..outputs import parse_map_name
-from . import _layers
+from hirescam3d.io.organs import load_organ_map
+from hirescam3d.io.outputs import parse_map_name
+from hirescam3d.io.scans import (
+    NIFTI_SUFFIXES,
+    SCAN_SUFFIXES,
+    as_volume,
+    read_image,
+    read_scan,
+    scan_stem,
+)
+from hirescam3d.napari import _layers
 
 MAX_LABELS = 256
 KINDS = ("scan", "labels", "explanation")
@@ -163,7 +170,7 @@ def _read_explanation(path: Path) -> _layers.LayerData:
     signed = intent == "logit/voxel" or bool((volume < 0).any())
     if not signed:
         volume = np.clip(volume, 0.0, 1.0)
-    # Our own file names (hirescam3d.outputs): the report beside the maps names them exactly.
+    # Our own file names (hirescam3d.io.outputs): the report beside the maps names them exactly.
     _, finding, method = parse_map_name(path, methods=None if signed or not intent else [intent])
     name = _layers.layer_name(finding, method) if finding and method else scan_stem(path)
     return _layers.explanation_layer(

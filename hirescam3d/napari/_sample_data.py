@@ -1,7 +1,7 @@
 """napari sample data: the demo chest CT, its organs, and HiResCAM / Grad-CAM maps.
 
 Nothing is shipped besides the model: the CT is the fixed-seed phantom of
-:mod:`hirescam3d.sample`, and the maps of atelectasis are computed with the demo model on
+:mod:`hirescam3d.data.sample`, and the maps of atelectasis are computed with the demo model on
 first use (a few seconds on a CPU) and cached. Cache folder: ``$HIRESCAM3D_CACHE`` or
 ``$XDG_CACHE_HOME/hirescam3d`` (default ``~/.cache/hirescam3d``), sub-folder
 ``napari-sample``; explanation files are keyed by the model's weights checksum, so new
@@ -16,9 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..sample import SAMPLE_STEM, sample_paths, write_sample
-from . import _layers
-from ._reader import read_path
+from hirescam3d.data.sample import SAMPLE_STEM, sample_paths, write_sample
+from hirescam3d.napari import _layers
+from hirescam3d.napari._reader import read_path
 
 SAMPLE_FINDING = "atelectasis"
 SAMPLE_METHODS = ("gradcam", "hirescam")  # bottom to top; Grad-CAM starts hidden
@@ -47,8 +47,8 @@ def sample_files() -> dict[str, Path]:
 
 def explanation_files(model: str = "demo") -> dict[str, Path]:
     """``{method: NIfTI}`` of the sample's atelectasis maps, computed once per weights."""
-    from ..handle import ModelHandle
-    from ..pipeline import explain_scan
+    from hirescam3d.models.handle import ModelHandle
+    from hirescam3d.pipeline import explain_scan
 
     network, info = ModelHandle.resolve(model).load()
     key = info.weights_sha256[:16] if info.weights_sha256 else f"{info.name}-untrained"

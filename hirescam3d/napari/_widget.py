@@ -35,8 +35,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import HiResCAMError
-from . import _layers
+from hirescam3d.errors import HiResCAMError
+from hirescam3d.napari import _layers
 
 if TYPE_CHECKING:
     import napari
@@ -98,9 +98,9 @@ class ExplainWidget(QWidget):
 
     # -- layout ---------------------------------------------------------------------------
     def _build(self) -> None:
-        from .. import zoo
-        from ..handle import ModelHandle
-        from ..methods import METHODS
+        from hirescam3d.core.methods import METHODS
+        from hirescam3d.models import zoo
+        from hirescam3d.models.handle import ModelHandle
 
         form = QFormLayout()
         self.ct_combo = QComboBox()
@@ -247,7 +247,7 @@ class ExplainWidget(QWidget):
             self.model_combo.setCurrentText(folder)
 
     def _refresh_findings(self, *_: Any) -> None:
-        from ._nnunet import is_nnunet_model
+        from hirescam3d.napari._nnunet import is_nnunet_model
 
         text = self.model_combo.currentText().strip()
         names, _ = _model_classes(text)
@@ -324,7 +324,7 @@ class ExplainWidget(QWidget):
 
     def _job(self) -> tuple[Any, Any]:
         """Collect the inputs in the GUI thread: ``(function the worker runs, CT layer)``."""
-        from ..errors import InputError
+        from hirescam3d.errors import InputError
 
         ct = self._layer(self.ct_combo.currentText())
         if ct is None:
@@ -349,7 +349,7 @@ class ExplainWidget(QWidget):
         region = None
         region_layer = self._layer(self.region_combo.currentText())
         if region_layer is not None:
-            from ..pipeline import check_region_grid
+            from hirescam3d.pipeline import check_region_grid
 
             region = np.asarray(region_layer.data) != 0
             check_region_grid(region.shape, layer_affine(region_layer), image.shape, affine,
@@ -357,7 +357,7 @@ class ExplainWidget(QWidget):
         cancel, emitter, models = self._cancel, self._emitter, self._models
         values = self.values_combo.currentText()
         trust = self.trust_box.isChecked()
-        from ._nnunet import is_nnunet_model
+        from hirescam3d.napari._nnunet import is_nnunet_model
 
         nnunet = self.nnunet_options() if is_nnunet_model(model) else None
 
@@ -619,8 +619,8 @@ def _model_classes(model: str) -> tuple[list[str], Exception | None]:
     """``(class names, None)`` of a zoo model or bundle folder without loading weights, or
     ``([], error)`` saying why there are none (unknown name, not a bundle folder,
     unreadable metadata)."""
-    from ..errors import ModelError
-    from ..handle import ModelHandle
+    from hirescam3d.errors import ModelError
+    from hirescam3d.models.handle import ModelHandle
 
     try:
         names = list(ModelHandle.resolve(model).class_names)
@@ -684,10 +684,10 @@ def _explain(
     masks come back in ``ExplainResult.masks`` (uint8 on the CT's grid). An nnU-Net model
     folder goes through ``explain``'s nnU-Net path (:mod:`hirescam3d.napari._nnunet`);
     ``nnunet``: its ``folds``/``checkpoint``/``mirror`` choices."""
-    from ..handle import ModelHandle
-    from ..organs import align_organs
-    from ..pipeline import explain_image
-    from ._nnunet import explain_nnunet_image, is_nnunet_model
+    from hirescam3d.io.organs import align_organs
+    from hirescam3d.models.handle import ModelHandle
+    from hirescam3d.napari._nnunet import explain_nnunet_image, is_nnunet_model
+    from hirescam3d.pipeline import explain_image
 
     progress("loading model", 0.0)
     if is_nnunet_model(model):
@@ -711,7 +711,7 @@ def _explain(
             notes.append(note)
     segmentation = models[model][1].segmentation
     if region is not None and not segmentation:
-        from ..errors import InputError
+        from hirescam3d.errors import InputError
 
         raise InputError(
             f"a region applies to segmentation models; {model} is a classifier: choose "

@@ -1,0 +1,2 @@
+"""Evaluation: metrics of explanations (localisation, perturbation, sanity checks), method
+comparison and figures."""

@@ -1,0 +1,1 @@
+"""Training recipes of the shipped demo models (each a ``python -m`` command)."""

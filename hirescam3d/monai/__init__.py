@@ -1,0 +1,1 @@
+"""The MONAI integration: ``monai.visualize``-style CAM classes and dictionary transforms."""
