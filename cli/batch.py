@@ -551,20 +551,21 @@ def print_batch_summary(records: list[dict[str, Any]], out: Path) -> None:
     )
 
 
-def batch_command(
-    inputs: Sequence[str],
-    out: Path,
-    opts: ExplainOptions,
-    json_out: bool = False,
-    quiet: bool = False,
-    debug: bool = False,
-    explain: Explain | None = None,
-) -> int:
-    """Run ``hirescam3d batch``; return the exit code (1 if any item failed on any rank).
+@dataclass(frozen=True)
+class _CheckedBatch:
+    """A batch ready to run: its items, checked options, loaded model and explain function."""
 
-    Usage errors (missing inputs, unknown model or finding) raise before any rank starts
-    work; ``explain`` replaces :func:`run_pipeline` (tests).
-    """
+    items: list[BatchItem]
+    opts: ExplainOptions
+    loaded: tuple[Any, Any]
+    signature: dict[str, Any]  # what a done marker must record for an item to be skipped
+    explain: Explain
+
+
+def _check_batch(
+    inputs: Sequence[str], out: Path, opts: ExplainOptions, explain: Explain | None
+) -> _CheckedBatch:
+    """Check the inputs and options and load the model; usage errors raise here."""
     from .explain import check_out_folder
 
     check_out_folder(out)
@@ -585,6 +586,11 @@ def batch_command(
     signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}
     if nnunet:
         signature |= nnunet_signature(opts.handle)
+    return _CheckedBatch(items, opts, loaded, signature, explain)
+
+
+def _writable_folder(out: Path) -> Path:
+    """Create ``out``; raise :class:`HiResCAMError` if it is not writable."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -594,46 +600,83 @@ def batch_command(
             f"output folder {out} is not writable; choose another --out folder or fix its "
             "permissions"
         )
-    dist = Distributed(opts.device)
-    lock = OutputFolderLock(out, dist, opts.wait)  # one writer per --out (rank 0 holds it)
+    return out
+
+
+def _explain_share(
+    batch: _CheckedBatch,
+    out: Path,
+    dist: Distributed,
+    run_id: str,
+    show: bool,
+    debug: bool,
+) -> RankLog:
+    """Explain this rank's share of the items, logging each record; return the rank's log."""
+    opts, explain, signature = batch.opts, batch.explain, batch.signature
+    mine = shard(batch.items, dist.rank, dist.world_size)
+    log = RankLog(out, dist.rank)
+    prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
+    with items_progress(show) as progress, stages.read_ahead() as ahead:
+        label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
+        task = progress.add_task(label, total=len(mine), rate="")
+        worked, work_s = 0, 0.0  # scans explained (not skipped) and their seconds
+        for index, item in enumerate(mine):
+            left, item_start = len(mine) - index - 1, time.perf_counter()
+            progress.update(task, description=f"{label}: {item.path.name}")
+            if index + 1 < len(mine) and explain is run_pipeline:  # read k+1 during k
+                ahead.start(reads_ahead(mine[index + 1], out, opts, signature))
+            record = process_item(item, out, opts, batch.loaded, signature, explain, debug)
+            record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
+            log.add(record)
+            if record["status"] == "failed":
+                where = "" if str(item.path) in record["error"] else f"{item.path}: "
+                print_error(f"{prefix}{where}{record['error']}")
+            if record["status"] != "skipped":
+                worked, work_s = worked + 1, work_s + time.perf_counter() - item_start
+            progress.update(task, advance=1, rate=throughput(worked, work_s, left))
+    return log
+
+
+def _report_run(out: Path, run_id: str, log: RankLog, json_out: bool, quiet: bool) -> None:
+    """Rank 0: merge every rank's log into the batch log and show this run's records."""
+    records = fold_rank_logs(out)
+    records = [r for r in records if r.get("run") == run_id] or log.records
+    if json_out:
+        sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
+    elif not quiet:
+        print_batch_summary(records, out)
+
+
+def batch_command(
+    inputs: Sequence[str],
+    out: Path,
+    opts: ExplainOptions,
+    json_out: bool = False,
+    quiet: bool = False,
+    debug: bool = False,
+    explain: Explain | None = None,
+) -> int:
+    """Run ``hirescam3d batch``; return the exit code (1 if any item failed on any rank).
+
+    Usage errors (missing inputs, unknown model or finding) raise before any rank starts
+    work; ``explain`` replaces :func:`run_pipeline` (tests).
+    """
+    batch = _check_batch(inputs, out, opts, explain)
+    out = _writable_folder(out)
+    dist = Distributed(batch.opts.device)
+    lock = OutputFolderLock(out, dist, batch.opts.wait)  # one writer per --out (rank 0 holds it)
     try:
         lock.acquire()
         if dist.rank == 0:
             fold_rank_logs(out)  # records of an earlier, interrupted run
         run_id = dist.broadcast(f"{_now()}-{uuid.uuid4().hex[:8]}")
         dist.barrier()
-        mine = shard(items, dist.rank, dist.world_size)
-        log = RankLog(out, dist.rank)
-        prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
-        show = not quiet and dist.rank == 0
-        with items_progress(show) as progress, stages.read_ahead() as ahead:
-            label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
-            task = progress.add_task(label, total=len(mine), rate="")
-            worked, work_s = 0, 0.0  # scans explained (not skipped) and their seconds
-            for index, item in enumerate(mine):
-                left, item_start = len(mine) - index - 1, time.perf_counter()
-                progress.update(task, description=f"{label}: {item.path.name}")
-                if index + 1 < len(mine) and explain is run_pipeline:  # read k+1 during k
-                    ahead.start(reads_ahead(mine[index + 1], out, opts, signature))
-                record = process_item(item, out, opts, loaded, signature, explain, debug)
-                record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
-                log.add(record)
-                if record["status"] == "failed":
-                    where = "" if str(item.path) in record["error"] else f"{item.path}: "
-                    print_error(f"{prefix}{where}{record['error']}")
-                if record["status"] != "skipped":
-                    worked, work_s = worked + 1, work_s + time.perf_counter() - item_start
-                progress.update(task, advance=1, rate=throughput(worked, work_s, left))
+        log = _explain_share(batch, out, dist, run_id, not quiet and dist.rank == 0, debug)
         failed_here = sum(r["status"] == "failed" for r in log.records)
         dist.barrier()
         failed = dist.total(failed_here)
         if dist.rank == 0:
-            records = fold_rank_logs(out)
-            records = [r for r in records if r.get("run") == run_id] or log.records
-            if json_out:
-                sys.stdout.write(json.dumps(records, indent=2, default=str) + "\n")
-            elif not quiet:
-                print_batch_summary(records, out)
+            _report_run(out, run_id, log, json_out, quiet)
         dist.barrier()
     finally:
         lock.release()

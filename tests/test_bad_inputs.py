@@ -21,13 +21,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import installed_console_script
-from hirescam3d.io.scans import ScanWarning, read_scan, write_explanation, write_labels
 from nibabel.affines import from_matvec
 from nibabel.eulerangles import euler2mat
 
 from hirescam3d.errors import HiResCAMError, ScanError
 from hirescam3d.io import nifti
 from hirescam3d.io import scans as io
+from hirescam3d.io.outputs import QFORM_TOLERANCE_MM, write_explanation, write_labels
+from hirescam3d.io.scans import ScanWarning, read_scan
 
 MODEL, FINDING = "axialnet_tiny", "atelectasis"
 SHAPE = (20, 20, 20)
@@ -311,7 +312,7 @@ def test_sform_and_qform_disagreeing_warns_and_uses_the_sform(tmp_path):
     )
     assert np.array_equal(img.header.get_sform(), AFFINE)
     assert int(img.header["qform_code"]) == 1
-    assert nifti.affine_distance_mm(img.header.get_qform(), AFFINE, SHAPE) <= io.QFORM_TOLERANCE_MM
+    assert nifti.affine_distance_mm(img.header.get_qform(), AFFINE, SHAPE) <= QFORM_TOLERANCE_MM
 
 
 def test_written_qform_is_code_1_only_where_it_matches_the_sform(tmp_path):
@@ -327,7 +328,7 @@ def test_written_qform_is_code_1_only_where_it_matches_the_sform(tmp_path):
             assert int(hdr["qform_code"]) == code, path.name
             if code:
                 gap = nifti.affine_distance_mm(hdr.get_qform(), hdr.get_sform(), SHAPE)
-                assert gap <= io.QFORM_TOLERANCE_MM
+                assert gap <= QFORM_TOLERANCE_MM
 
 
 # -- 7. unusable sform: NaN or singular ----------------------------------------------------

@@ -12,17 +12,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from hirescam3d.errors import HiResCAMError, ScanError
+from hirescam3d.io.outputs import write_explanation, write_labels
 from hirescam3d.io.scans import (
     OutputError,
     ScanWarning,
     read_scan,
     reorient,
     scan_stem,
-    write_explanation,
-    write_labels,
 )
-
-from hirescam3d.errors import HiResCAMError, ScanError
 
 
 def ct_like(shape=(12, 10, 8), seed=0) -> np.ndarray:

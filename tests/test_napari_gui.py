@@ -368,8 +368,9 @@ def test_view_command_opens_aligned_layers_and_the_widget(
     import napari
     import nibabel as nib
     import typer
-    from hirescam3d.io.scans import write_explanation
     from typer.testing import CliRunner
+
+    from hirescam3d.io.outputs import write_explanation
 
     try:
         from hirescam3d.cli.view import view

@@ -13,9 +13,8 @@ import pytest
 
 pytest.importorskip("napari", reason="napari is not installed (pip install hirescam3d[napari])")
 
-from hirescam3d.io.scans import write_explanation  # noqa: E402
-
 from hirescam3d.errors import InputError  # noqa: E402
+from hirescam3d.io.outputs import write_explanation  # noqa: E402
 from hirescam3d.napari import _layers, _reader, _writer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -154,9 +154,9 @@ def test_align_partial_and_no_overlap():
 
 
 def test_explain_scan_with_organs_on_another_grid(tmp_path):
-    from hirescam3d.io.scans import write_labels
     from test_pipeline import blob_model, oblique_phantom
 
+    from hirescam3d.io.outputs import write_labels
     from hirescam3d.pipeline import explain_scan
 
     ct, organs, names, affine, _ = oblique_phantom()

@@ -17,12 +17,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hirescam3d.io.scans import OutputError, write_labels
 from monai.data import MetaTensor
 from torch import nn
 
 from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.errors import InputError, TargetError
+from hirescam3d.io.outputs import write_labels
+from hirescam3d.io.scans import OutputError
 from hirescam3d.models.bundle import InputSpec, ModelInfo, preprocessing_transforms
 from hirescam3d.pipeline import explain_image, explain_scan, preprocess_transforms
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from hirescam3d.core.organ_groups import group_fractions
 from hirescam3d.core.postprocess import pool_to_cells
 from hirescam3d.core.trace import LayerGeometry
 
@@ -83,8 +84,6 @@ def contributions(
 def positive_shares(raw: torch.Tensor, regions: CellRegions) -> dict[str, Any]:
     """Shares of the positive mass: ``{"by_label", "by_group", "outside_labels",
     "outside_scan", "no_positive_evidence"}``; shares are None without positive mass."""
-    from hirescam3d.io.organs import group_fractions
-
     positive = raw.double().clamp_min(0)
     mass = float(positive.sum())
     if mass <= 0:

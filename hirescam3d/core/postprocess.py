@@ -20,11 +20,15 @@ map onto the input grid, both separable along the axes:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from hirescam3d.core.trace import AxisGeometry, LayerGeometry
+
+#: ``f(raw, geometry, input_size) -> maps``: what ``ExplanationResult.maps`` holds
+#: (:func:`unit_maps`, :func:`density`, ...).
+PostProcessing = Callable[[torch.Tensor, LayerGeometry, Sequence[int]], torch.Tensor]
 
 
 def relu(maps: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,9 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +47,7 @@ from torch import nn
 from hirescam3d.core import postprocess
 from hirescam3d.core.capture import model_state_restored
 from hirescam3d.core.methods import get_method
+from hirescam3d.core.postprocess import PostProcessing
 from hirescam3d.core.regions import (
     check_not_empty,
     check_region,
@@ -53,11 +56,46 @@ from hirescam3d.core.regions import (
     resolve_task,
     target_masks,
 )
+from hirescam3d.core.results import ExplanationResult, Region, Targets
 from hirescam3d.core.trace import LayerGeometry
 from hirescam3d.errors import InputError, TargetError
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from hirescam3d.core.explainer import Explainer, ExplanationResult, Region, Targets
+
+class WindowExplainer(Protocol):
+    """What :func:`sliding_window_explain` needs of an explainer: a
+    :class:`~hirescam3d.core.explainer.Explainer` (which imports this module, so it is not
+    imported here), or one adapted to windows (:mod:`hirescam3d.core.slices`)."""
+
+    model: nn.Module
+    method: str
+    layer_name: str
+    class_names: tuple[str, ...] | None
+    task: str | None
+    postprocessing: PostProcessing
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def _output(self, output: object) -> torch.Tensor: ...
+
+    def _target_matrix(
+        self, targets: Targets, scores: torch.Tensor, shape: tuple[int, int] | None = None
+    ) -> torch.Tensor: ...
+
+    def _check_predicted(self, masks: torch.Tensor, tgt: torch.Tensor, task: str) -> None: ...
+
+    def _explain(
+        self,
+        x: torch.Tensor,
+        targets: Targets,
+        methods: Sequence[str] | None,
+        maps: bool,
+        forward_kwargs: dict | None,
+        region: Region,
+        task: str | None,
+        allow_empty: bool = False,
+    ) -> dict[str, ExplanationResult]: ...
+
+    def geometry(self, x: torch.Tensor, forward_kwargs: dict | None = None) -> LayerGeometry: ...
 
 
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -161,8 +199,243 @@ def is_identity(geometry: LayerGeometry, size: Sequence[int]) -> bool:
     )
 
 
+def _blendable_methods(explainer: WindowExplainer, methods: Sequence[str] | None) -> list[str]:
+    """Names of the methods to explain with (default: the explainer's); InputError for a
+    method whose window maps cannot be blended into one map."""
+    chosen = [get_method(m) for m in (methods or [explainer.method])]
+    for m in chosen:
+        if m.needs in ("activations", "class_weights"):
+            raise InputError(
+                f"method {m.name!r} cannot be blended across windows: "
+                + (
+                    "its maps have an arbitrary scale and sign per window"
+                    if m.needs == "activations"
+                    else "it needs a classifier's pooling + linear head"
+                )
+                + "; use hirescam or gradcam"
+            )
+    return [m.name for m in chosen]
+
+
+def _window_size(roi_size: Sequence[int] | int, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """``roi_size`` as MONAI reads it: one size per spatial axis (non-positive: the input's)."""
+    from monai.utils import fall_back_tuple
+
+    if isinstance(roi_size, Sequence) and len(roi_size) != len(spatial):
+        raise InputError(
+            f"roi_size {tuple(roi_size)} has {len(roi_size)} axes for an input with "
+            f"{len(spatial)} spatial axes {spatial}"
+        )
+    return tuple(int(r) for r in fall_back_tuple(roi_size, spatial))
+
+
+@dataclass
+class _Schedule:
+    """MONAI's ``sliding_window_inference`` with fixed ``options`` (``roi_size``,
+    ``overlap``, ...); ``report(done, total)`` after each batch of windows, over all runs."""
+
+    options: dict[str, Any]
+    report: Callable[[int, int], None] | None
+    total: int
+    done: int = 0
+
+    def run(self, x: torch.Tensor, predictor: Callable, with_coord: bool = False) -> Any:
+        """MONAI's blended ``predictor`` outputs over ``x`` ``(B, C_in, *spatial)``
+        (``with_coord``: the predictor also takes the windows' coordinates)."""
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            x, predictor=self._counted(predictor), with_coord=with_coord, **self.options
+        )
+
+    def _counted(self, run: Callable) -> Callable:
+        """``run`` (a predictor), reporting the windows done after each call."""
+        if self.report is None:
+            return run
+        report = self.report
+
+        def call(window: torch.Tensor, *args: object) -> object:
+            out = run(window, *args)
+            self.done += int(window.shape[0])
+            report(min(self.done, self.total), self.total)
+            return out
+
+        return call
+
+
+def _predict(
+    explainer: WindowExplainer, window: torch.Tensor, forward_kwargs: dict
+) -> torch.Tensor:
+    """The logits ``(N, C, *window)`` of a batch of windows ``(N, C_in, *window)``;
+    InputError unless the output lies on the window's grid."""
+    with torch.no_grad():
+        out = explainer._output(explainer.model(window, **forward_kwargs))
+    if out.ndim != window.ndim or tuple(out.shape[2:]) != tuple(window.shape[2:]):
+        raise InputError(
+            f"sliding windows need a segmentation output on the input's grid; the model "
+            f"returns {tuple(out.shape)} for a window of {tuple(window.shape)}"
+        )
+    return out
+
+
+class _Explained(NamedTuple):
+    """The region explained, ``(B or 1, 1 or K, *spatial)``, and what the prediction pass of
+    ``region="predicted"`` settles: the blended logits ``(B, C, *spatial)``, the ``(B, K)``
+    class indices and the task (None without that pass)."""
+
+    region: torch.Tensor
+    prediction: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    task: str | None = None
+
+
+def _explained_region(
+    explainer: WindowExplainer,
+    x: torch.Tensor,
+    region: Region,
+    rows: list[list[int | str]],
+    task: str | None,
+    schedule: _Schedule,
+    forward_kwargs: dict,
+) -> _Explained:
+    """``region`` checked on ``x``'s grid, or for ``"predicted"`` each target's mask in the
+    blended prediction (one ``sliding_window_inference`` pass)."""
+    b, k, spatial = x.shape[0], len(rows[0]), tuple(x.shape[2:])
+    if not isinstance(region, str):
+        reg = check_region(region, (b, 1, *spatial), k, spatial).to(x.device)
+        check_not_empty(reg)
+        return _Explained(reg)
+    if region != "predicted":
+        raise InputError(
+            f"region must be a mask or weight map (B or 1, 1 or K, *spatial), or "
+            f"'predicted'; got the string {region!r}"
+        )
+    pred = schedule.run(x, partial(_predict, explainer, forward_kwargs=forward_kwargs))
+    c = pred.shape[1]
+    tgt = explainer._target_matrix(rows, pred, shape=(b, c))
+    task_name = resolve_task(task if task is not None else explainer.task, c)
+    reg = target_masks(pred, tgt, task_name)
+    explainer._check_predicted(reg, tgt, task_name)
+    return _Explained(reg, pred, tgt, task_name)
+
+
+@dataclass
+class _WindowMaps:
+    """MONAI's predictor of the explained pass (``with_coord=True``): per batch of windows,
+    each method's map on the windows' grid in score units per voxel (``"map:<name>"``)
+    and, without a prediction pass, the logits (``"pred"``)."""
+
+    explainer: WindowExplainer
+    names: list[str]
+    rows: list[list[int | str]]  # B rows of K targets, unresolved
+    region: torch.Tensor  # padded as MONAI pads the input
+    forward_kwargs: dict
+    targets: torch.Tensor | None  # (B, K) indices: from the prediction pass or 1st window
+    predicted: bool  # the prediction pass ran: the logits are known
+    activation_shape: tuple[int, ...] = ()
+
+    def __call__(
+        self, window: torch.Tensor, coords: Sequence[Sequence[slice]]
+    ) -> dict[str, torch.Tensor]:
+        """The outputs for windows ``(N, C_in, *window)`` of items ``coords[i][0]``."""
+        items = [int(c[0].start) for c in coords]
+        crop = self._crop(items, coords)
+        out: dict[str, torch.Tensor] = {}
+        if self.targets is not None and not bool((crop != 0).any()):  # the region misses them
+            if not self.predicted:
+                out["pred"] = _predict(self.explainer, window, self.forward_kwargs)
+            zeros = window.new_zeros((window.shape[0], len(self.rows[0]), *window.shape[2:]))
+            return out | {f"map:{n}": zeros for n in self.names}
+        tgt = self.targets
+        window_targets = tgt[items] if tgt is not None else [self.rows[i] for i in items]
+        results = self.explainer._explain(
+            window, window_targets, self.names, False, self.forward_kwargs, crop, None,
+            allow_empty=True,
+        )  # fmt: skip
+        first = results[self.names[0]]
+        if tgt is None:  # first window: resolve names and check indices once
+            self.targets = self.explainer._target_matrix(
+                self.rows, first.output, shape=(len(self.rows), first.output.shape[1])
+            )
+        self.activation_shape = first.activation_shape
+        if not self.predicted:
+            out["pred"] = first.output
+        for n in self.names:
+            out[f"map:{n}"] = self._on_window(results[n], window)
+        return out
+
+    def _crop(self, items: list[int], coords: Sequence[Sequence[slice]]) -> torch.Tensor:
+        """The region under each window, ``(N, 1 or K, *window)``."""
+        padded = self.region
+        return torch.cat(
+            [padded[(slice(i, i + 1) if padded.shape[0] > 1 else slice(0, 1), slice(None),
+                     *c[2:])] for i, c in zip(items, coords, strict=True)]
+        )  # fmt: skip
+
+    def _on_window(self, result: ExplanationResult, window: torch.Tensor) -> torch.Tensor:
+        """``result``'s raw map ``(N, K, *window)`` on the window's grid, in score units per
+        voxel and the window's dtype."""
+        geo = result.geometry or self.explainer.geometry(window, forward_kwargs=self.forward_kwargs)
+        size = tuple(window.shape[2:])
+        raw = result.raw
+        if not is_identity(geo, size):
+            raw = postprocess.density(raw, geo, size)
+        return raw.to(window.dtype)
+
+
+def _display_maps(
+    explainer: WindowExplainer,
+    raw: torch.Tensor,
+    geometry: LayerGeometry,
+    spatial: tuple[int, ...],
+) -> torch.Tensor:
+    """The explainer's post-processing of a blended map ``(B, K, *spatial)`` on the input
+    grid (``geometry``: the identity)."""
+    with torch.no_grad():
+        if explainer.postprocessing is postprocess.unit_maps:  # the same, on the grid
+            return postprocess.scale_to_max(postprocess.relu(raw), len(spatial))
+        return explainer.postprocessing(raw, geometry, spatial)
+
+
+def _assembled(
+    explainer: WindowExplainer,
+    blended: dict[str, torch.Tensor],
+    explained: _Explained,
+    windows: _WindowMaps,
+    spatial: tuple[int, ...],
+    maps: bool,
+) -> dict[str, ExplanationResult]:
+    """Per method, its blended map as an :class:`ExplanationResult` on the input grid, with
+    the region scores of the blended logits."""
+    pred = blended["pred"] if explained.prediction is None else explained.prediction
+    tgt, reg = windows.targets, explained.region
+    region_out = reg.expand(*tgt.shape, *spatial)
+    explained_scores = region_scores(pred, tgt, reg)
+    reported = class_scores(pred, tgt, reg, explained_scores, explained.task)
+    geometry = postprocess.stretch_geometry(spatial, spatial)  # the identity
+    results = {}
+    for n in windows.names:
+        raw = blended[f"map:{n}"].float()
+        results[n] = ExplanationResult(
+            raw=raw,
+            maps=_display_maps(explainer, raw, geometry, spatial) if maps else None,
+            scores=reported,
+            targets=tgt,
+            method=n,
+            layer=explainer.layer_name,
+            class_names=explainer.class_names,
+            activation_shape=tuple(windows.activation_shape),
+            geometry=geometry,
+            region=region_out,
+            region_scores=explained_scores,
+            output=pred,
+            task=explained.task,
+        )
+    return results
+
+
 def sliding_window_explain(
-    explainer: Explainer,
+    explainer: WindowExplainer,
     x: torch.Tensor,
     targets: Targets = None,
     region: Region = None,
@@ -202,36 +475,13 @@ def sliding_window_explain(
     ``scores`` (``(B, C)``) as for :meth:`~hirescam3d.Explainer.explain`.
     Methods with one arbitrary scale per window (``eigencam``) and CAM are refused.
     """
-    from monai.inferers import sliding_window_inference
-    from monai.utils import fall_back_tuple
-
-    from hirescam3d.core.explainer import ExplanationResult
-
-    chosen = [get_method(m) for m in (methods or [explainer.method])]
-    for m in chosen:
-        if m.needs in ("activations", "class_weights"):
-            raise InputError(
-                f"method {m.name!r} cannot be blended across windows: "
-                + (
-                    "its maps have an arbitrary scale and sign per window"
-                    if m.needs == "activations"
-                    else "it needs a classifier's pooling + linear head"
-                )
-                + "; use hirescam or gradcam"
-            )
-    names = [m.name for m in chosen]
+    names = _blendable_methods(explainer, methods)
     warn_window_statistics(explainer.model)
     if callable(getattr(x, "as_tensor", None)):  # a MONAI MetaTensor: plain results
         x = x.as_tensor()
     x = explainer._check_input(x)
-    b = x.shape[0]
-    spatial = tuple(x.shape[2:])
-    if isinstance(roi_size, Sequence) and len(roi_size) != len(spatial):
-        raise InputError(
-            f"roi_size {tuple(roi_size)} has {len(roi_size)} axes for an input with "
-            f"{len(spatial)} spatial axes {spatial}"
-        )
-    roi = tuple(int(r) for r in fall_back_tuple(roi_size, spatial))
+    b, spatial = x.shape[0], tuple(x.shape[2:])
+    roi = _window_size(roi_size, spatial)
     if region is None:
         raise InputError(
             "sliding_window explains a segmentation model's region scores: pass region=... "
@@ -239,131 +489,19 @@ def sliding_window_explain(
             "region='predicted'"
         )
     rows = _target_rows(targets, b)
-    k = len(rows[0])
     kwargs = forward_kwargs or {}
-    model = explainer.model
     swi = {
         "roi_size": roi, "sw_batch_size": sw_batch_size, "overlap": overlap, "mode": mode,
         "sigma_scale": sigma_scale, "padding_mode": padding_mode, "cval": cval,
         "progress": progress is True,
     }  # fmt: skip
-    report = progress if callable(progress) else None
     total = _window_count(spatial, roi, overlap) * b * (2 if isinstance(region, str) else 1)
-    done = [0]
-
-    def counted(run: Callable) -> Callable:
-        """``run`` (a predictor), reporting the windows done after each call."""
-        if report is None:
-            return run
-
-        def call(window: torch.Tensor, *args: object) -> object:
-            out = run(window, *args)
-            done[0] += int(window.shape[0])
-            report(min(done[0], total), total)
-            return out
-
-        return call
-
-    def predict(window: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = explainer._output(model(window, **kwargs))
-        if out.ndim != window.ndim or tuple(out.shape[2:]) != tuple(window.shape[2:]):
-            raise InputError(
-                f"sliding windows need a segmentation output on the input's grid; the model "
-                f"returns {tuple(out.shape)} for a window of {tuple(window.shape)}"
-            )
-        return out
-
-    state: dict[str, object] = {"tgt": None, "acts": ()}
-    task_name = None
-    with model_state_restored(model):
-        if isinstance(region, str):
-            if region != "predicted":
-                raise InputError(
-                    f"region must be a mask or weight map (B or 1, 1 or K, *spatial), or "
-                    f"'predicted'; got the string {region!r}"
-                )
-            pred = sliding_window_inference(x, predictor=counted(predict), **swi)
-            c = pred.shape[1]
-            tgt = explainer._target_matrix(rows, pred, shape=(b, c))
-            task_name = resolve_task(task if task is not None else explainer.task, c)
-            reg = target_masks(pred, tgt, task_name)
-            explainer._check_predicted(reg, tgt, task_name)
-            state["tgt"] = tgt
-        else:
-            pred = None
-            reg = check_region(region, (b, 1, *spatial), k, spatial).to(x.device)
-            check_not_empty(reg)
-        padded = _padded(reg, _monai_pad(spatial, roi))
-
-        def predictor(window: torch.Tensor, coords: list) -> dict[str, torch.Tensor]:
-            items = [int(c[0].start) for c in coords]
-            crop = torch.cat(
-                [padded[(slice(i, i + 1) if padded.shape[0] > 1 else slice(0, 1), slice(None),
-                         *c[2:])] for i, c in zip(items, coords, strict=True)]
-            )  # fmt: skip
-            out: dict[str, torch.Tensor] = {}
-            tgt = state["tgt"]
-            if tgt is not None and not bool((crop != 0).any()):  # the region misses them
-                if pred is None:
-                    out["pred"] = predict(window)
-                zeros = window.new_zeros((window.shape[0], k, *window.shape[2:]))
-                return out | {f"map:{n}": zeros for n in names}
-            window_targets = tgt[items] if tgt is not None else [rows[i] for i in items]
-            results = explainer._explain(
-                window, window_targets, names, False, kwargs, crop, None, allow_empty=True
-            )
-            first = results[names[0]]
-            if tgt is None:  # first window: resolve names and check indices once
-                state["tgt"] = explainer._target_matrix(
-                    rows, first.output, shape=(b, first.output.shape[1])
-                )
-            state["acts"] = first.activation_shape
-            if pred is None:
-                out["pred"] = first.output
-            for n in names:
-                res = results[n]
-                geo = res.geometry or explainer.geometry(window, forward_kwargs=kwargs)
-                size = tuple(window.shape[2:])
-                raw = res.raw
-                if not is_identity(geo, size):
-                    raw = postprocess.density(raw, geo, size)
-                out[f"map:{n}"] = raw.to(window.dtype)
-            return out
-
-        blended = sliding_window_inference(
-            x, predictor=counted(predictor), with_coord=True, **swi
-        )
-    if pred is None:
-        pred = blended["pred"]
-    tgt = state["tgt"]
-    region_out = reg.expand(b, k, *spatial)
-    explained = region_scores(pred, tgt, reg)
-    reported = class_scores(pred, tgt, reg, explained, task_name)
-    geometry = postprocess.stretch_geometry(spatial, spatial)  # the identity
-    results = {}
-    for n in names:
-        raw = blended[f"map:{n}"].float()
-        with torch.no_grad():
-            if not maps:
-                placed = None
-            elif explainer.postprocessing is postprocess.unit_maps:  # the same, on the grid
-                placed = postprocess.scale_to_max(postprocess.relu(raw), len(spatial))
-            else:
-                placed = explainer.postprocessing(raw, geometry, spatial)
-        results[n] = ExplanationResult(
-            raw=raw,
-            maps=placed,
-            scores=reported,
-            targets=tgt,
-            method=n,
-            layer=explainer.layer_name,
-            class_names=explainer.class_names,
-            activation_shape=tuple(state["acts"]),
-            geometry=geometry,
-            region=region_out,
-            region_scores=explained,
-            output=pred,
-            task=task_name,
-        )
-    return results
+    schedule = _Schedule(swi, progress if callable(progress) else None, total)
+    with model_state_restored(explainer.model):
+        explained = _explained_region(explainer, x, region, rows, task, schedule, kwargs)
+        windows = _WindowMaps(
+            explainer, names, rows, _padded(explained.region, _monai_pad(spatial, roi)), kwargs,
+            targets=explained.targets, predicted=explained.prediction is not None,
+        )  # fmt: skip
+        blended = schedule.run(x, windows, with_coord=True)
+    return _assembled(explainer, blended, explained, windows, spatial, maps)

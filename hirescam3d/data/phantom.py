@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -196,15 +197,7 @@ def make_chest_ct(
     anat = _draw_anatomy(np.random.default_rng([seed, _STREAM_ANATOMY]))
     frng = {name: np.random.default_rng([seed, _STREAM_FINDING[name]]) for name in present}
     details: dict[str, dict] = {}
-
-    cardio_scale = 1.0
-    if "cardiomegaly" in present:
-        cardio_scale = float(frng["cardiomegaly"].uniform(1.3, 1.55))
-        details["cardiomegaly"] = {"scale": cardio_scale}
-    peri_mm = 0.0
-    if "pericardial_effusion" in present:
-        peri_mm = float(frng["pericardial_effusion"].uniform(6.0, 15.0))
-        details["pericardial_effusion"] = {"thickness_mm": peri_mm}
+    cardio_scale, peri_mm = _draw_heart_findings(frng, details)
 
     scene = _build_anatomy(grid, anat, cardio_scale, peri_mm)
     ct, organs = scene.ct, scene.organs
@@ -213,40 +206,8 @@ def make_chest_ct(
         * _smooth_field(np.random.default_rng([seed, _STREAM_TEXTURE]), grid, 10.0)
         * scene.lung_any
     )
-
-    masks: dict[str, np.ndarray] = {}
-    lungs = {_RIGHT: organs == _RIGHT, _LEFT: organs == _LEFT}
-    effusion_level: dict[int, np.ndarray] = {}
-    if "pleural_effusion" in present:
-        masks["pleural_effusion"], effusion_level, details["pleural_effusion"] = _pleural_effusion(
-            frng["pleural_effusion"], grid, lungs
-        )
-        ct[masks["pleural_effusion"]] = anat["fluid_hu"]
-    if "atelectasis" in present:
-        mask, air, details["atelectasis"] = _atelectasis(
-            frng["atelectasis"], grid, lungs, effusion_level, scene
-        )
-        masks["atelectasis"] = mask
-        ct[mask] = frng["atelectasis"].uniform(-90.0, -20.0)
-        ct[air] = anat["lung_hu"]
-    if "nodule" in present:
-        blocked = masks.get("pleural_effusion")
-        if "atelectasis" in masks:
-            blocked = masks["atelectasis"] if blocked is None else blocked | masks["atelectasis"]
-        masks["nodule"], details["nodule"] = _nodule(frng["nodule"], grid, organs, blocked)
-        ct[masks["nodule"]] = frng["nodule"].uniform(20.0, 60.0)
-    if "cardiomegaly" in present:
-        masks["cardiomegaly"] = organs == _HEART
-    if "pericardial_effusion" in present:
-        masks["pericardial_effusion"] = (organs == _HEART) & ~scene.heart_inner
-
-    for name in present:
-        if not masks[name].any():
-            fov = ", ".join(f"{n * sp:.0f}" for n, sp in zip(shape, spacing, strict=True))
-            raise InputError(
-                f"the {fov} mm field of view is too small to show {name}; use shape x spacing "
-                "of at least about 200 x 250 x 250 mm"
-            )
+    masks = _paint_findings(frng, grid, anat, scene, details)
+    _check_findings_visible(masks, present, grid)
 
     if marker is None:
         marker = shortcut is not None and shortcut in present
@@ -257,16 +218,8 @@ def make_chest_ct(
     else:
         marker_mask = None
 
-    # Partial-volume blur: a ~1 mm scanner PSF plus the voxel's own extent.
-    sigma = [float(np.hypot(0.4, anat["psf_mm"] / s)) for s in spacing]
-    ct = ndimage.gaussian_filter(ct, sigma, truncate=3.0)
-    noise = np.random.default_rng([seed, _STREAM_NOISE]).standard_normal(shape, np.float32)
-    ct += np.float32(anat["noise_hu"]) * noise
-    np.clip(ct, -1024.0, 3071.0, out=ct)
-    ct_int = np.rint(ct).astype(np.int16)
-
     return ChestPhantom(
-        ct=ct_int,
+        ct=_scan(ct, anat, grid, seed),
         organs=organs,
         organ_names=dict(ORGAN_NAMES),
         findings={name: masks[name] for name in FINDINGS if name in masks},
@@ -477,56 +430,113 @@ class _Scene:
 
 def _build_anatomy(grid: _Grid, p: dict[str, float], cardio: float, peri_mm: float) -> _Scene:
     """Paint all organs (labels and HU) for one parameter set."""
-    shape = grid.shape
-    z, y, x = grid.axes
+    lay = _body_layout(grid, p)
+    ct, organs = _paint_trunk(grid, p, lay)
+    spine = _spine_geometry(grid, p, lay)
+    heart = _heart_pose(p, lay, cardio)
+    z_car = heart.top_normal + p["carina_above"]
+    airway = _airway(grid, p, lay, spine, z_car)
+    aorta = _aorta(grid, p, lay, spine, heart, z_car)
 
-    # In-plane body layout, constant along z.
+    # Lungs stay clear of the airway, aorta, vertebral body and heart fat (with margins).
+    exclude = np.zeros(grid.shape, dtype=bool)
+    exclude[airway.box] |= airway.dist <= 3.0
+    exclude[aorta.box] |= aorta.dist <= 3.0
+    exclude |= (spine.d_vb <= p["r_vb"] + 3.0)[None]
+    lung_any = _paint_lungs(grid, p, lay, organs)
+    heart_masks = _heart_masks(grid, p, lay, heart, peri_mm)
+    exclude[heart_masks.box] |= heart_masks.fat_shell
+    organs[exclude & (organs != _LIVER)] = 0
+    lung_any &= ~exclude
+    ct[lung_any] = p["lung_hu"]
+
+    heart_inner = _paint_heart(ct, organs, p, heart_masks)
+    _paint_aorta_and_airway(ct, organs, p, aorta, airway)
+    _paint_spine(ct, organs, p, spine)
+    _paint_ribs(grid, p, lay, ct, organs)
+    lung_any = (organs == _RIGHT) | (organs == _LEFT)
+    return _Scene(ct, organs, lay.body2d, lung_any, heart_inner, (lay.cx, lay.cy), p["med_half"])
+
+
+@dataclass
+class _Layout:
+    """In-plane body outlines (constant along z) and the voxels above the diaphragm."""
+
+    cx: float  # thoracic cavity centre, mm
+    cy: float
+    body2d: np.ndarray  # bool (H, W): inside the skin
+    muscle2d: np.ndarray  # bool (H, W): inside the subcutaneous fat
+    cavity2d: np.ndarray  # bool (H, W): thoracic cavity
+    above: np.ndarray  # bool (S, H, W): above the diaphragm
+
+
+def _diaphragm_z(
+    p: dict[str, float], cx: float, cy: float, xx: np.ndarray | float, yy: np.ndarray | float
+) -> np.ndarray:
+    """Diaphragm height (mm) at (xx, yy) mm: upper envelope of two domes, the right one higher."""
+    r2 = [((xx - (cx + s * 55.0)) / 70.0) ** 2 + ((yy - (cy - 10.0)) / 85.0) ** 2 for s in (-1, 1)]
+    zd = np.maximum(p["dome_r"] - p["dome_depth"] * r2[0], p["dome_l"] - p["dome_depth"] * r2[1])
+    return np.maximum(zd, p["dome_l"] - 60.0)
+
+
+def _body_layout(grid: _Grid, p: dict[str, float]) -> _Layout:
+    """Skin, muscle and cavity ellipses; the cavity sits forward of the body centre."""
     half_extra = p["post_extra"] / 2
     ccx, ccy = p["bx"], p["by"] - half_extra
     bax = p["cav_ax"] + p["wall"] + p["fat"]
     bay = p["cav_ay"] + p["wall"] + p["fat"] + half_extra
-    body2d = _ellipse(grid, p["bx"], p["by"], bax, bay)
-    muscle2d = _ellipse(grid, p["bx"], p["by"], bax - p["fat"], bay - p["fat"])
-    cavity2d = _ellipse(grid, ccx, ccy, p["cav_ax"], p["cav_ay"])
+    return _Layout(
+        cx=ccx,
+        cy=ccy,
+        body2d=_ellipse(grid, p["bx"], p["by"], bax, bay),
+        muscle2d=_ellipse(grid, p["bx"], p["by"], bax - p["fat"], bay - p["fat"]),
+        cavity2d=_ellipse(grid, ccx, ccy, p["cav_ax"], p["cav_ay"]),
+        above=grid.z[:, None, None] > _diaphragm_z(p, ccx, ccy, grid.X, grid.Y)[None],
+    )
 
-    # Diaphragm: upper envelope of two domes; the right dome sits higher.
-    def dome(xx: np.ndarray | float, yy: np.ndarray | float) -> np.ndarray:
-        r2 = [
-            ((xx - (ccx + s * 55.0)) / 70.0) ** 2 + ((yy - (ccy - 10.0)) / 85.0) ** 2
-            for s in (-1, 1)
-        ]
-        zd = np.maximum(
-            p["dome_r"] - p["dome_depth"] * r2[0], p["dome_l"] - p["dome_depth"] * r2[1]
-        )
-        return np.maximum(zd, p["dome_l"] - 60.0)
 
-    zd2d = dome(grid.X, grid.Y)
-    above = z[:, None, None] > zd2d[None]
-
-    base = np.full(zd2d.shape, -1000.0, dtype=np.float32)
-    base[body2d] = p["fat_hu"]
-    base[muscle2d] = p["muscle_hu"]
-    base[cavity2d] = p["muscle_hu"]
-    ct = np.empty(shape, dtype=np.float32)
+def _paint_trunk(grid: _Grid, p: dict[str, float], lay: _Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 HU and uint8 labels (S, H, W): body wall, abdomen, liver, mediastinal fat."""
+    base = np.full(lay.body2d.shape, -1000.0, dtype=np.float32)
+    base[lay.body2d] = p["fat_hu"]
+    base[lay.muscle2d] = p["muscle_hu"]
+    base[lay.cavity2d] = p["muscle_hu"]
+    ct = np.empty(grid.shape, dtype=np.float32)
     ct[:] = base
-    organs = np.zeros(shape, dtype=np.uint8)
+    organs = np.zeros(grid.shape, dtype=np.uint8)
 
-    abdomen = cavity2d & ~above
+    abdomen = lay.cavity2d & ~lay.above
     ct[abdomen] = p["abdomen_hu"]
-    liver = abdomen & (grid.X < ccx + 20.0)
+    liver = abdomen & (grid.X < lay.cx + 20.0)
     ct[liver] = p["liver_hu"]
     organs[liver] = _LIVER
-    mediastinum2d = cavity2d & (np.abs(grid.X - ccx) < 45.0)
-    ct[mediastinum2d & above] = p["medfat_hu"]
+    mediastinum2d = lay.cavity2d & (np.abs(grid.X - lay.cx) < 45.0)
+    ct[mediastinum2d & lay.above] = p["medfat_hu"]
+    return ct, organs
 
-    # Spine (constant cross-section, discs repeat along z).
+
+@dataclass
+class _Spine:
+    """Spine cross-section (constant along z) and the disc slices."""
+
+    y_vb: float  # vertebral body centre row, mm
+    d_vb: np.ndarray  # (H, W) distance from the vertebral body centre, mm
+    vb2d: np.ndarray  # bool (H, W): vertebral body
+    cortex2d: np.ndarray  # bool (H, W): its cortical rim
+    canal2d: np.ndarray  # bool (H, W): spinal canal
+    post2d: np.ndarray  # bool (H, W): posterior elements (arch, spinous and transverse processes)
+    disc: np.ndarray  # bool (S,): slices through an intervertebral disc
+
+
+def _spine_geometry(grid: _Grid, p: dict[str, float], lay: _Layout) -> _Spine:
+    """Vertebral body, canal and posterior elements behind the cavity; discs repeat along z."""
+    ccx = lay.cx
     r_vb, r_c = p["r_vb"], p["r_canal"]
-    y_vb = ccy + p["cav_ay"] - 0.9 * r_vb
+    y_vb = lay.cy + p["cav_ay"] - 0.9 * r_vb
     y_canal = y_vb + r_vb + 1.5 + r_c
     d_vb = np.hypot(grid.X - ccx, grid.Y - y_vb)
     d_c = np.hypot(grid.X - ccx, grid.Y - y_canal)
     vb2d = d_vb <= r_vb
-    cortex2d = vb2d & (d_vb >= r_vb - 2.5)
     canal2d = d_c <= r_c
     post2d = (
         (
@@ -536,39 +546,83 @@ def _build_anatomy(grid: _Grid, p: dict[str, float], cardio: float, peri_mm: flo
         )
         & ~canal2d
         & ~vb2d
-        & muscle2d
+        & lay.muscle2d
     )
-    disc = ((z - p["vert_phase"] * p["vert_period"]) % p["vert_period"]) < p["disc"]
+    disc = ((grid.z - p["vert_phase"] * p["vert_period"]) % p["vert_period"]) < p["disc"]
+    return _Spine(y_vb, d_vb, vb2d, vb2d & (d_vb >= r_vb - 2.5), canal2d, post2d, disc)
 
-    # Heart: pericardial sac ellipsoid sitting on the diaphragm, rotated in-plane.
+
+@dataclass
+class _HeartPose:
+    """Pericardial sac ellipsoid: centre (x, y, z) and semi-axes (a, b, c), all mm."""
+
+    x: float
+    y: float
+    z: float
+    a: float
+    b: float
+    c: float
+    floor: float  # diaphragm height under the heart, mm
+    top_normal: float  # top of the heart before any cardiomegaly, mm
+
+
+def _heart_pose(p: dict[str, float], lay: _Layout, cardio: float) -> _HeartPose:
+    """Sac on the diaphragm, left of midline, enlarged by the cardiomegaly scale ``cardio``."""
     a0, b0, c0 = p["heart_a"], p["heart_b"], p["heart_c"]
-    hx0, hy = ccx + p["heart_dx"], ccy - p["heart_front"] * p["cav_ay"]
-    floor = float(dome(hx0, hy))
+    hx0, hy = lay.cx + p["heart_dx"], lay.cy - p["heart_front"] * p["cav_ay"]
+    floor = float(_diaphragm_z(p, lay.cx, lay.cy, hx0, hy))
     ha, hb, hc = a0 * cardio, b0 * (1 + 0.75 * (cardio - 1)), c0 * (1 + 0.25 * (cardio - 1))
-    hx = hx0 + 0.35 * (ha - a0)
-    hz = floor + 0.5 * hc
-    heart_top_normal = floor + 1.5 * c0
-
-    # Airway: trachea down the midline, main bronchi from the carina.
-    r_tr = p["r_trachea"]
-    y_tr = y_vb - r_vb - 8.0 - r_tr
-    z_car = heart_top_normal + p["carina_above"]
-    top = z[-1] + 10.0
-    a_box, a_dist = _tubes(
-        grid,
-        [
-            (np.array([(top, y_tr, ccx), (z_car, y_tr, ccx)]), r_tr),
-            (np.array([(z_car, y_tr, ccx), (z_car - 22, y_tr + 6, ccx - 35)]), 0.7 * r_tr),
-            (np.array([(z_car, y_tr, ccx), (z_car - 30, y_tr - 5, ccx + 40)]), 0.65 * r_tr),
-        ],
-        3.0,
+    return _HeartPose(
+        x=hx0 + 0.35 * (ha - a0),
+        y=hy,
+        z=floor + 0.5 * hc,
+        a=ha,
+        b=hb,
+        c=hc,
+        floor=floor,
+        top_normal=floor + 1.5 * c0,
     )
 
-    # Aorta: ascending from the heart, arch over the left main bronchus, descending.
-    r_ao = p["r_aorta"]
-    xa, ya = ccx + p["asc_dx"], hy - 0.3 * b0
-    xd, yd = ccx + r_vb + r_ao + 3.0, y_vb - 0.4 * r_vb
-    z_arch = z_car + p["arch_gap"]
+
+class _Tube(NamedTuple):
+    """A union of tubes from :func:`_tubes`: box slices and the distance (mm) over the box."""
+
+    box: tuple[slice, slice, slice]
+    dist: np.ndarray
+
+
+def _airway(grid: _Grid, p: dict[str, float], lay: _Layout, spine: _Spine, z_car: float) -> _Tube:
+    """Trachea down the midline in front of the spine, main bronchi from the carina at z_car mm."""
+    ccx = lay.cx
+    r_tr = p["r_trachea"]
+    y_tr = spine.y_vb - p["r_vb"] - 8.0 - r_tr
+    top = grid.z[-1] + 10.0
+    return _Tube(
+        *_tubes(
+            grid,
+            [
+                (np.array([(top, y_tr, ccx), (z_car, y_tr, ccx)]), r_tr),
+                (np.array([(z_car, y_tr, ccx), (z_car - 22, y_tr + 6, ccx - 35)]), 0.7 * r_tr),
+                (np.array([(z_car, y_tr, ccx), (z_car - 30, y_tr - 5, ccx + 40)]), 0.65 * r_tr),
+            ],
+            3.0,
+        )
+    )
+
+
+def _aorta(
+    grid: _Grid,
+    p: dict[str, float],
+    lay: _Layout,
+    spine: _Spine,
+    heart: _HeartPose,
+    z_car: float,
+) -> _Tube:
+    """Ascending from the heart, arch over the left main bronchus, descending beside the spine."""
+    ccx, r_vb, r_ao = lay.cx, p["r_vb"], p["r_aorta"]
+    xa, ya = ccx + p["asc_dx"], heart.y - 0.3 * p["heart_b"]
+    xd, yd = ccx + r_vb + r_ao + 3.0, spine.y_vb - 0.4 * r_vb
+    z_root, z_arch = heart.floor + 0.6 * p["heart_c"], z_car + p["arch_gap"]
     t = np.linspace(0.0, 1.0, 24)
     chord = np.array([xd - xa, yd - ya])
     normal = np.array([chord[1], -chord[0]]) / np.linalg.norm(chord)
@@ -582,37 +636,57 @@ def _build_anatomy(grid: _Grid, p: dict[str, float], cardio: float, peri_mm: flo
         )
         for ti in t
     ]
-    o_box, o_dist = _tubes(
-        grid,
-        [
-            (np.array([(floor + 0.6 * c0, ya, xa), (z_arch, ya, xa)]), 1.1 * r_ao),
-            (np.array(arch_nodes), 1.05 * r_ao),
-            (np.array([(z_arch, yd, xd), (z[0] - 10.0, yd, xd)]), r_ao),
-        ],
-        3.0,
+    return _Tube(
+        *_tubes(
+            grid,
+            [
+                (np.array([(z_root, ya, xa), (z_arch, ya, xa)]), 1.1 * r_ao),
+                (np.array(arch_nodes), 1.05 * r_ao),
+                (np.array([(z_arch, yd, xd), (grid.z[0] - 10.0, yd, xd)]), r_ao),
+            ],
+            3.0,
+        )
     )
 
-    # Lungs: tapered ellipses per side, inside the cavity, above the diaphragm,
-    # lateral to the mediastinum, minus everything the mediastinum holds.
-    exclude = np.zeros(shape, dtype=bool)
-    exclude[a_box] |= a_dist <= 3.0
-    exclude[o_box] |= o_dist <= 3.0
-    exclude |= (d_vb <= r_vb + 3.0)[None]
-    lung_any = np.zeros(shape, dtype=bool)
+
+def _paint_lungs(grid: _Grid, p: dict[str, float], lay: _Layout, organs: np.ndarray) -> np.ndarray:
+    """Label the lungs; returns their union, bool (S, H, W).
+
+    Tapered ellipses per side, inside the cavity, above the diaphragm, lateral to
+    the mediastinum.
+    """
+    ccx, ccy = lay.cx, lay.cy
+    lung_any = np.zeros(grid.shape, dtype=bool)
     for label, side in ((_RIGHT, -1.0), (_LEFT, 1.0)):
         apex = p["apex_r"] if side < 0 else p["apex_l"]
         start = apex - p["taper_len"]
-        frac = np.clip((z - start) / p["taper_len"], 0.0, None)
+        frac = np.clip((grid.z - start) / p["taper_len"], 0.0, None)
         scale2 = np.where(frac >= 1.0, -1.0, 1.0 - np.minimum(frac, 1.0) ** 2)
         q = ((grid.X - (ccx + side * p["lung_cx"])) / p["lung_ax"]) ** 2 + (
             (grid.Y - (ccy + 5.0)) / p["lung_ay"]
         ) ** 2
-        side2d = cavity2d & (side * (grid.X - ccx) > p["med_half"])
-        lung = (q[None] <= scale2[:, None, None]) & side2d[None] & above
+        side2d = lay.cavity2d & (side * (grid.X - ccx) > p["med_half"])
+        lung = (q[None] <= scale2[:, None, None]) & side2d[None] & lay.above
         organs[lung] = label
         lung_any |= lung
+    return lung_any
 
-    # Heart masks over its bounding box.
+
+class _HeartMasks(NamedTuple):
+    """Nested heart ellipsoids, bool over ``box``."""
+
+    box: tuple[slice, slice, slice]
+    sac: np.ndarray  # pericardial sac
+    fat_shell: np.ndarray  # sac plus the pericardial fat line
+    inner: np.ndarray  # inside the fluid rim (shifted anteriorly by an effusion)
+    myo: np.ndarray  # inside the epicardial fat line: myocardium and blood
+
+
+def _heart_masks(
+    grid: _Grid, p: dict[str, float], lay: _Layout, heart: _HeartPose, peri_mm: float
+) -> _HeartMasks:
+    """Heart masks over its bounding box, with a ``peri_mm`` pericardial fluid rim."""
+    hx, hy, hz, ha, hb, hc = heart.x, heart.y, heart.z, heart.a, heart.b, heart.c
     fat_out, fat_epi = p["fat_out"], p["fat_epi"]
     reach = max(ha, hb) + fat_out + 2.0
     h_box = grid.box(
@@ -628,58 +702,77 @@ def _build_anatomy(grid: _Grid, p: dict[str, float], cardio: float, peri_mm: flo
         q2 = (uu / a) ** 2 + (vv / b) ** 2
         return q2[None] + (((zz - hz) / c) ** 2)[:, None, None] <= 1.0
 
-    h_ok = above[h_box] & cavity2d[h_box[1:]][None]
-    sac = inside(ha, hb, hc) & h_ok
-    fat_shell = inside(ha + fat_out, hb + fat_out, hc + fat_out) & h_ok
+    h_ok = lay.above[h_box] & lay.cavity2d[h_box[1:]][None]
     # Pericardial fluid collects posteriorly: the inner heart floats anteriorly.
-    inner = inside(ha - peri_mm, hb - peri_mm, hc - peri_mm, 0.25 * peri_mm)
-    myo = inside(
-        ha - peri_mm - fat_epi, hb - peri_mm - fat_epi, hc - peri_mm - fat_epi, 0.25 * peri_mm
+    return _HeartMasks(
+        box=h_box,
+        sac=inside(ha, hb, hc) & h_ok,
+        fat_shell=inside(ha + fat_out, hb + fat_out, hc + fat_out) & h_ok,
+        inner=inside(ha - peri_mm, hb - peri_mm, hc - peri_mm, 0.25 * peri_mm),
+        myo=inside(
+            ha - peri_mm - fat_epi, hb - peri_mm - fat_epi, hc - peri_mm - fat_epi, 0.25 * peri_mm
+        ),
     )
-    exclude[h_box] |= fat_shell
-    organs[exclude & (organs != _LIVER)] = 0
-    lung_any &= ~exclude
 
-    ct[lung_any] = p["lung_hu"]
 
-    # From outside in: pericardial fat line, fluid rim (empty without an effusion),
-    # epicardial fat line, myocardium and blood.
-    sub_ct, sub_org = ct[h_box], organs[h_box]
-    sub_ct[fat_shell & ~sac] = p["fat_hu"]
-    sub_ct[sac] = p["fluid_hu"]
-    sub_ct[sac & inner] = p["fat_hu"]
-    sub_ct[sac & myo] = p["blood_hu"]
-    sub_org[sac] = _HEART
-    heart_inner = np.zeros(shape, dtype=bool)
-    heart_inner[h_box] = inner & sac
+def _paint_heart(
+    ct: np.ndarray, organs: np.ndarray, p: dict[str, float], hm: _HeartMasks
+) -> np.ndarray:
+    """Paint the heart; returns its inner part (inside the fluid rim), bool (S, H, W).
 
-    # Aorta and airway over the heart and mediastinal fat.
-    aorta = o_dist <= 0.0
-    ct[o_box][aorta] = p["blood_hu"]
-    organs[o_box][aorta] = _AORTA
-    wall = a_dist <= 2.0
-    lumen = a_dist <= 0.0
+    From outside in: pericardial fat line, fluid rim (empty without an effusion),
+    epicardial fat line, myocardium and blood.
+    """
+    sub_ct, sub_org = ct[hm.box], organs[hm.box]
+    sub_ct[hm.fat_shell & ~hm.sac] = p["fat_hu"]
+    sub_ct[hm.sac] = p["fluid_hu"]
+    sub_ct[hm.sac & hm.inner] = p["fat_hu"]
+    sub_ct[hm.sac & hm.myo] = p["blood_hu"]
+    sub_org[hm.sac] = _HEART
+    heart_inner = np.zeros(ct.shape, dtype=bool)
+    heart_inner[hm.box] = hm.inner & hm.sac
+    return heart_inner
+
+
+def _paint_aorta_and_airway(
+    ct: np.ndarray, organs: np.ndarray, p: dict[str, float], aorta: _Tube, airway: _Tube
+) -> None:
+    """Aorta, then the airway wall and lumen, over the heart and mediastinal fat."""
+    vessel = aorta.dist <= 0.0
+    ct[aorta.box][vessel] = p["blood_hu"]
+    organs[aorta.box][vessel] = _AORTA
+    a_box = airway.box
+    wall = airway.dist <= 2.0
+    lumen = airway.dist <= 0.0
     ct[a_box][wall] = p["muscle_hu"]
     ct[a_box][lumen] = -1000.0
     organs[a_box][wall & ~lumen & (organs[a_box] == _HEART)] = 0
     organs[a_box][lumen] = _AIRWAY
 
-    # Spine, painted over anything it touches; only bone is labelled.
-    spine2d = vb2d | post2d | canal2d
+
+def _paint_spine(ct: np.ndarray, organs: np.ndarray, p: dict[str, float], spine: _Spine) -> None:
+    """Paint the spine over anything it touches; only bone is labelled."""
+    spine2d = spine.vb2d | spine.post2d | spine.canal2d
     rows, cols = np.flatnonzero(spine2d.any(axis=1)), np.flatnonzero(spine2d.any(axis=0))
     sb = (slice(None), slice(0, 0), slice(0, 0))  # spine may lie outside a small field of view
     if rows.size:
         sb = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     s_ct, s_org = ct[sb], organs[sb]
-    vb, cx2, pst, cn = (m[sb[1:]][None] for m in (vb2d, cortex2d, post2d, canal2d))
-    dsc = disc[:, None, None]
+    masks = (spine.vb2d, spine.cortex2d, spine.post2d, spine.canal2d)
+    vb, cx2, pst, cn = (m[sb[1:]][None] for m in masks)
+    dsc = spine.disc[:, None, None]
     s_ct[:] = np.where(vb & ~dsc, np.where(cx2, p["cortex_hu"], p["cancellous_hu"]), s_ct)
     s_ct[:] = np.where(vb & dsc, p["disc_hu"], s_ct)
     s_ct[:] = np.where(pst, p["cortex_hu"], s_ct)
     s_ct[:] = np.where(cn, 20.0, s_ct)
     s_org[:] = np.where((vb & ~dsc) | pst, _SPINE, np.where((vb & dsc) | cn, 0, s_org))
 
-    # Ribs: oblique arcs in the chest wall, descending anteriorly.
+
+def _paint_ribs(
+    grid: _Grid, p: dict[str, float], lay: _Layout, ct: np.ndarray, organs: np.ndarray
+) -> None:
+    """Ribs: oblique arcs in the chest wall, descending anteriorly."""
+    ccx, ccy, z = lay.cx, lay.cy, grid.z
     t_r = p["rib_thick"]
     band2d = _ellipse(grid, ccx, ccy, p["cav_ax"] + 1 + t_r, p["cav_ay"] + 1 + t_r) & ~_ellipse(
         grid, ccx, ccy, p["cav_ax"] + 1, p["cav_ay"] + 1
@@ -692,15 +785,86 @@ def _build_anatomy(grid: _Grid, p: dict[str, float], cardio: float, peri_mm: flo
     phase = (z[:, None] + p["rib_slope"] * ub[None, :] - p["rib_phase"] * period) % period
     z_ok = (z > min(p["dome_r"], p["dome_l"]) - 60.0) & (z < max(p["apex_r"], p["apex_l"]) + 5.0)
     rib = (phase < p["rib_height"]) & z_ok[:, None]
+    shape = grid.shape
     ct2, org2 = ct.reshape(shape[0], -1), organs.reshape(shape[0], -1)
     ct2[:, idx] = np.where(rib, np.float32(p["rib_hu"]), ct2[:, idx])
     org2[:, idx] = np.where(rib, np.uint8(_RIBS), org2[:, idx])
 
-    lung_any = (organs == _RIGHT) | (organs == _LEFT)
-    return _Scene(ct, organs, body2d, lung_any, heart_inner, (ccx, ccy), p["med_half"])
-
 
 # --------------------------------------------------------------------------- findings
+
+
+def _draw_heart_findings(
+    frng: dict[str, np.random.Generator], details: dict[str, dict]
+) -> tuple[float, float]:
+    """Cardiomegaly scale (1 when absent) and pericardial fluid thickness in mm (0 when absent).
+
+    These change the anatomy itself, so they are drawn before it is built. ``frng`` holds
+    one generator per present finding.
+    """
+    cardio_scale = 1.0
+    if "cardiomegaly" in frng:
+        cardio_scale = float(frng["cardiomegaly"].uniform(1.3, 1.55))
+        details["cardiomegaly"] = {"scale": cardio_scale}
+    peri_mm = 0.0
+    if "pericardial_effusion" in frng:
+        peri_mm = float(frng["pericardial_effusion"].uniform(6.0, 15.0))
+        details["pericardial_effusion"] = {"thickness_mm": peri_mm}
+    return cardio_scale, peri_mm
+
+
+def _paint_findings(
+    frng: dict[str, np.random.Generator],
+    grid: _Grid,
+    anat: dict[str, float],
+    scene: _Scene,
+    details: dict[str, dict],
+) -> dict[str, np.ndarray]:
+    """Paint the lung findings into ``scene.ct``; returns each present finding's mask (S, H, W).
+
+    Effusion first (atelectasis sits above its level), then atelectasis, then the
+    nodule away from both; the heart findings are already in the anatomy.
+    """
+    ct, organs = scene.ct, scene.organs
+    masks: dict[str, np.ndarray] = {}
+    lungs = {_RIGHT: organs == _RIGHT, _LEFT: organs == _LEFT}
+    effusion_level: dict[int, np.ndarray] = {}
+    if "pleural_effusion" in frng:
+        masks["pleural_effusion"], effusion_level, details["pleural_effusion"] = _pleural_effusion(
+            frng["pleural_effusion"], grid, lungs
+        )
+        ct[masks["pleural_effusion"]] = anat["fluid_hu"]
+    if "atelectasis" in frng:
+        mask, air, details["atelectasis"] = _atelectasis(
+            frng["atelectasis"], grid, lungs, effusion_level, scene
+        )
+        masks["atelectasis"] = mask
+        ct[mask] = frng["atelectasis"].uniform(-90.0, -20.0)
+        ct[air] = anat["lung_hu"]
+    if "nodule" in frng:
+        blocked = masks.get("pleural_effusion")
+        if "atelectasis" in masks:
+            blocked = masks["atelectasis"] if blocked is None else blocked | masks["atelectasis"]
+        masks["nodule"], details["nodule"] = _nodule(frng["nodule"], grid, organs, blocked)
+        ct[masks["nodule"]] = frng["nodule"].uniform(20.0, 60.0)
+    if "cardiomegaly" in frng:
+        masks["cardiomegaly"] = organs == _HEART
+    if "pericardial_effusion" in frng:
+        masks["pericardial_effusion"] = (organs == _HEART) & ~scene.heart_inner
+    return masks
+
+
+def _check_findings_visible(
+    masks: dict[str, np.ndarray], present: tuple[str, ...], grid: _Grid
+) -> None:
+    """Raise :class:`InputError` when a requested finding has no voxel in the field of view."""
+    for name in present:
+        if not masks[name].any():
+            fov = ", ".join(f"{n * sp:.0f}" for n, sp in zip(grid.shape, grid.spacing, strict=True))
+            raise InputError(
+                f"the {fov} mm field of view is too small to show {name}; use shape x spacing "
+                "of at least about 200 x 250 x 250 mm"
+            )
 
 
 def _pick_sides(rng: np.random.Generator) -> tuple[int, ...]:
@@ -864,6 +1028,20 @@ def _marker(grid: _Grid, body2d: np.ndarray) -> np.ndarray:
     mask = np.zeros(grid.shape, dtype=bool)
     mask[box] = dist <= 0.0
     return mask & ~body2d[None]
+
+
+# --------------------------------------------------------------------------- scanner
+
+
+def _scan(ct: np.ndarray, anat: dict[str, float], grid: _Grid, seed: int) -> np.ndarray:
+    """Int16 HU (S, H, W) as scanned: blurred, with noise, clipped to [-1024, 3071]."""
+    # Partial-volume blur: a ~1 mm scanner PSF plus the voxel's own extent.
+    sigma = [float(np.hypot(0.4, anat["psf_mm"] / s)) for s in grid.spacing]
+    ct = ndimage.gaussian_filter(ct, sigma, truncate=3.0)
+    noise = np.random.default_rng([seed, _STREAM_NOISE]).standard_normal(grid.shape, np.float32)
+    ct += np.float32(anat["noise_hu"]) * noise
+    np.clip(ct, -1024.0, 3071.0, out=ct)
+    return np.rint(ct).astype(np.int16)
 
 
 # --------------------------------------------------------------------------- output

@@ -20,13 +20,16 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from hirescam3d.errors import InputError, TargetError
-from hirescam3d.pipeline import ModelArg, Progress, RegionArg
+from hirescam3d.pipeline import ModelArg, Progress, RegionArg, ScanExplanation
+
+if TYPE_CHECKING:
+    from hirescam3d.io.scans import Scan
 
 __all__ = ["COMPARE_JSON", "VIEWS", "compare_paths", "compare_scan", "most_attended_planes"]
 
@@ -240,6 +243,201 @@ def _draw(
     return panels
 
 
+def _checked_finding(finding: str, class_names: Sequence[str]) -> str:
+    """The one finding to compare, as the model spells it; TargetError if not one name."""
+    from hirescam3d.pipeline import check_findings
+
+    if not isinstance(finding, str):
+        raise TargetError("compare explains one finding; give its name as a string")
+    return check_findings([finding], class_names)[0]
+
+
+class _Inputs(NamedTuple):
+    """What :func:`compare_scan` reads: the scan, the finding mask and the organ map on the
+    scan's grid (bool / int ``(I, J, K)``), the region to explain, and warnings so far."""
+
+    scan_path: Path
+    mask_path: Path | None
+    organs_path: Path | None
+    scan: Scan
+    mask: np.ndarray | None
+    organs: np.ndarray | None
+    organ_names: dict[int, str] | None
+    region: RegionArg
+    notes: list[str]
+
+
+def _read_inputs(
+    scan_path: str | Path,
+    mask_path: str | Path | None,
+    organs_path: str | Path | None,
+    organ_names_path: str | Path | None,
+    region: RegionArg,
+) -> _Inputs:
+    """Read the scan, then the mask, the organ map (aligned to the scan) and a region file."""
+    from hirescam3d.io import scans as io
+    from hirescam3d.io.organs import align_organs, load_organ_map
+    from hirescam3d.pipeline import load_region
+
+    scan = io.read_scan(scan_path)
+    notes = list(scan.warnings)
+    shape = tuple(int(n) for n in scan.array.shape)
+    mask = None
+    if mask_path is not None:
+        mask = _read_mask(Path(mask_path), shape, scan.affine, Path(scan_path))
+    organs = organ_names = None
+    if organs_path is not None:
+        labels, labels_affine, organ_names = load_organ_map(organs_path, organ_names_path)
+        organs, note = align_organs(
+            labels, labels_affine, shape, scan.affine, f"organ map {organs_path}"
+        )
+        if note:
+            notes.append(note)
+    if isinstance(region, (str, Path)) and str(region) != "predicted":
+        region = load_region(Path(region), shape, scan.affine)
+    return _Inputs(
+        scan_path=Path(scan_path),
+        mask_path=None if mask_path is None else Path(mask_path),
+        organs_path=None if organs_path is None else Path(organs_path),
+        scan=scan, mask=mask, organs=organs, organ_names=organ_names, region=region, notes=notes,
+    )
+
+
+class _Scores(NamedTuple):
+    """Per method its metrics (compare.json's ``metrics``); whether the audit proves the
+    guarantee, and else why ``l2_to_exact`` was not computed."""
+
+    metrics: dict[str, dict[str, Any]]
+    guaranteed: bool
+    why_not: str | None
+
+
+def _score_methods(
+    result: ScanExplanation, finding: str, methods: Sequence[str], inputs: _Inputs
+) -> _Scores:
+    """Score each method's display map against the mask and organs, and its raw map
+    against the HiResCAM raw map (``l2_to_exact``)."""
+    maps = torch.stack([torch.from_numpy(result.maps[(finding, m)]) for m in methods])[None]
+    scores = _mask_metrics(maps, methods, inputs.mask, inputs.organs, inputs.organ_names)
+    guaranteed = bool(result.report["hirescam_guaranteed_faithful"])
+    l2, why = _l2_to_exact(result.raw, finding, methods, guaranteed)
+    for m in methods:
+        scores[m]["l2_to_exact"] = l2[m]
+    return _Scores(scores, guaranteed, why)
+
+
+class _Figure(NamedTuple):
+    """The figure written: its file and panels, the method whose map chose the slices, the
+    slices (S, P, L index) and their positions per view (axis letter, mm)."""
+
+    path: Path
+    panels: int
+    chosen_from: str
+    planes: tuple[int, int, int]
+    positions: dict[str, tuple[str, float]]
+
+
+def _plane_positions(spl: np.ndarray, planes: tuple[int, int, int]) -> dict[str, tuple[str, float]]:
+    """Per view, the world position (axis letter, mm) of its slice; ``spl``: the affine of
+    the volume in S, P, L orientation."""
+    world = [spl @ np.array([*(p if a == i else 0 for a in range(3)), 1.0])
+             for i, p in enumerate(planes)]
+    return {
+        "axial": ("S", float(world[0][2])),
+        "coronal": ("A", float(world[1][1])),
+        "sagittal": ("R", float(world[2][0])),
+    }
+
+
+def _write_figure(
+    path: Path,
+    inputs: _Inputs,
+    result: ScanExplanation,
+    finding: str,
+    methods: Sequence[str],
+    stem: str,
+    force: bool,
+) -> _Figure:
+    """Draw the figure in S, P, L orientation (radiological display) and write it to
+    ``path``, atomically."""
+    from hirescam3d.io import scans as io
+    from hirescam3d.io.outputs import atomic_write
+
+    scan = inputs.scan
+    ct, spl = io.reorient(scan.array, scan.affine, "SPL")
+    shown = {m: io.reorient(result.maps[(finding, m)], scan.affine, "SPL")[0] for m in methods}
+    chosen_from = "hirescam" if "hirescam" in methods else methods[0]
+    planes = most_attended_planes(shown[chosen_from])
+    positions = _plane_positions(spl, planes)
+    row_labels = [f"{v} ({axis} {mm:.0f} mm)" for v, (axis, mm) in positions.items()]
+    organs, mask = inputs.organs, inputs.mask
+    organs_spl = None if organs is None else io.reorient(organs, scan.affine, "SPL")[0]
+    mask_spl = None if mask is None else io.reorient(mask, scan.affine, "SPL")[0]
+    spacing = np.linalg.norm(spl[:3, :3], axis=0)
+    title = f"{stem}: {finding} (p = {result.probabilities[finding]:.2f})"
+    panels: list[int] = []
+    written = atomic_write(
+        path,
+        lambda tmp: panels.append(
+            _draw(tmp, ct, shown, planes, spacing, row_labels, organs_spl, mask_spl,
+                  inputs.organ_names, title)
+        ),
+        force=force,
+    )
+    return _Figure(written, panels[0] if panels else 0, chosen_from, planes, positions)
+
+
+def _compare_record(
+    inputs: _Inputs,
+    finding: str,
+    methods: Sequence[str],
+    result: ScanExplanation,
+    scores: _Scores,
+    figure: _Figure,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """compare.json's record (before :func:`hirescam3d.pipeline._json_safe`)."""
+    from hirescam3d.pipeline import software_versions
+
+    report, scan = result.report, inputs.scan
+    return {
+        "scan": {"path": str(inputs.scan_path.resolve()), "sha256": scan.sha256,
+                 "shape": list(scan.array.shape), "affine": np.asarray(scan.affine).tolist()},
+        "finding": finding,
+        "probability": result.probabilities[finding],
+        "logit": result.logits[finding],
+        "model": report["model"],
+        "layer": report["layer"],
+        "hirescam_guaranteed_faithful": scores.guaranteed,
+        "region": report.get("region"),
+        "methods": list(methods),
+        "mask": None if inputs.mask_path is None else str(inputs.mask_path.resolve()),
+        "organ_map": None if inputs.organs_path is None else str(inputs.organs_path.resolve()),
+        "maps": "display maps on the scan's grid (ReLU, divided by the maximum, mapped "
+        "back to the scan's grid as MONAI Invertd would), as `hirescam3d explain` writes them",
+        "metrics": scores.metrics,
+        "l2_to_exact": {
+            "reference": "the HiResCAM raw map on the explained layer's grid",
+            "normalization": "relu-minmax",
+            "computed": scores.why_not is None,
+            "why_not": scores.why_not,
+        },
+        "figure": {
+            "path": figure.path.name,
+            "rows": list(VIEWS),
+            "columns": list(methods),
+            "panels": figure.panels,
+            "slices_chosen_from": figure.chosen_from,
+            "slices_spl_index": dict(zip(VIEWS, figure.planes, strict=True)),
+            "slices_mm": {v: {"axis": a, "mm": mm} for v, (a, mm) in figure.positions.items()},
+            "window_hu": list(LUNG_WINDOW),
+        },
+        "timings_s": timings,
+        "versions": software_versions(),
+        "warnings": inputs.notes + result.warnings,
+    }
+
+
 def compare_scan(
     scan_path: str | Path,
     finding: str,
@@ -270,137 +468,38 @@ def compare_scan(
     :func:`hirescam3d.pipeline.explain_scan` (default: the finding's predicted mask).
     Returns ``(record, {"png": path, "json": path})``.
     """
-    from hirescam3d.io import scans as io
-    from hirescam3d.io.organs import align_organs, load_organ_map
-    from hirescam3d.pipeline import (
-        _json_safe,
-        check_findings,
-        check_methods,
-        explain_image,
-        load_region,
-        resolve_model,
-        software_versions,
-    )
+    from hirescam3d.io.outputs import atomic_write, check_writable, ensure_folder
+    from hirescam3d.io.scans import scan_stem
+    from hirescam3d.pipeline import _json_safe, check_methods, explain_image, resolve_model
 
     start = time.perf_counter()
     methods = check_methods(methods)
     network, info = resolve_model(model)
-    if isinstance(finding, str):
-        requested = check_findings([finding], info.class_names)
-    else:
-        raise TargetError("compare explains one finding; give its name as a string")
-    finding = requested[0]
-    stem = io.scan_stem(scan_path)
+    finding = _checked_finding(finding, info.class_names)
+    stem = scan_stem(scan_path)
     paths = compare_paths(out_dir, stem, finding)
-    io.ensure_folder(out_dir)
-    io.check_writable(paths.values(), force)
-
-    scan = io.read_scan(scan_path)
-    notes = list(scan.warnings)
-    shape = tuple(int(n) for n in scan.array.shape)
-    mask = None
-    if mask_path is not None:
-        mask = _read_mask(Path(mask_path), shape, scan.affine, Path(scan_path))
-    organs = organ_names = None
-    if organs_path is not None:
-        labels, labels_affine, organ_names = load_organ_map(organs_path, organ_names_path)
-        organs, note = align_organs(
-            labels, labels_affine, shape, scan.affine, f"organ map {organs_path}"
-        )
-        if note:
-            notes.append(note)
-
-    if isinstance(region, (str, Path)) and str(region) != "predicted":
-        region = load_region(Path(region), shape, scan.affine)
+    ensure_folder(out_dir)
+    check_writable(paths.values(), force)
+    inputs = _read_inputs(scan_path, mask_path, organs_path, organ_names_path, region)
 
     # One forward pass for every method; HiResCAM rides along as the exact reference.
     run = list(methods) + ([] if "hirescam" in methods else ["hirescam"])
     result = explain_image(
-        scan.array, scan.affine, (network, info), [finding], run, layer, organs,
-        organ_names, device, progress, region=region,
+        inputs.scan.array, inputs.scan.affine, (network, info), [finding], run, layer,
+        inputs.organs, inputs.organ_names, device, progress, region=inputs.region,
     )
-    notes += result.warnings
-    report = result.report
-    explain_s = time.perf_counter() - start
-
+    timings = {"explain_s": time.perf_counter() - start}
     t = time.perf_counter()
-    maps = torch.stack([torch.from_numpy(result.maps[(finding, m)]) for m in methods])[None]
-    scores = _mask_metrics(maps, methods, mask, organs, organ_names)
-    guaranteed = bool(report["hirescam_guaranteed_faithful"])
-    l2, why = _l2_to_exact(result.raw, finding, methods, guaranteed)
-    for m in methods:
-        scores[m]["l2_to_exact"] = l2[m]
-    metrics_s = time.perf_counter() - t
+    scores = _score_methods(result, finding, methods, inputs)
+    timings["metrics_s"] = time.perf_counter() - t
 
-    # The figure, in S, P, L orientation (radiological display).
     if progress is not None:
         progress("figure", 0.9)
     t = time.perf_counter()
-    ct, spl = io.reorient(scan.array, scan.affine, "SPL")
-    shown = {m: io.reorient(result.maps[(finding, m)], scan.affine, "SPL")[0] for m in methods}
-    chosen_from = "hirescam" if "hirescam" in methods else methods[0]
-    planes = most_attended_planes(shown[chosen_from])
-    world = [spl @ np.array([*(p if a == i else 0 for a in range(3)), 1.0])
-             for i, p in enumerate(planes)]
-    positions = {
-        "axial": ("S", float(world[0][2])),
-        "coronal": ("A", float(world[1][1])),
-        "sagittal": ("R", float(world[2][0])),
-    }
-    row_labels = [f"{v} ({axis} {mm:.0f} mm)" for v, (axis, mm) in positions.items()]
-    organs_spl = None if organs is None else io.reorient(organs, scan.affine, "SPL")[0]
-    mask_spl = None if mask is None else io.reorient(mask, scan.affine, "SPL")[0]
-    spacing = np.linalg.norm(spl[:3, :3], axis=0)
-    title = f"{stem}: {finding} (p = {result.probabilities[finding]:.2f})"
-    panels: list[int] = []
-    written_png = io.atomic_write(
-        paths["png"],
-        lambda tmp: panels.append(
-            _draw(tmp, ct, shown, planes, spacing, row_labels, organs_spl, mask_spl,
-                  organ_names, title)
-        ),
-        force=force,
-    )
-    figure_s = time.perf_counter() - t
-
-    record: dict[str, Any] = {
-        "scan": {"path": str(Path(scan_path).resolve()), "sha256": scan.sha256,
-                 "shape": list(shape), "affine": np.asarray(scan.affine).tolist()},
-        "finding": finding,
-        "probability": result.probabilities[finding],
-        "logit": result.logits[finding],
-        "model": report["model"],
-        "layer": report["layer"],
-        "hirescam_guaranteed_faithful": guaranteed,
-        "region": report.get("region"),
-        "methods": list(methods),
-        "mask": None if mask_path is None else str(Path(mask_path).resolve()),
-        "organ_map": None if organs_path is None else str(Path(organs_path).resolve()),
-        "maps": "display maps on the scan's grid (ReLU, divided by the maximum, mapped "
-        "back to the scan's grid as MONAI Invertd would), as `hirescam3d explain` writes them",
-        "metrics": scores,
-        "l2_to_exact": {
-            "reference": "the HiResCAM raw map on the explained layer's grid",
-            "normalization": "relu-minmax",
-            "computed": why is None,
-            "why_not": why,
-        },
-        "figure": {
-            "path": paths["png"].name,
-            "rows": list(VIEWS),
-            "columns": list(methods),
-            "panels": panels[0] if panels else 0,
-            "slices_chosen_from": chosen_from,
-            "slices_spl_index": dict(zip(VIEWS, planes, strict=True)),
-            "slices_mm": {v: {"axis": a, "mm": mm} for v, (a, mm) in positions.items()},
-            "window_hu": list(LUNG_WINDOW),
-        },
-        "timings_s": {"explain_s": explain_s, "metrics_s": metrics_s, "figure_s": figure_s,
-                      "total_s": time.perf_counter() - start},
-        "versions": software_versions(),
-        "warnings": notes,
-    }
-    record = _json_safe(record)
+    figure = _write_figure(paths["png"], inputs, result, finding, methods, stem, force)
+    timings["figure_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+    record = _json_safe(_compare_record(inputs, finding, methods, result, scores, figure, timings))
     text = json.dumps(record, indent=2) + "\n"
-    written_json = io.atomic_write(paths["json"], lambda tmp: tmp.write_text(text), force=force)
-    return record, {"png": written_png, "json": written_json}
+    written_json = atomic_write(paths["json"], lambda tmp: tmp.write_text(text), force=force)
+    return record, {"png": figure.path, "json": written_json}

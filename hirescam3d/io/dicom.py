@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -447,6 +447,26 @@ def _first_differing(planes: list[_Plane], key: Any, same: Any) -> tuple[int, in
     return None
 
 
+class _SortedPlanes(NamedTuple):
+    """A stack's planes sorted along the slice normal: ``order`` (indices into the planes),
+    ``xyz`` (N, 3) positions (LPS mm), ``along`` (N,) mm along the normal, ``names``."""
+
+    order: np.ndarray
+    xyz: np.ndarray
+    along: np.ndarray
+    names: list[str]
+
+
+class _SliceGrid(NamedTuple):
+    """Where the output slices go: ``step`` (mm along the normal); ``positions`` None when
+    the planes are evenly spaced, else the resampled slices (mm); ``note`` the warning text
+    of a resampling."""
+
+    step: float
+    positions: np.ndarray | None
+    note: str | None
+
+
 def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stack:
     """Check that ``planes`` form one regular or resamplable stack and place it.
 
@@ -455,12 +475,30 @@ def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stac
     says how to split the input). Sorts the planes along the slice normal; unevenly spaced
     planes get an output grid at the median spacing and a note naming the gaps.
     """
-    one = noun[:-1]
+    _check_planes_alike(where, planes, noun, fix)
+    first = planes[0]
+    normal = _slice_normal(where, first, fix)
+    placed = _sort_along_normal(where, planes, normal, noun, fix)
+    row_mm, col_mm = np.asarray(first.pixel_spacing, dtype=np.float64)
+    _refuse_tilt(where, placed, normal, min(row_mm, col_mm), noun)
+    grid = _slice_grid(where, placed, noun, first.thickness)
+    row, col = np.asarray(first.orientation, dtype=np.float64).reshape(2, 3)
+    lps = np.eye(4)
+    lps[:3, 0] = row * col_mm  # I: along a row, one column to the next
+    lps[:3, 1] = col * row_mm  # J: down a column, one row to the next
+    lps[:3, 2] = normal * grid.step
+    lps[:3, 3] = placed.xyz[0]
+    return _Stack(placed.order, _LPS_TO_RAS @ lps, placed.along, grid.positions, grid.note)
+
+
+def _check_planes_alike(where: Path, planes: list[_Plane], noun: str, fix: str) -> None:
+    """:class:`ScanError` unless every plane has a position, an orientation and a pixel
+    spacing, and all share one image size, orientation and pixel spacing."""
     missing = [p.name for p in planes if p.position is None or p.orientation is None
                or p.pixel_spacing is None or min(p.pixel_spacing) <= 0]
     if missing:
         raise ScanError(
-            f"{where}: {one} {missing[0]}"
+            f"{where}: {noun[:-1]} {missing[0]}"
             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} lack a usable "
             "ImagePositionPatient, ImageOrientationPatient or PixelSpacing, so their place "
             f"in 3D is unknown (a localizer or secondary capture?); {fix}"
@@ -494,16 +532,27 @@ def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stac
             f"{a.pixel_spacing[0]:g} x {a.pixel_spacing[1]:g} mm, {b.name} "
             f"{b.pixel_spacing[0]:g} x {b.pixel_spacing[1]:g} mm; {fix}"
         )
-    first = planes[0]
+
+
+def _slice_normal(where: Path, first: _Plane, fix: str) -> np.ndarray:
+    """The unit normal (LPS) of ``first``'s plane: row x column direction; :class:`ScanError`
+    if they are parallel."""
     iop = np.asarray(first.orientation, dtype=np.float64)
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
+    normal = np.cross(iop[:3], iop[3:])
     if not np.linalg.norm(normal) > 1e-6:
         raise ScanError(
             f"{where}: ImageOrientationPatient of {first.name} has parallel row and column "
             f"directions {iop.tolist()}; the file is damaged; {fix}"
         )
     normal /= np.linalg.norm(normal)
+    return normal
+
+
+def _sort_along_normal(
+    where: Path, planes: list[_Plane], normal: np.ndarray, noun: str, fix: str
+) -> _SortedPlanes:
+    """``planes`` sorted by their position along ``normal``; :class:`ScanError` if two lie
+    within 1e-3 mm of each other."""
     xyz = np.array([p.position for p in planes])
     along = xyz @ normal
     order = np.argsort(along, kind="stable")
@@ -513,15 +562,23 @@ def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stac
     if len(dup):
         k = int(dup[0])
         raise ScanError(
-            f"{where}: {one} {names[k]} and {names[k + 1]} lie at the same position "
+            f"{where}: {noun[:-1]} {names[k]} and {names[k + 1]} lie at the same position "
             f"({along[k]:.6g} mm along the slice normal), e.g. two acquisitions, phases or "
             f"echoes in one series; {fix}"
         )
-    row_mm, col_mm = np.asarray(first.pixel_spacing, dtype=np.float64)
+    return _SortedPlanes(order, xyz, along, names)
+
+
+def _refuse_tilt(
+    where: Path, placed: _SortedPlanes, normal: np.ndarray, pixel_mm: float, noun: str
+) -> None:
+    """:class:`ScanError` if a plane lies more than :data:`_TILT_TOLERANCE_PX` pixels
+    (of ``pixel_mm``) sideways of the line through the first plane along ``normal``."""
+    xyz, along, names = placed.xyz, placed.along, placed.names
     sideways = (xyz - xyz[0]) - np.outer(along - along[0], normal)
     drift = np.linalg.norm(sideways, axis=1)
     k = int(np.argmax(drift))
-    if drift[k] > _TILT_TOLERANCE_PX * min(row_mm, col_mm):
+    if drift[k] > _TILT_TOLERANCE_PX * pixel_mm:
         angle = float(np.degrees(np.arctan2(drift[k], along[k] - along[0])))
         raise ScanError(
             f"{where}: the {noun} are tilted (gantry tilt): their positions run {angle:.3g} "
@@ -529,12 +586,21 @@ def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stac
             f"{names[0]}), which a regular voxel grid cannot hold; convert the series with "
             "dcm2niix (it corrects gantry tilt) and pass the NIfTI it writes"
         )
-    gaps = _gaps(along, names, noun)
+
+
+def _slice_grid(
+    where: Path, placed: _SortedPlanes, noun: str, thickness: float | None
+) -> _SliceGrid:
+    """The output slices of sorted planes: their own positions when evenly spaced, else a
+    regular grid at the median spacing from the first to the last (:class:`ScanError` if
+    that needs more than 4 times as many slices)."""
+    along = placed.along
+    gaps = _gaps(along, placed.names, noun)
     grid, note = None, None
     if len(along) > 1:
         step = (along[-1] - along[0]) / (len(along) - 1)
     else:  # one slice (refused as 2D by read_scan): its thickness, for read_image
-        step = first.thickness or 1.0
+        step = thickness or 1.0
     if gaps:
         median = float(np.median(np.diff(along)))
         n = int(round((along[-1] - along[0]) / median)) + 1
@@ -548,17 +614,12 @@ def _plan_stack(where: Path, planes: list[_Plane], noun: str, fix: str) -> _Stac
         grid = np.linspace(along[0], along[-1], n)
         step = (along[-1] - along[0]) / (n - 1)
         note = (
-            f"{where}: the {noun} are not evenly spaced: {gaps}, so a {one} is probably "
+            f"{where}: the {noun} are not evenly spaced: {gaps}, so a {noun[:-1]} is probably "
             f"missing; resampled the {len(along)} {noun} onto a regular grid of {n} at "
             f"{step:.4g} mm along the slice normal (linear interpolation between neighbouring "
             f"{noun}); check the series is complete"
         )
-    lps = np.eye(4)
-    lps[:3, 0] = row * col_mm  # I: along a row, one column to the next
-    lps[:3, 1] = col * row_mm  # J: down a column, one row to the next
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = xyz[0]
-    return _Stack(order, _LPS_TO_RAS @ lps, along, grid, note)
+    return _SliceGrid(step, grid, note)
 
 
 def _resample(arr: np.ndarray, positions: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -61,16 +61,17 @@ import datetime
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from hirescam3d.errors import HiResCAMError
+from hirescam3d.io.atomic import atomic_write, ensure_folder
 from hirescam3d.io.dicom import DicomSource, looks_like_dicom
-from hirescam3d.io.scans import OutputError, atomic_write, ensure_folder
+from hirescam3d.io.scans import OutputError
 
 # Voxel positions closer than this (mm) count as the same place: a map whose every voxel
 # lies this close to the source slices' voxels is "on the source grid".
@@ -696,6 +697,14 @@ def _refuse_existing_folder(folder: Path, force: bool) -> bool:
     return True
 
 
+class _SeriesUids(NamedTuple):
+    """The fresh UIDs of a written CT series."""
+
+    study: str
+    series: str
+    frame_of_reference: str
+
+
 def write_ct_series(
     folder: str | Path,
     array: np.ndarray,
@@ -721,12 +730,36 @@ def write_ct_series(
     line passes the scan's file name. Returns the series' :class:`DicomSource` (files in
     K order).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from hirescam3d import __version__
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
+    data = _ct_volume(folder, array)
+    geometry = frame_geometry(affine, data.shape, str(folder))
+    rescale = ct_rescale(data)
+    replace = _refuse_existing_folder(folder, force)
+    ensure_folder(folder.parent)
+
+    uids = _SeriesUids(*(generate_uid(prefix=None) for _ in range(3)))
+    base = _ct_series_base(
+        uids, description=description, patient_id=patient_id, patient_name=patient_name,
+        series_number=series_number,
+    )
+    base.update(_ct_image_attributes(geometry, rescale))
+    names = [f"CT{k + 1:05d}.dcm" for k in range(geometry.shape[2])]
+    _write_ct_folder(
+        folder, replace, lambda tmp: _write_ct_slices(tmp, names, base, data, geometry, rescale)
+    )
+    return DicomSource(
+        files=tuple(folder / name for name in names),
+        study_uid=uids.study,
+        series_uid=uids.series,
+        frame_of_reference_uid=uids.frame_of_reference,
+    )
+
+
+def _ct_volume(folder: Path, array: np.ndarray) -> np.ndarray:
+    """``array`` if it is a 3D ``(I, J, K)`` volume of finite values, else
+    :class:`DicomOutputError` (naming ``folder``)."""
     data = np.asarray(array)
     if data.ndim != 3 or min(data.shape) < 1:
         raise DicomOutputError(f"{folder}: expected a 3D (I, J, K) volume; got shape {data.shape}")
@@ -735,18 +768,27 @@ def write_ct_series(
             f"{folder}: the volume has NaN or infinite voxels; fill them (e.g. with -1000 HU) "
             "before writing a CT series"
         )
-    geometry = frame_geometry(affine, data.shape, str(folder))
-    slope, intercept = ct_rescale(data)
-    replace = _refuse_existing_folder(folder, force)
-    ensure_folder(folder.parent)
+    return data
+
+
+def _ct_series_base(
+    uids: _SeriesUids,
+    *,
+    description: str,
+    patient_id: str,
+    patient_name: str,
+    series_number: int,
+) -> Any:
+    """The pydicom Dataset of who, what and when every slice of the CT series shares:
+    patient, study, series and equipment, frame of reference, dated now."""
+    from pydicom.dataset import Dataset
+
+    from hirescam3d import __version__
 
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    study_uid, series_uid, for_uid = (generate_uid(prefix=None) for _ in range(3))
-    normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
     base = Dataset()
     base.SpecificCharacterSet = "ISO_IR 100"
-    base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     base.SOPClassUID = CT_IMAGE_STORAGE
     base.StudyDate = base.SeriesDate = base.ContentDate = date
     base.StudyTime = base.SeriesTime = base.ContentTime = time
@@ -761,52 +803,87 @@ def write_ct_series(
     base.PatientBirthDate = ""
     base.PatientSex = ""
     base.SoftwareVersions = _text(f"hirescam3d {__version__}")
-    base.KVP = ""
-    base.StudyInstanceUID = study_uid
-    base.SeriesInstanceUID = series_uid
+    base.StudyInstanceUID = uids.study
+    base.SeriesInstanceUID = uids.series
     base.StudyID = date + time  # 14 characters (SH: 16); DICOMDIR records need one
     base.SeriesNumber = series_number
     base.Laterality = ""  # type 2C: the body part, and so its laterality, is unknown
     base.PatientPosition = ""  # type 2C for CT: unknown (NIfTI does not record it)
     base.AcquisitionNumber = ""
-    base.ImageOrientationPatient = [_ds(x) for x in geometry.orientation]
-    base.FrameOfReferenceUID = for_uid
+    base.FrameOfReferenceUID = uids.frame_of_reference
     base.PositionReferenceIndicator = ""
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows, base.Columns = geometry.shape[1], geometry.shape[0]
-    base.PixelSpacing = [_ds(s) for s in geometry.pixel_spacing]
-    base.SliceThickness = _ds(geometry.slice_spacing)
-    base.BitsAllocated = 16
-    base.BitsStored = 16
-    base.HighBit = 15
-    base.PixelRepresentation = 1
-    base.WindowCenter = "40"
-    base.WindowWidth = "400"
-    base.RescaleIntercept = _ds(intercept)
-    base.RescaleSlope = _ds(slope)
-    base.RescaleType = "HU"
-    base.BurnedInAnnotation = "NO"
+    return base
 
+
+def _ct_image_attributes(geometry: FrameGeometry, rescale: tuple[float, float]) -> Any:
+    """The pydicom Dataset of the image attributes every slice shares: plane orientation
+    and spacing (mm), int16 pixels with ``rescale`` = (RescaleSlope, RescaleIntercept) to
+    HU, a soft-tissue window."""
+    from pydicom.dataset import Dataset
+
+    slope, intercept = rescale
+    image = Dataset()
+    image.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    image.KVP = ""
+    image.ImageOrientationPatient = [_ds(x) for x in geometry.orientation]
+    image.SamplesPerPixel = 1
+    image.PhotometricInterpretation = "MONOCHROME2"
+    image.Rows, image.Columns = geometry.shape[1], geometry.shape[0]
+    image.PixelSpacing = [_ds(s) for s in geometry.pixel_spacing]
+    image.SliceThickness = _ds(geometry.slice_spacing)
+    image.BitsAllocated = 16
+    image.BitsStored = 16
+    image.HighBit = 15
+    image.PixelRepresentation = 1
+    image.WindowCenter = "40"
+    image.WindowWidth = "400"
+    image.RescaleIntercept = _ds(intercept)
+    image.RescaleSlope = _ds(slope)
+    image.RescaleType = "HU"
+    image.BurnedInAnnotation = "NO"
+    return image
+
+
+def _write_ct_slices(
+    folder: Path,
+    names: list[str],
+    base: Any,
+    data: np.ndarray,
+    geometry: FrameGeometry,
+    rescale: tuple[float, float],
+) -> None:
+    """Write slice ``k`` of ``data`` ``(I, J, K)`` to ``folder / names[k]``: ``base`` plus
+    its SOP Instance UID, number, position and int16 pixels (``rescale`` = slope,
+    intercept)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
+    for k, name in enumerate(names):
+        ds = Dataset()
+        ds.update(base)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(None)
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [_ds(x) for x in geometry.positions[k]]
+        ds.SliceLocation = _ds(float(geometry.positions[k] @ normal))
+        ds.PixelData = _ct_frame(data[:, :, k], *rescale)
+        atomic_write(
+            folder / name,
+            lambda path, ds=ds: ds.save_as(path, enforce_file_format=True),
+        )
+
+
+def _write_ct_folder(folder: Path, replace: bool, fill: Callable[[Path], None]) -> None:
+    """Run ``fill(tmp)`` on a temporary folder beside ``folder``, then rename it to
+    ``folder`` (an existing ``folder``, which ``replace`` says is there, is moved aside
+    and removed last); on any error put everything back as it was."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     old: Path | None = None
-    names = [f"CT{k + 1:05d}.dcm" for k in range(geometry.shape[2])]
     try:
-        for k, name in enumerate(names):
-            ds = Dataset()
-            ds.update(base)
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(None)
-            ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = [_ds(x) for x in geometry.positions[k]]
-            ds.SliceLocation = _ds(float(geometry.positions[k] @ normal))
-            ds.PixelData = _ct_frame(data[:, :, k], slope, intercept)
-            atomic_write(
-                tmp / name,
-                lambda path, ds=ds: ds.save_as(path, enforce_file_format=True),
-            )
+        fill(tmp)
         os.chmod(tmp, 0o755)
         if replace:
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -820,16 +897,10 @@ def write_ct_series(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return DicomSource(
-        files=tuple(folder / name for name in names),
-        study_uid=study_uid,
-        series_uid=series_uid,
-        frame_of_reference_uid=for_uid,
-    )
 
 
 def _restore(tmp: Path, old: Path | None, folder: Path) -> None:
-    """Undo a failed :func:`write_ct_series`: drop the temporary folder, put back the old."""
+    """Undo a failed :func:`_write_ct_folder`: drop the temporary folder, put back the old."""
     shutil.rmtree(tmp, ignore_errors=True)
     if old is not None and old.exists() and not folder.exists():
         os.replace(old, folder)

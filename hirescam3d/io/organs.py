@@ -10,33 +10,14 @@ report also sums over (``left_lung``, ``right_lung``, ``heart``, ``airway``, ``s
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hirescam3d.core.organ_groups import group_fractions, organ_group  # noqa: F401 - kept importable here
 from hirescam3d.errors import InputError, ScanError
 from hirescam3d.io.scans import NIFTI_SUFFIXES, as_volume, read_image, scan_stem
-
-_GROUPS: tuple[tuple[str, str], ...] = (
-    (r"lung_(upper|middle|lower)_lobe_right|lung_right|right_lung", "right_lung"),
-    (r"lung_(upper|lower)_lobe_left|lung_left|left_lung", "left_lung"),
-    (r"heart(_[a-z_]+)?", "heart"),
-    (r"trachea|airway|bronchus(_[a-z_]+)?", "airway"),
-    (r"vertebrae_[CTLS]\d+|vertebra(e)?|spine|sacrum", "spine"),
-    (r"rib_(left|right)_\d+|ribs?", "ribs"),
-)
-
-
-def organ_group(name: str) -> str:
-    """Coarse organ of a label name: ``lung_upper_lobe_left`` -> ``left_lung``,
-    ``vertebrae_T5`` -> ``spine``, ``rib_left_3`` -> ``ribs``, ``trachea`` -> ``airway``,
-    ``heart_atrium_left`` -> ``heart``; any other name is its own group."""
-    for pattern, group in _GROUPS:
-        if re.fullmatch(pattern, name, flags=re.IGNORECASE):
-            return group
-    return name
 
 
 def _read_names(path: Path) -> dict[int, str]:
@@ -209,13 +190,4 @@ def organ_fractions(
     for label, name in sorted(names.items()):
         share = float(sums[label] / total) if total > 0 and label < len(sums) else 0.0
         out[name] = out.get(name, 0.0) + share
-    return out
-
-
-def group_fractions(fractions: dict[str, float]) -> dict[str, float]:
-    """Sum per-label fractions by :func:`organ_group` (e.g. the lobes into ``left_lung``)."""
-    out: dict[str, float] = {}
-    for name, share in fractions.items():
-        group = organ_group(name)
-        out[group] = out.get(group, 0.0) + share
     return out

@@ -60,7 +60,7 @@ def output_lock(folder: str | Path, command: str = "hirescam3d", wait: bool = Fa
     block until it is released. On exit the lock file is removed (while still locked, so a
     waiting run re-checks it), and ``folder`` too if this call created it and it is empty.
     """
-    from hirescam3d.io.outputs import ensure_folder
+    from hirescam3d.io.atomic import ensure_folder
 
     folder = Path(folder)
     created = not folder.exists()

@@ -6,8 +6,9 @@ and the napari plugin put on disk:
 - naming: ``<stem>_<finding>_<method>.nii.gz`` per map (:func:`map_file_name`,
   :func:`output_paths`) and the parsing of those names back (:func:`parse_map_name`,
   which prefers the ``report.json`` beside a map over guessing);
-- atomic writes (:func:`atomic_write`): a temporary file beside the target, renamed into
-  place, so a crash or a bad input never leaves a partial output;
+- atomic writes (:func:`atomic_write`, from :mod:`hirescam3d.io.atomic`): a temporary file
+  beside the target, renamed into place, so a crash or a bad input never leaves a partial
+  output;
 - writers: NIfTI explanation maps (:func:`write_map`, streamed and compressed on every
   core), label maps (:func:`write_labels`), ``report.json`` (:func:`write_json`).
 
@@ -24,18 +25,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hirescam3d.errors import HiResCAMError
+from hirescam3d.io.atomic import (  # noqa: F401 - check_writable, ensure_folder kept importable here
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    ensure_folder,
+)
 from hirescam3d.io.gzip_stream import write_gzip
 from hirescam3d.io.nifti import _matrix_problem, affine_distance_mm
-from hirescam3d.io.scans import SCAN_SUFFIXES, OutputError
+from hirescam3d.io.scans import SCAN_SUFFIXES, OutputError  # noqa: F401 - kept importable here
 
 # An output's qform is written (code 1) only where it matches the sform this closely.
 QFORM_TOLERANCE_MM = 1e-4
@@ -44,6 +49,15 @@ QFORM_TOLERANCE_MM = 1e-4
 FORMATS = {"nifti": ".nii.gz", "dicom": "_pm.dcm", "dicom-seg": "_seg.dcm"}
 DICOM_FORMATS = ("dicom", "dicom-seg")
 DTYPES = ("float32", "int16", "uint8")
+# The findings of the chest models (hirescam3d.models.zoo takes them from here): without a
+# report.json beside a map, parse_map_name splits its name by these.
+CHEST_FINDINGS = (
+    "atelectasis",
+    "pleural_effusion",
+    "cardiomegaly",
+    "nodule",
+    "pericardial_effusion",
+)
 GRIDS = ("scan", "model")
 VALUES = ("unit", "logit")
 # Deflate level per storage type, chosen from measurements on a 300 x 512 x 512 map
@@ -179,8 +193,6 @@ def parse_map_name(
 
         methods = list(METHODS)
     if findings is None:
-        from hirescam3d.models.zoo import CHEST_FINDINGS
-
         findings = list(CHEST_FINDINGS)
     method = max((m for m in methods if base.endswith(f"_{m}")), key=len, default=None)
     if method is None:
@@ -190,100 +202,6 @@ def parse_map_name(
     if finding is None:
         return None, None, method
     return rest[: -len(finding) - 1] or None, finding, method
-
-
-# -- atomic writes ------------------------------------------------------------------------
-def ensure_folder(folder: str | Path) -> None:
-    """Create ``folder`` if needed; :class:`OutputError` if that fails or it is read-only."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(
-            f"cannot create output folder {folder}: {err.strerror or err}; choose another "
-            "output folder"
-        ) from err
-    if not os.access(folder, os.W_OK):
-        raise OutputError(
-            f"output folder {folder} is not writable; choose another output folder or fix "
-            "its permissions"
-        )
-
-
-def check_writable(paths: Iterable[str | Path], force: bool = False) -> None:
-    """Raise :class:`OutputError` if any path exists (without ``force``) or cannot be written.
-
-    Call it for every output of a run before writing the first one.
-    """
-    paths = [Path(p) for p in paths]
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        shown = ", ".join(str(p) for p in existing[:3])
-        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        raise OutputError(
-            f"output {'file' if len(existing) == 1 else 'files'} {shown}{more} already "
-            "exist; use --force (force=True) to overwrite, or choose another output folder"
-        )
-    for folder in sorted({p.parent for p in paths}):
-        ensure_folder(folder)
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    known = (*SCAN_SUFFIXES, *FORMATS.values())
-    return next((s for s in known if name.endswith(s)), path.suffix.lower())
-
-
-def atomic_write(
-    path: str | Path,
-    write: Callable[[Path], Any],
-    force: bool = False,
-    durable: bool = False,
-) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``.
-
-    The temporary name keeps ``path``'s suffix (writers pick the format from it). Nothing
-    is left behind if ``write`` raises. Refuses to replace an existing file unless
-    ``force``. ``durable``: flush the file to disk before the rename (small bookkeeping
-    files whose presence means "done").
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists; use --force (force=True) to overwrite it")
-    ensure_folder(path.parent)
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}", dir=path.parent
-        )
-    except OSError as err:
-        raise OutputError(
-            f"cannot write to {path.parent}: {err.strerror or err}; choose another output folder"
-        ) from err
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(
-    path: str | Path, text: str, force: bool = True, durable: bool = True
-) -> Path:
-    """Write ``text`` (UTF-8) atomically; by default replacing ``path`` and durable."""
-    return atomic_write(
-        path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=force, durable=durable
-    )
 
 
 def _json_safe(value: Any) -> Any:

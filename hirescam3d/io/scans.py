@@ -2,8 +2,6 @@
 
 Arrays are in NIfTI index order ``(I, J, K)`` (what nibabel gives; ITK images are
 transposed to the same x, y, z order) and every affine maps voxel indices to RAS mm.
-Files are written to a temporary name in the target folder and renamed, so a crash
-never leaves a partial output.
 
 Reading dispatches by file type: NIfTI header checks live in :mod:`hirescam3d.io.nifti`,
 DICOM series reading in :mod:`hirescam3d.io.dicom`; the checks every format shares (rank,
@@ -302,22 +300,6 @@ def read_scan(path: str | Path, series: str | None = None) -> Scan:
     for text in texts:
         warnings.warn(text, ScanWarning, stacklevel=2)
     return Scan(arr, affine, path, header, sha256_files(sorted(files)), texts, dicom)
-
-
-# -- writing: in hirescam3d.io.outputs (one implementation); the names stay importable here --
-_WRITERS = (
-    "QFORM_TOLERANCE_MM", "_check_geometry", "_nifti_image", "atomic_write", "check_writable",
-    "ensure_folder", "write_explanation", "write_labels",
-)
-
-
-def __getattr__(name: str) -> Any:
-    """``hirescam3d.io.scans.write_labels`` etc.: the writers of :mod:`hirescam3d.io.outputs`."""
-    if name in _WRITERS:
-        from hirescam3d.io import outputs
-
-        return getattr(outputs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def reorient(

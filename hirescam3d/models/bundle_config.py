@@ -126,100 +126,125 @@ def evaluate(text: str, refs: dict[str, Any]) -> Any:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
         raise Unsafe(f"not a Python expression ({err.msg})") from err
-    names = {**_module_names(), **SAFE_BUILTINS, **refs}
-    calls = _safe_calls()
+    evaluator = _Evaluator({**_module_names(), **SAFE_BUILTINS, **refs}, _safe_calls())
+    try:
+        return evaluator.ev(tree.body)
+    except Unsafe:
+        raise
+    except Exception as err:  # e.g. 1 / 0, a bad subscript
+        raise Unsafe(f"it fails: {type(err).__name__}: {err}") from err
 
-    def ev(node: ast.AST) -> Any:
+
+class _Evaluator:
+    """Evaluates expression nodes over the safe subset: reading only ``names``, calling only
+    ``calls``; :class:`Unsafe` for anything else."""
+
+    def __init__(self, names: dict[str, Any], calls: set[Any]) -> None:
+        self.names = names
+        self.calls = calls
+
+    def ev(self, node: ast.AST) -> Any:
+        """The value of ``node``. Sub-expressions are evaluated here and only checked in the
+        helpers, so that each level of nesting costs one frame of Python's recursion limit."""
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Name):
-            if node.id not in names:
+            if node.id not in self.names:
                 raise Unsafe(f"the name {node.id!r} is not allowed")
-            return names[node.id]
+            return self.names[node.id]
         if isinstance(node, ast.Attribute):
             if node.attr.startswith("_"):
                 raise Unsafe(f"the attribute {node.attr!r} is private")
-            base = ev(node.value)
-            if not _in_safe_module(base) and not (
-                isinstance(base, type) and base.__module__.split(".")[0] in SAFE_MODULES
-            ):
-                raise Unsafe(f"attribute access .{node.attr} outside monai, numpy and torch")
-            try:
-                return getattr(base, node.attr)
-            except AttributeError as err:
-                raise Unsafe(f"{err}") from err
+            return _attribute(self.ev(node.value), node.attr)
         if isinstance(node, ast.Call):
-            func = ev(node.func)
-            if func not in calls:
-                raise Unsafe(f"calling {getattr(func, '__name__', func)!r} is not allowed")
-            if any(isinstance(a, ast.Starred) for a in node.args) or any(
-                k.arg is None for k in node.keywords
-            ):
-                raise Unsafe("* and ** arguments are not allowed")
-            args = [ev(a) for a in node.args]
-            kwargs = {k.arg: ev(k.value) for k in node.keywords}
-            # a function passed on (sorted(..., key=torch.load)) would be called by the callee
-            if any(callable(v) and not _is_dtype(v) for v in (*args, *kwargs.values())):
-                raise Unsafe("functions may not be passed as arguments")
-            if func is range and len(range(*args)) > _MAX_SIZE:
-                raise Unsafe("the range is too long")
-            return _sized(func(*args, **kwargs))
+            func = self.ev(node.func)
+            self._check_call(func, node)
+            args = [self.ev(a) for a in node.args]
+            kwargs = {k.arg: self.ev(k.value) for k in node.keywords}
+            return _call(func, args, kwargs)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 64:
-                raise Unsafe("the exponent is too large")
-            if isinstance(node.op, ast.Mult) and any(
-                isinstance(v, (str, list, tuple)) for v in (left, right)
-            ):
-                n = right if isinstance(left, (str, list, tuple)) else left
-                seq = left if isinstance(left, (str, list, tuple)) else right
-                if isinstance(n, int) and n * len(seq) > _MAX_SIZE:
-                    raise Unsafe("the result is too long")
-            return _sized(_BINOPS[type(node.op)](left, right))
+            return _binop(node.op, self.ev(node.left), self.ev(node.right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](ev(node.operand))
+            return _UNARY[type(node.op)](self.ev(node.operand))
         if isinstance(node, ast.BoolOp):
-            value = ev(node.values[0])
+            value = self.ev(node.values[0])
             for item in node.values[1:]:
                 if isinstance(node.op, ast.And) and not value:
                     return value
                 if isinstance(node.op, ast.Or) and value:
                     return value
-                value = ev(item)
+                value = self.ev(item)
             return value
         if isinstance(node, ast.Compare):
-            left = ev(node.left)
+            left = self.ev(node.left)
             for op, comp in zip(node.ops, node.comparators, strict=True):
-                right = ev(comp)
+                right = self.ev(comp)
                 if not _COMPARE[type(op)](left, right):
                     return False
                 left = right
             return True
         if isinstance(node, ast.IfExp):
-            return ev(node.body) if ev(node.test) else ev(node.orelse)
+            return self.ev(node.body) if self.ev(node.test) else self.ev(node.orelse)
         if isinstance(node, ast.Subscript):
-            return ev(node.value)[ev(node.slice)]
+            return self.ev(node.value)[self.ev(node.slice)]
         if isinstance(node, ast.Slice):
             return slice(
-                *(None if p is None else ev(p) for p in (node.lower, node.upper, node.step))
+                *(None if p is None else self.ev(p) for p in (node.lower, node.upper, node.step))
             )
         if isinstance(node, ast.List):
-            return [ev(e) for e in node.elts]
+            return [self.ev(e) for e in node.elts]
         if isinstance(node, ast.Tuple):
-            return tuple(ev(e) for e in node.elts)
+            return tuple(self.ev(e) for e in node.elts)
         if isinstance(node, ast.Dict):
             if any(k is None for k in node.keys):
                 raise Unsafe("** in a dict is not allowed")
-            return {ev(k): ev(v) for k, v in zip(node.keys, node.values, strict=True)}
+            return {self.ev(k): self.ev(v) for k, v in zip(node.keys, node.values, strict=True)}
         kind = type(node).__name__
         raise Unsafe(f"{kind} expressions are not evaluated")
 
+    def _check_call(self, func: Any, node: ast.Call) -> None:
+        """:class:`Unsafe` unless ``func`` is one of ``calls`` and ``node`` passes no ``*`` or
+        ``**`` arguments (checked before the arguments are evaluated)."""
+        if func not in self.calls:
+            raise Unsafe(f"calling {getattr(func, '__name__', func)!r} is not allowed")
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(
+            k.arg is None for k in node.keywords
+        ):
+            raise Unsafe("* and ** arguments are not allowed")
+
+
+def _attribute(base: Any, attr: str) -> Any:
+    """``base.attr`` for a module or class of monai, numpy or torch; :class:`Unsafe` else."""
+    if not _in_safe_module(base) and not (
+        isinstance(base, type) and base.__module__.split(".")[0] in SAFE_MODULES
+    ):
+        raise Unsafe(f"attribute access .{attr} outside monai, numpy and torch")
     try:
-        return ev(tree.body)
-    except Unsafe:
-        raise
-    except Exception as err:  # e.g. 1 / 0, a bad subscript
-        raise Unsafe(f"it fails: {type(err).__name__}: {err}") from err
+        return getattr(base, attr)
+    except AttributeError as err:
+        raise Unsafe(f"{err}") from err
+
+
+def _call(func: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)`` unless a function is passed on or the result is too large."""
+    # a function passed on (sorted(..., key=torch.load)) would be called by the callee
+    if any(callable(v) and not _is_dtype(v) for v in (*args, *kwargs.values())):
+        raise Unsafe("functions may not be passed as arguments")
+    if func is range and len(range(*args)) > _MAX_SIZE:
+        raise Unsafe("the range is too long")
+    return _sized(func(*args, **kwargs))
+
+
+def _binop(op: ast.operator, left: Any, right: Any) -> Any:
+    """``left op right`` unless the exponent or the repeated sequence is too large."""
+    if isinstance(op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 64:
+        raise Unsafe("the exponent is too large")
+    if isinstance(op, ast.Mult) and any(isinstance(v, (str, list, tuple)) for v in (left, right)):
+        n = right if isinstance(left, (str, list, tuple)) else left
+        seq = left if isinstance(left, (str, list, tuple)) else right
+        if isinstance(n, int) and n * len(seq) > _MAX_SIZE:
+            raise Unsafe("the result is too long")
+    return _sized(_BINOPS[type(op)](left, right))
 
 
 def _is_dtype(value: Any) -> bool:

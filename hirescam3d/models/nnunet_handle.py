@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hirescam3d.errors import ModelError
-from hirescam3d.models.bundle import InputSpec, ModelInfo
-from hirescam3d.models.handle import ModelHandle
+from hirescam3d.models.handle_base import HandleBase
+from hirescam3d.models.model_info import InputSpec, ModelInfo
 from hirescam3d.models.nnunet import CHECKPOINT, NnunetModel, _read_json, check_folds, open_model
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -30,7 +30,7 @@ def _configuration_of(folder: Path) -> str:
     return parts[-1] if len(parts) >= 3 else "3d_fullres"
 
 
-class NnunetHandle(ModelHandle):
+class NnunetHandle(HandleBase):
     """A handle for an nnU-Net trained-model folder (``source == "nnunet"``)."""
 
     def __init__(

@@ -98,11 +98,38 @@ class ExplainWidget(QWidget):
 
     # -- layout ---------------------------------------------------------------------------
     def _build(self) -> None:
-        from hirescam3d.core.methods import METHODS
+        """Lay out the dock: the form, run controls and results, in a scroll area."""
+        form = QFormLayout()
+        self._build_model_rows(form)
+        self._build_choice_rows(form)
+        buttons = self._build_run_controls()
+        self._build_result_views()
+
+        # The controls scroll inside the dock, so a tall widget never squeezes the canvas.
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("Finding probabilities"))
+        layout.addWidget(self.prob_table)
+        layout.addWidget(QLabel("Share of attention per organ"))
+        layout.addWidget(self.organ_table)
+        layout.addWidget(self.grid_box)
+        layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+
+    def _build_model_rows(self, form: QFormLayout) -> None:
+        """Form rows for the CT layer, the model (zoo name or bundle folder) and how to load it."""
         from hirescam3d.models import zoo
         from hirescam3d.models.handle import ModelHandle
 
-        form = QFormLayout()
         self.ct_combo = QComboBox()
         self.ct_combo.setToolTip("3D Image layer holding the CT in Hounsfield units")
         form.addRow("CT layer", self.ct_combo)
@@ -128,6 +155,10 @@ class ExplainWidget(QWidget):
         )
         form.addRow("", self.trust_box)
         self._build_nnunet_row(form)
+
+    def _build_choice_rows(self, form: QFormLayout) -> None:
+        """Form rows for what to explain: findings, methods, values, organs and region."""
+        from hirescam3d.core.methods import METHODS
 
         self.findings_list = QListWidget()
         self.findings_list.setMaximumHeight(110)
@@ -164,6 +195,8 @@ class ExplainWidget(QWidget):
         )
         form.addRow("Region", self.region_combo)
 
+    def _build_run_controls(self) -> QHBoxLayout:
+        """The Explain / Cancel buttons (returned as a row), progress bar and status line."""
         self.run_button = QPushButton("Explain")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -177,32 +210,15 @@ class ExplainWidget(QWidget):
         self.progress_bar.setRange(0, 100)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        return buttons
 
+    def _build_result_views(self) -> None:
+        """The probability and organ tables and the side-by-side grid switch."""
         self.prob_table = _table(["Finding", "Probability"])
         self.organ_table = _table(["Organ"])
         self.grid_box = QCheckBox("Side by side (grid): Grad-CAM | HiResCAM")
         self.grid_box.setEnabled(False)
         self.grid_box.toggled.connect(self.set_grid)
-
-        # The controls scroll inside the dock, so a tall widget never squeezes the canvas.
-        content = QWidget()
-        layout = QVBoxLayout(content)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
-        layout.addWidget(QLabel("Finding probabilities"))
-        layout.addWidget(self.prob_table)
-        layout.addWidget(QLabel("Share of attention per organ"))
-        layout.addWidget(self.organ_table)
-        layout.addWidget(self.grid_box)
-        layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
 
     def _build_nnunet_row(self, form: QFormLayout) -> None:
         """nnU-Net model folders: folds, checkpoint and mirroring (``explain``'s --folds,

@@ -2,7 +2,7 @@
 
 The layer's ``metadata["hirescam3d"]`` (set by this plugin's reader, sample data and
 widget) holds the scan's affine, shape and header; the display array is put back in the
-scan's ``(I, J, K)`` order and written with :func:`hirescam3d.io.scans.write_explanation`, the
+scan's ``(I, J, K)`` order and written with :func:`hirescam3d.io.outputs.write_explanation`, the
 same contract as ``hirescam3d explain``. A layer without that metadata is written on the
 grid its ``scale``/``translate``/``rotate`` describe (world axes taken as S, P, L mm).
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hirescam3d.errors import InputError
-from hirescam3d.io.scans import write_explanation as _write_nifti
+from hirescam3d.io.outputs import write_explanation as _write_nifti
 from hirescam3d.napari import _layers
 
 

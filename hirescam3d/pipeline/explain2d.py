@@ -25,15 +25,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from hirescam3d.errors import InputError
 from hirescam3d.io.image2d import Image2D, read_image2d
+from hirescam3d.pipeline.classification import explain_classes
+from hirescam3d.pipeline.explanation import ExplainedPass
+from hirescam3d.pipeline.options import (
+    VALUES,
+    Pair,
+    audit_verdict,
+    check_findings,
+    check_methods,
+    resolve_device,
+    resolve_model,
+    software_versions,
+    step,
+)
 
-Pair = tuple[str, str]
 # MONAI dictionary transforms a 2D model's preprocessing may hold (LoadImaged and
 # EnsureChannelFirstd are the reader's job here). Spatial ones are undone by Invertd.
 _SPATIAL = ("Resized", "ResizeWithPadOrCropd", "SpatialPadd", "CenterSpatialCropd", "Zoomd")
@@ -74,8 +86,6 @@ class PictureExplanation:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report (``report.json`` before file details)."""
-        from hirescam3d.pipeline import software_versions
-
         info = self.model
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -192,6 +202,125 @@ def _conserve(plane: np.ndarray, density: torch.Tensor) -> np.ndarray:
     return out.astype(np.float32)
 
 
+class _Picture(NamedTuple):
+    """The checked inputs of :func:`explain_image2d`: the model, the picture, the requested
+    findings (None: chosen by probability), methods and layer."""
+
+    network: torch.nn.Module
+    info: Any
+    picture: Image2D
+    requested: list[str] | None
+    methods: list[str]
+    layer: str
+
+
+def _check_picture(
+    image: Image2D | str | Path,
+    model: Any,
+    findings: Sequence[str] | None,
+    methods: Sequence[str],
+    layer: str | None,
+    values: str,
+) -> _Picture:
+    """The arguments of :func:`explain_image2d`, checked in order (the picture is read, the
+    model resolved); InputError for a 3D or a segmentation model."""
+    if values not in VALUES:
+        raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
+    network, info = resolve_model(model)
+    picture = image if isinstance(image, Image2D) else read_image2d(image)
+    check_model_2d(info, str(picture.path))
+    if info.segmentation:
+        raise InputError(
+            f"{info.name} is a 2D segmentation model; the 2D image path explains classifiers "
+            "(use hirescam3d.Explainer with region=... for a segmentation network)"
+        )
+    requested = check_findings(findings, list(info.class_names))
+    methods = check_methods(methods)
+    return _Picture(network, info, picture, requested, methods, layer or info.target_layer)
+
+
+def _audit_2d(request: _Picture, values: str) -> Any:
+    """The audit's verdict at the explained layer; InputError if ``values="logit"`` but
+    HiResCAM's guarantee does not hold there (or other methods are asked for)."""
+    verdict = audit_verdict(request.network, request.info, request.layer)
+    if values == "logit" and (request.methods != ["hirescam"] or not verdict.guaranteed):
+        raise InputError(
+            "logit values need HiResCAM at a layer where its guarantee holds; use the "
+            "default unit values, or --method hirescam at a guaranteed layer"
+        )
+    return verdict
+
+
+class _Prepared(NamedTuple):
+    """The picture on the model's grid: ``pre`` the preprocessing (a ``Compose``),
+    ``image`` its result ``(C, *model)``, ``axes`` the model's axis order."""
+
+    pre: Any
+    image: Any
+    axes: str
+
+
+def _prepare(picture: Image2D, info: Any, notes: list[str]) -> _Prepared:
+    """Channels matched to the model, axes in its order, through its preprocessing; a
+    note (in ``notes``) for values outside the model's input window."""
+    from monai.data import MetaTensor
+
+    arr = _match_channels(picture, info.input.in_channels, notes)
+    axes = model_axes(info)
+    if axes == "columns":
+        arr = arr.transpose(0, 2, 1)
+    lo, hi = float(arr.min()), float(arr.max())
+    window = info.input.window
+    if window is not None and (lo < window[0] - 0.5 or hi > window[1] + 0.5):
+        notes.append(
+            f"{picture.path}: values range {lo:g} .. {hi:g}, outside the model's input "
+            f"window {window[0]:g} .. {window[1]:g} ({info.input.modality}); they are "
+            "clipped to it, so the explanation may say little"
+        )
+    spacing = picture.spacing if axes == "rows" else picture.spacing[::-1]
+    affine2d = torch.diag(torch.tensor([spacing[0], spacing[1], 1.0], dtype=torch.float64))
+    pre = preprocessing_2d(info)
+    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=affine2d)
+    return _Prepared(pre, pre({"image": tensor})["image"], axes)
+
+
+def _on_picture(
+    run: ExplainedPass,
+    raw: dict[Pair, torch.Tensor],
+    prepared: _Prepared,
+    verdict: Any,
+    values: str,
+    class_names: list[str],
+) -> tuple[dict[Pair, np.ndarray], dict[str, dict[str, Any]]]:
+    """``(maps, contributions)``: every raw map on the picture's pixels ``(H, W)`` (placed
+    on the model's grid, brought back with ``Invertd``), and HiResCAM's contributions."""
+    from hirescam3d.core import attribution, postprocess
+    from hirescam3d.core.methods import get_method
+
+    shape = tuple(int(n) for n in prepared.image.shape[1:])
+    identity = postprocess.stretch_geometry(shape, shape)
+    contributions: dict[str, dict[str, Any]] = {}
+    maps: dict[Pair, np.ndarray] = {}
+    for (finding, method), cells in raw.items():
+        geo = identity if get_method(method).resolution == "input" else run.layer_geometry
+        if method == "hirescam" and verdict.guaranteed and verdict.bias is not None:
+            regions = attribution.CellRegions(torch.ones(cells.shape, dtype=torch.float64), {})
+            contributions.setdefault(finding, {})[method] = attribution.contributions(
+                cells, regions, run.logits[finding], verdict.bias[class_names.index(finding)]
+            )
+        if values == "logit":
+            density = postprocess.density(cells[None, None], geo, shape)[0, 0]
+            plane = _conserve(_invert(prepared.pre, prepared.image, density), density)
+        else:
+            placed = postprocess.place(postprocess.relu(cells[None, None]), geo, shape)[0, 0]
+            top = float(placed.max())
+            unit = placed / top if top > 0 else torch.zeros_like(placed)
+            plane = np.clip(_invert(prepared.pre, prepared.image, unit), 0.0, 1.0)
+        columns = prepared.axes == "columns"
+        maps[(finding, method)] = np.ascontiguousarray(plane.T if columns else plane)
+    return maps, contributions
+
+
 def explain_image2d(
     image: Image2D | str | Path,
     model: Any = "resnet34v",
@@ -210,126 +339,42 @@ def explain_image2d(
     probability >= 0.5. ``values="logit"``: HiResCAM at a guaranteed layer only; maps in
     logits per pixel, summing to the contributions. The network is never changed.
     """
-    from monai.data import MetaTensor
-
-    from hirescam3d.core import attribution, postprocess
     from hirescam3d.core.explainer import Explainer
-    from hirescam3d.core.methods import get_method
-    from hirescam3d.pipeline import (
-        PROBABILITY_THRESHOLD,
-        VALUES,
-        _probabilities,
-        _verdict,
-        check_findings,
-        check_methods,
-        resolve_device,
-        resolve_model,
-    )
 
-    def step(stage: str, fraction: float) -> None:
-        if progress is not None:
-            progress(stage, fraction)
-
-    if values not in VALUES:
-        raise InputError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
-    network, info = resolve_model(model)
-    picture = image if isinstance(image, Image2D) else read_image2d(image)
-    check_model_2d(info, str(picture.path))
-    if info.segmentation:
-        raise InputError(
-            f"{info.name} is a 2D segmentation model; the 2D image path explains classifiers "
-            "(use hirescam3d.Explainer with region=... for a segmentation network)"
-        )
-    class_names = list(info.class_names)
-    requested = check_findings(findings, class_names)
-    methods = check_methods(methods)
-    layer = layer or info.target_layer
+    request = _check_picture(image, model, findings, methods, layer, values)
+    info, class_names = request.info, list(request.info.class_names)
     dev = resolve_device(device)
-    network.to(dev)
-    notes = list(picture.warnings)
+    request.network.to(dev)
+    notes = list(request.picture.warnings)
     timings: dict[str, float] = {}
-
-    step("audit", 0.05)
+    step(progress, "audit", 0.05)
     t = time.perf_counter()
-    verdict = _verdict(network, info, layer)
-    if values == "logit" and (methods != ["hirescam"] or not verdict.guaranteed):
-        raise InputError(
-            "logit values need HiResCAM at a layer where its guarantee holds; use the "
-            "default unit values, or --method hirescam at a guaranteed layer"
-        )
+    verdict = _audit_2d(request, values)
     timings["audit_s"] = time.perf_counter() - t
-
-    step("preprocess", 0.1)
+    step(progress, "preprocess", 0.1)
     t = time.perf_counter()
-    arr = _match_channels(picture, info.input.in_channels, notes)
-    axes = model_axes(info)
-    if axes == "columns":
-        arr = arr.transpose(0, 2, 1)
-    lo, hi = float(arr.min()), float(arr.max())
-    window = info.input.window
-    if window is not None and (lo < window[0] - 0.5 or hi > window[1] + 0.5):
-        notes.append(
-            f"{picture.path}: values range {lo:g} .. {hi:g}, outside the model's input "
-            f"window {window[0]:g} .. {window[1]:g} ({info.input.modality}); they are "
-            "clipped to it, so the explanation may say little"
-        )
-    spacing = picture.spacing if axes == "rows" else picture.spacing[::-1]
-    affine2d = torch.diag(torch.tensor([spacing[0], spacing[1], 1.0], dtype=torch.float64))
-    pre = preprocessing_2d(info)
-    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=affine2d)
-    prepared = pre({"image": tensor})["image"]
+    prepared = _prepare(request.picture, info, notes)
     timings["preprocess_s"] = time.perf_counter() - t
-
-    step("explain", 0.3)
+    step(progress, "explain", 0.3)
     t = time.perf_counter()
-    x = prepared.as_tensor()[None].to(dev)
-    explainer = Explainer(network, layer, methods[0], class_names=class_names)
-    targets = requested or class_names
-    results = explainer.explain(x, targets, methods, maps=False)
-    geometry = explainer.geometry(x)
-    logits = results[methods[0]].scores[0].detach().float().cpu()
-    probs = _probabilities(logits, info.task)
-    logit_of = dict(zip(class_names, map(float, logits.tolist()), strict=True))
-    prob_of = dict(zip(class_names, map(float, probs.tolist()), strict=True))
-    if requested is None:
-        chosen = [n for n in class_names if prob_of[n] >= PROBABILITY_THRESHOLD]
-        selection = f"every finding with probability >= {PROBABILITY_THRESHOLD}"
-        if not chosen:
-            notes.append(f"no finding has probability >= {PROBABILITY_THRESHOLD}; nothing was "
-                         "explained (name findings explicitly to explain them anyway)")  # fmt: skip
-    else:
-        chosen, selection = requested, "requested"
-    raw = {(f, m): results[m].raw[0, targets.index(f)].detach().float().cpu()
-           for f in chosen for m in methods}  # fmt: skip
-    del results, x
+    x = prepared.image.as_tensor()[None].to(dev)
+    explainer = Explainer(request.network, request.layer, request.methods[0],
+                          class_names=class_names)  # fmt: skip
+    run = explain_classes(explainer, x, class_names, request.requested, request.methods,
+                          info.task)  # fmt: skip
+    notes += run.notes
+    raw = {pair: cells.float() for pair, cells in run.raw.items()}
+    del x
     timings["explain_s"] = time.perf_counter() - t
-
-    step("invert", 0.6)
+    step(progress, "invert", 0.6)
     t = time.perf_counter()
-    shape = tuple(int(n) for n in prepared.shape[1:])
-    identity = postprocess.stretch_geometry(shape, shape)
-    contributions: dict[str, dict[str, Any]] = {}
-    maps: dict[Pair, np.ndarray] = {}
-    for (finding, method), cells in raw.items():
-        geo = identity if get_method(method).resolution == "input" else geometry
-        if method == "hirescam" and verdict.guaranteed and verdict.bias is not None:
-            regions = attribution.CellRegions(torch.ones(cells.shape, dtype=torch.float64), {})
-            contributions.setdefault(finding, {})[method] = attribution.contributions(
-                cells, regions, logit_of[finding], verdict.bias[class_names.index(finding)]
-            )
-        if values == "logit":
-            density = postprocess.density(cells[None, None], geo, shape)[0, 0]
-            plane = _conserve(_invert(pre, prepared, density), density)
-        else:
-            placed = postprocess.place(postprocess.relu(cells[None, None]), geo, shape)[0, 0]
-            top = float(placed.max())
-            unit = placed / top if top > 0 else torch.zeros_like(placed)
-            plane = np.clip(_invert(pre, prepared, unit), 0.0, 1.0)
-        maps[(finding, method)] = np.ascontiguousarray(plane.T if axes == "columns" else plane)
+    maps, contributions = _on_picture(run, raw, prepared, verdict, values, class_names)
     timings["invert_s"] = time.perf_counter() - t
     return PictureExplanation(
-        picture, info, layer, methods, values, logit_of, prob_of, chosen, selection, maps,
-        raw, contributions, verdict, shape, axes, str(dev), notes, timings,
+        request.picture, info, request.layer, request.methods, values, run.logits,
+        run.probabilities, run.chosen, run.selection, maps, raw, contributions, verdict,
+        tuple(int(n) for n in prepared.image.shape[1:]), prepared.axes, str(dev), notes,
+        timings,
     )  # fmt: skip
 
 
@@ -434,7 +479,6 @@ def explain_picture(
     """
     from hirescam3d.io import outputs
     from hirescam3d.io.scans import scan_stem
-    from hirescam3d.pipeline import check_findings, check_methods, resolve_model
 
     start = time.perf_counter()
     chosen_formats = check_formats_2d(formats)

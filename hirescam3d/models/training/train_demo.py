@@ -60,6 +60,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,6 +207,16 @@ def pretrain_triplets(
     return history
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``opt``'s learning rate over ``steps`` steps: a linear warm-up over the first 5%, then
+    a cosine decay to 0 at ``steps``."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
+    )
+
+
 def train(
     network: nn.Module,
     cts: np.ndarray,
@@ -239,12 +250,7 @@ def train(
     keep_nonnegative(network, nonnegative)
     opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(cts)
-    steps = epochs * (n // batch_size)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
-    )
+    sched = cosine_schedule(opt, epochs * (n // batch_size))
     weight = None if class_weights is None else torch.tensor(class_weights, device=device)
     loss_fn = nn.BCEWithLogitsLoss(weight=weight)
     seen: dict[str, torch.Tensor] = {}
@@ -287,7 +293,8 @@ def train(
     return history
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped ``demo`` run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("hirescam3d/bundles/demo"))
     parser.add_argument("--n-train", type=int, default=1600)
@@ -324,6 +331,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def _training_record(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    seeds: list[int],
+    pretrain: list[float],
+    history: list[float],
+    gen_s: float,
+    pretrain_s: float,
+    wall: float,
+) -> dict[str, Any]:
+    """The bundle's ``training`` entry: the command and its settings, the losses of both
+    stages, the epochs done and the times (s)."""
+    return {
+        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
+        "train_seeds": [seeds[0], seeds[-1]],
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "l1": args.l1,
+        "class_weights": args.class_weights,
+        "triplet_findings": args.triplet_findings,
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_batch": args.pretrain_batch,
+        "pretrain_losses": [round(v, 5) for v in pretrain],
+        "pretrain_s": round(pretrain_s, 1),
+        "epochs_completed": len(history),
+        "seed": args.seed,
+        "shortcut": args.shortcut,
+        "epoch_losses": [round(v, 5) for v in history],
+        "phantom_generation_s": round(gen_s, 1),
+        "wall_time_s": round(wall, 1),
+        "device": args.device,
+        "torch_threads": args.threads,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     from hirescam3d.models.bundle import save_bundle
@@ -362,29 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.shortcut:
         info.name = "demo_shortcut"
         info.description = shortcut_description(args.shortcut)
-    info.training = {
-        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
-        "train_seeds": [seeds[0], seeds[-1]],
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "l1": args.l1,
-        "class_weights": args.class_weights,
-        "triplet_findings": args.triplet_findings,
-        "pretrain_steps": args.pretrain_steps,
-        "pretrain_batch": args.pretrain_batch,
-        "pretrain_losses": [round(v, 5) for v in pretrain],
-        "pretrain_s": round(pretrain_s, 1),
-        "epochs_completed": len(history),
-        "seed": args.seed,
-        "shortcut": args.shortcut,
-        "epoch_losses": [round(v, 5) for v in history],
-        "phantom_generation_s": round(gen_s, 1),
-        "wall_time_s": round(wall, 1),
-        "device": args.device,
-        "torch_threads": args.threads,
-    }
+    info.training = _training_record(
+        args, argv, seeds, pretrain, history, gen_s, pretrain_s, wall
+    )
     save_bundle(network, info, args.out)
     log(f"wrote {args.out} in {wall / 60:.1f} min")
     return 0

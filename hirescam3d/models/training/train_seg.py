@@ -47,42 +47,19 @@ import argparse
 import multiprocessing as mp
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from hirescam3d.models.training.train_demo import log
+from hirescam3d.models.training.seg_data import SEG_SEED0, pack, seg_targets, unpack
+from hirescam3d.models.training.train_demo import cosine_schedule, log
+from hirescam3d.models.training.tune_seg_masks import tune, write
 from hirescam3d.models.zoo import SEG_CHANNELS, SEG_UNET
-
-SEG_SEED0 = 200_000
-
-
-def seg_targets(organs: np.ndarray, organ_names: dict[int, str], findings: dict) -> np.ndarray:
-    """Bool ``(len(SEG_CHANNELS), *organs.shape)``: one mask per channel of the network."""
-    label_of = {name: k for k, name in organ_names.items()}
-    out = np.zeros((len(SEG_CHANNELS), *organs.shape), dtype=bool)
-    for c, name in enumerate(SEG_CHANNELS):
-        if name in label_of:
-            out[c] = organs == label_of[name]
-        elif name in findings:
-            out[c] = findings[name]
-    return out
-
-
-def pack(masks: np.ndarray) -> np.ndarray:
-    """``(8, *S)`` bool -> ``(*S)`` uint8 with channel c in bit c."""
-    bits = np.zeros(masks.shape[1:], dtype=np.uint8)
-    for c, m in enumerate(masks):
-        bits |= m.astype(np.uint8) << c
-    return bits
-
-
-def unpack(bits: torch.Tensor) -> torch.Tensor:
-    """``(B, *S)`` uint8 -> float32 ``(B, 8, *S)`` (inverse of :func:`pack`)."""
-    shifts = torch.arange(len(SEG_CHANNELS), dtype=torch.uint8).view(1, -1, *[1] * (bits.ndim - 1))
-    return ((bits.unsqueeze(1) >> shifts) & 1).float()
 
 
 def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,51 +126,100 @@ def train(
     voxels alone, so a 30-voxel nodule weighs as much as a lung."""
     from monai.losses import DiceLoss
 
-    from hirescam3d.models.bundle import apply_window
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     network.train()
     opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
-    )
+    sched = cosine_schedule(opt, steps)
     dice = DiceLoss(sigmoid=True, batch=True)
-    cropper = None
-    if crop is not None:
-        from monai.transforms import RandCropByLabelClassesd
-
-        cropper = RandCropByLabelClassesd(
-            ["image", "label"], "label", crop, ratios=crop_ratios,
-            num_classes=len(SEG_CHANNELS) + 1, warn=False,
-        )  # fmt: skip
-        cropper.set_random_state(seed)
+    cropper = None if crop is None else _label_cropper(crop, crop_ratios, seed)
     weight = None
     if pos_weights is not None:
         weight = torch.tensor(pos_weights, dtype=torch.float32).view(-1, *[1] * (cts.ndim - 1))
+    loss_fn = SegLoss(dice, weight, pos_mean, presence, top_k)
     passes = steps * batch_size // len(cts) + 1
     order = np.concatenate([rng.permutation(len(cts)) for _ in range(passes)])
-    history, total = [], 0.0
-    start = time.time()
-    done = 0
-    for step in range(steps):
-        idx = np.sort(order[step * batch_size : (step + 1) * batch_size])
+    batch_indices = [np.sort(order[s * batch_size : (s + 1) * batch_size]) for s in range(steps)]
+    batches = _batches(cts, labels, batch_indices, window, cropper)
+    history, done = _optimise(network, batches, loss_fn, opt, sched, steps, deadline)
+    network.eval()
+    return history, done
+
+
+@dataclass(frozen=True)
+class SegLoss:
+    """The loss of one batch (see :func:`train`): BCE-with-logits, positive voxels weighted
+    per channel by ``pos_weight`` (``(C, 1, 1, 1)``; None: 1), plus soft ``dice``, plus
+    ``pos_mean`` x :func:`positive_mean_bce` and ``presence`` x the BCE of the mean of each
+    channel's ``top_k`` largest logits against whether the channel is present."""
+
+    dice: nn.Module
+    pos_weight: torch.Tensor | None
+    pos_mean: float = 0.0
+    presence: float = 0.0
+    top_k: int = 8
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` against the targets ``y``, both ``(B, C, *S)``."""
+        bce = nn.functional.binary_cross_entropy_with_logits
+        loss = bce(logits, y, pos_weight=self.pos_weight)
+        loss = loss + self.dice(logits, y)
+        if self.pos_mean > 0:
+            loss = loss + self.pos_mean * positive_mean_bce(logits, y)
+        if self.presence > 0:
+            peak = logits.flatten(2).topk(self.top_k, dim=2).values.mean(2)  # (B, C)
+            loss = loss + self.presence * bce(peak, y.flatten(2).amax(2))
+        return loss
+
+
+def _label_cropper(crop: tuple[int, int, int], ratios: list[float] | None, seed: int) -> Any:
+    """MONAI's ``RandCropByLabelClassesd`` for :func:`crop_batch`, seeded: patches of
+    ``crop`` voxels centred on a voxel of a class drawn with ``ratios`` (background first)."""
+    from monai.transforms import RandCropByLabelClassesd
+
+    cropper = RandCropByLabelClassesd(
+        ["image", "label"], "label", crop, ratios=ratios,
+        num_classes=len(SEG_CHANNELS) + 1, warn=False,
+    )  # fmt: skip
+    cropper.set_random_state(seed)
+    return cropper
+
+
+def _batches(
+    cts: np.ndarray,
+    labels: np.ndarray,
+    batch_indices: Sequence[np.ndarray],
+    window: tuple[float, float],
+    cropper: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One batch per index array, made when asked for: the windowed CT ``(B, 1, *S)`` and
+    the unpacked targets ``(B, C, *S)``, cut to one patch each by ``cropper`` if given."""
+    from hirescam3d.models.bundle import apply_window
+
+    for idx in batch_indices:
         x = apply_window(cts[idx], window).unsqueeze(1)
         y = unpack(torch.from_numpy(labels[idx]))
         if cropper is not None:
             x, y = crop_batch(cropper, x, y)
-        logits = network(x)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
-        loss = loss + dice(logits, y)
-        if pos_mean > 0:
-            loss = loss + pos_mean * positive_mean_bce(logits, y)
-        if presence > 0:
-            peak = logits.flatten(2).topk(top_k, dim=2).values.mean(2)  # (B, C)
-            loss = loss + presence * nn.functional.binary_cross_entropy_with_logits(
-                peak, y.flatten(2).amax(2)
-            )
+        yield x, y
+
+
+def _optimise(
+    network: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: SegLoss,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    steps: int,
+    deadline: float | None,
+) -> tuple[list[float], int]:
+    """One optimiser step per batch: the mean loss of each block of 50 steps and the number
+    of steps done (the loop stops early once ``deadline``, a ``time.time()`` value, passed)."""
+    history, total = [], 0.0
+    start = time.time()
+    done = 0
+    for step, (x, y) in enumerate(batches):
+        loss = loss_fn(network(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -207,7 +233,6 @@ def train(
         if deadline is not None and time.time() > deadline:
             log(f"deadline reached: stopping after step {step + 1}")
             break
-    network.eval()
     return history, done
 
 
@@ -251,7 +276,8 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_top_pad, 1 << 30)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped ``demo_seg`` run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("hirescam3d/bundles/demo_seg"))
     parser.add_argument("--n-train", type=int, default=800)
@@ -289,6 +315,47 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="phantom-generation processes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return parser
+
+
+def _training_record(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    seeds: list[int],
+    history: list[float],
+    done: int,
+    gen_s: float,
+    wall: float,
+) -> dict[str, Any]:
+    """The bundle's ``training`` entry: the command and its settings, the block losses,
+    the steps done and the times (s)."""
+    return {
+        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
+        "train_seeds": [seeds[0], seeds[-1]],
+        "steps": args.steps,
+        "steps_completed": done,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "loss": "BCE-with-logits (positive voxels weighted per channel) + soft Dice "
+        "(batch=True) + presence x BCE of the top-k mean logit per channel",
+        "pos_weights": args.pos_weights,
+        "presence": args.presence,
+        "pos_mean": args.pos_mean,
+        "top_k": args.top_k,
+        "init": args.init,
+        "crop": args.crop,
+        "crop_ratios": args.crop_ratios,
+        "block_losses": [round(v, 5) for v in history],
+        "phantom_generation_s": round(gen_s, 1),
+        "wall_time_s": round(wall, 1),
+        "torch_threads": args.threads,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if len(args.pos_weights) != len(SEG_CHANNELS):
         parser.error(f"--pos-weights needs {len(SEG_CHANNELS)} values, one per channel")
@@ -322,34 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - start
     info = entry.info
     info.trained = True
-    info.training = {
-        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
-        "train_seeds": [seeds[0], seeds[-1]],
-        "steps": args.steps,
-        "steps_completed": done,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "seed": args.seed,
-        "loss": "BCE-with-logits (positive voxels weighted per channel) + soft Dice "
-        "(batch=True) + presence x BCE of the top-k mean logit per channel",
-        "pos_weights": args.pos_weights,
-        "presence": args.presence,
-        "pos_mean": args.pos_mean,
-        "top_k": args.top_k,
-        "init": args.init,
-        "crop": args.crop,
-        "crop_ratios": args.crop_ratios,
-        "block_losses": [round(v, 5) for v in history],
-        "phantom_generation_s": round(gen_s, 1),
-        "wall_time_s": round(wall, 1),
-        "torch_threads": args.threads,
-    }
+    info.training = _training_record(args, argv, seeds, history, done, gen_s, wall)
     save_bundle(network, info, args.out, network_def={"_target_": "UNet", **SEG_UNET})
     log(f"wrote {args.out} in {wall / 60:.1f} min")
     if args.val_count > 0:  # the mask post-processing, on seeds right after the training's
-        from hirescam3d.models.training.tune_seg_masks import tune, write
-
         first = seeds[-1] + 1
         write(args.out, tune(args.out, list(range(first, first + args.val_count)), args.workers))
         log(f"mask post-processing chosen on seeds {first}..{first + args.val_count - 1}")

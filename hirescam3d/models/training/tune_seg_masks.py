@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hirescam3d.models.training.seg_data import SEG_SEED0, seg_targets
 from hirescam3d.models.training.train_demo import log
-from hirescam3d.models.training.train_seg import SEG_SEED0, seg_targets
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 MIN_VOXELS = (0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 30000, 40000)

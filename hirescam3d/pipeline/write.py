@@ -1,0 +1,127 @@
+"""The outputs of :func:`~hirescam3d.pipeline.scan.explain_scan`: every map, one at a time,
+the predicted masks and ``report.json`` last.
+
+Each map is computed on its grid (:mod:`~hirescam3d.pipeline.to_scan_grid`), written in the
+background while the next one is placed (at most one map being written,
+:mod:`hirescam3d.pipeline.stages`) and dropped. Everything is written into a temporary folder
+inside the output folder and moved into place whole at the end: an error or a kill leaves
+the output folder as it was (:mod:`hirescam3d.io.staging`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from hirescam3d.io import outputs
+from hirescam3d.io.montage import save_montage
+from hirescam3d.pipeline import stages
+from hirescam3d.pipeline.explanation import Explanation
+from hirescam3d.pipeline.options import Progress, ScanOptions, step
+from hirescam3d.pipeline.read import ScanInputs
+from hirescam3d.pipeline.report import scan_report
+
+
+class MapsWritten(NamedTuple):
+    """``written``: ``{key: path}`` of the files written so far (in their staging folder);
+    ``dicom``: the :class:`~hirescam3d.io.outputs.DicomMaps` or None; ``timings``:
+    ``invert_s`` (placing the maps) and ``write_s`` (writing them)."""
+
+    written: dict[str, Path]
+    dicom: Any
+    timings: dict[str, float]
+
+
+def _write_maps(
+    result: Explanation, scan: Any, paths: dict[str, Path], options: ScanOptions
+) -> MapsWritten:
+    """Write every map of ``result`` on the chosen grid in every chosen format (and its PNG
+    montage); the scan's voxels are freed first (``scan.array`` emptied)."""
+    written: dict[str, Path] = {}
+    dicom = None
+    if options.dicom_out:  # before the scan's voxels are freed: a non-DICOM scan is written first
+        dicom = outputs.DicomMaps(scan, options.formats, options.seg_threshold,
+                                  paths.get("ct_dicom"), options.stem, options.force)  # fmt: skip
+        if options.ct_series:
+            written["ct_dicom"] = paths["ct_dicom"]
+    png, on_scan_grid, force = options.png, options.grid == "scan", options.force
+    ct = scan.array if png else None
+    scan.array = np.empty((0, 0, 0), np.float32)  # not needed any more: free it early
+    timings = {"invert_s": 0.0, "write_s": 0.0}
+
+    def write_pair(finding: str, method: str, volume: np.ndarray, volume_affine: Any,
+                   on_scan: np.ndarray | None) -> None:  # fmt: skip
+        key = f"{finding}/{method}"
+        if "nifti" in options.formats:
+            written[key] = outputs.write_map(
+                paths[key], volume, volume_affine, method, options.values, options.dtype,
+                scan.header, force=force,
+            )  # fmt: skip
+        if dicom is not None:
+            written.update(dicom.write(paths, volume, volume_affine, finding, method,
+                                       options.values))  # fmt: skip
+        if png:
+            written[key + "/png"] = save_montage(
+                ct, on_scan, paths[key + "/png"], affine=scan.affine,
+                title=(f"{options.stem}: {finding} ({method}, "
+                       f"p = {result.probabilities[finding]:.2f})"),
+                force=force,
+            )  # fmt: skip
+
+    with stages.background_writer() as writer:
+        for pair in result.pairs:
+            t = time.perf_counter()
+            if on_scan_grid:
+                volume, volume_affine = result.scan_map(pair), scan.affine
+            else:
+                volume, volume_affine = result.model_map(pair), result.grid.affine
+            on_scan = None
+            if png:
+                on_scan = volume if on_scan_grid else result.scan_map(pair)
+            timings["invert_s"] += time.perf_counter() - t
+            writer.submit(write_pair, *pair, volume, volume_affine, on_scan)
+            del volume, on_scan
+    timings["write_s"] += writer.seconds
+    return MapsWritten(written, dicom, timings)
+
+
+def write_outputs(
+    result: Explanation,
+    inputs: ScanInputs,
+    options: ScanOptions,
+    progress: Progress | None,
+    start: float,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the maps, the predicted masks (on the scan's grid) and ``report.json`` last;
+    ``(written {key: path}, report)``. ``start``: when the run began (``perf_counter``), for
+    its total time. Nothing is left behind if any write fails."""
+    from hirescam3d.io.staging import Staging
+
+    paths = options.paths(result.explained)
+    outputs.check_writable(paths.values(), options.force)
+    stage = Staging(options.out_dir)
+    paths = stage.redirect(paths)
+    try:
+        step(progress, "write", 0.9)
+        maps = _write_maps(result, inputs.scan, paths, options)
+        written, timings = maps.written, {**inputs.timings, **maps.timings}
+        t = time.perf_counter()
+        for finding in result.masks:  # the predicted masks, on the scan's grid
+            written[f"{finding}/mask"] = outputs.write_labels(
+                paths[f"{finding}/mask"], result.mask_on_scan(finding), inputs.scan.affine,
+                force=options.force, name="predicted",
+            )  # fmt: skip
+        timings["write_s"] += time.perf_counter() - t
+        timings.update(result.timings)
+        timings["total_s"] = time.perf_counter() - start
+        result.timings = timings
+        report = scan_report(result, inputs, options, paths, maps.dicom)
+        written["report"] = outputs.write_json(paths["report"], report, force=options.force)
+        written = stage.commit(written)
+    except BaseException:
+        stage.discard()
+        raise
+    return written, report
