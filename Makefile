@@ -20,7 +20,7 @@ gui-deps:
 	@bash .ci/install-gui-deps.sh
 
 # The outside judges of the DICOM outputs (dciodvfy from dicom3tools, dcm2niix), installed
-# with apt-get where root; without them tests/test_dicom_validators.py skips, saying why.
+# with apt-get where root; without them tests/io/test_dicom_validators.py skips, saying why.
 judges:
 	@bash .ci/install-judges.sh
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the outside judges of our DICOM outputs on a Debian machine: dciodvfy (David
 # Clunie's dicom3tools, the standard's IOD validator) and dcm2niix (DICOM -> NIfTI, for
-# the round trip). tests/test_dicom_validators.py skips, saying why, where they are missing.
+# the round trip). tests/io/test_dicom_validators.py skips, saying why, where they are missing.
 set -euo pipefail
 if command -v dciodvfy >/dev/null 2>&1 && command -v dcm2niix >/dev/null 2>&1; then
     exit 0

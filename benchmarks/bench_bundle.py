@@ -1,5 +1,5 @@
 """Published-bundle benchmark: explaining MONAI's ``spleen_ct_segmentation`` (its configs
-from tests/data/model_zoo, unchanged; seeded random weights built by MONAI from its
+from tests/fixtures/model_zoo, unchanged; seeded random weights built by MONAI from its
 ``network_def``) against the bundle's own inference (issue 22).
 
 The case: ``make_chest_ct(20260105, shape=(300, 512, 512), spacing=(1.0, 0.7, 0.7))``
@@ -32,7 +32,7 @@ from pathlib import Path
 from bench_scale import run_json as run
 
 HERE = Path(__file__).resolve().parent
-BUNDLE = HERE.parent / "tests" / "data" / "model_zoo" / "spleen_ct_segmentation"
+BUNDLE = HERE.parent / "tests" / "fixtures" / "model_zoo" / "spleen_ct_segmentation"
 SEED, SHAPE, SPACING = 20260105, (300, 512, 512), (1.0, 0.7, 0.7)
 TARGETS = {"call_over_bundle": 2.5, "peak_rss_over_bundle": 1.5}
 MAKE = """

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import installed_console_script
+
+from tests.conftest import installed_console_script
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -10,7 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import installed_console_script
+
+from tests.conftest import installed_console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -71,6 +71,8 @@ from hirescam3d.models.nets.axialnet import SLICES_PER_TRIPLET
 TRAIN_SEED0 = 100_000
 HELD_OUT_SEEDS = range(0, 100_000)  # benchmark territory: never used for training
 
+COMMAND = "python -m hirescam3d.models.training.train_demo"
+
 
 def _phantom(
     seed: int, shortcut: str | None = None
@@ -347,7 +349,7 @@ def _training_record(
     """The bundle's ``training`` entry: the command and its settings, the losses of both
     stages, the epochs done and the times (s)."""
     return {
-        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join([COMMAND, *(argv or sys.argv[1:])]),
         "train_seeds": [seeds[0], seeds[-1]],
         "epochs": args.epochs,
         "batch_size": args.batch_size,

@@ -61,6 +61,8 @@ from hirescam3d.models.training.train_demo import cosine_schedule, log
 from hirescam3d.models.training.tune_seg_masks import tune, write
 from hirescam3d.models.zoo import SEG_CHANNELS, SEG_UNET
 
+COMMAND = "python -m hirescam3d.models.training.train_seg"
+
 
 def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
     from hirescam3d.data.phantom import make_chest_ct
@@ -330,7 +332,7 @@ def _training_record(
     """The bundle's ``training`` entry: the command and its settings, the block losses,
     the steps done and the times (s)."""
     return {
-        "command": f"python -m {__spec__.name} " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join([COMMAND, *(argv or sys.argv[1:])]),
         "train_seeds": [seeds[0], seeds[-1]],
         "steps": args.steps,
         "steps_completed": done,

@@ -1,0 +1,195 @@
+"""Overlapped stages (issue 25): ``batch`` reads scan k+1 while scan k is explained, maps are
+written in the background. Oracles: the sequential run's files, byte for byte; the
+reads counted where they happen; a failing write; ``kill -9`` then a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hirescam3d.io import outputs
+from hirescam3d.io import scans as io
+from hirescam3d.io.scans import OutputError
+from hirescam3d.pipeline import explain_scan, stages
+from tests.pipeline.test_batch import MODEL, REPO, invoke, log_records, small_scans, temp_leftovers
+
+
+@pytest.mark.slow
+def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_path, monkeypatch):
+    paths = small_scans(tmp_path / "scans", 2)
+    reads: list[tuple[str, str]] = []
+    real = io.read_scan
+
+    def counted(path, series=None):
+        reads.append((Path(path).name, threading.current_thread().name))
+        return real(path, series)
+
+    monkeypatch.setattr(io, "read_scan", counted)
+    out = tmp_path / "out"
+    result = invoke("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
+                    "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert Counter(name for name, _ in reads) == {p.name: 1 for p in paths}
+    by_name = dict(reads)
+    assert not by_name[paths[0].name].startswith("hirescam3d-read-ahead")  # nothing before it
+    for p in paths[1:]:  # read while the scan before was explained
+        assert by_name[p.name].startswith("hirescam3d-read-ahead")
+    assert [r["status"] for r in log_records(out)] == ["ok"] * 2
+    # the sequential pipeline (no read-ahead, same writer) gives the same voxels
+    for p in paths:
+        stem = p.name.split(".")[0]
+        direct = tmp_path / "direct" / stem
+        explain_scan(p, direct, MODEL, ["atelectasis"], ("hirescam", "gradcam"))
+        [folder] = [f for f in out.iterdir() if f.is_dir() and (f / "report.json").exists()
+                    and stem in json.loads((f / "report.json").read_text())["input"]["path"]]
+        for method in ("hirescam", "gradcam"):
+            name = f"{stem}_atelectasis_{method}.nii.gz"
+            a = np.asarray(nib.load(str(folder / name)).dataobj)
+            b = np.asarray(nib.load(str(direct / name)).dataobj)
+            assert np.array_equal(a, b)
+
+
+def test_a_failed_background_write_fails_the_scan_and_leaves_no_map(tmp_path, monkeypatch):
+    [scan] = small_scans(tmp_path / "scans", 1)
+    real = outputs.write_map
+    calls = []
+
+    def second_fails(path, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_map", second_fails)
+    out = tmp_path / "out"
+    result = invoke("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
+                    "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+    assert result.exit_code == 1
+    assert all(name.startswith("hirescam3d-writer") for name in calls)  # in the background
+    [record] = log_records(out)
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    assert list(out.rglob("*.nii.gz")) == [] and temp_leftovers(out) == []
+    monkeypatch.setattr(outputs, "write_map", real)  # the disk has room again: resumable
+    result = invoke("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
+                    "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert [r["status"] for r in log_records(out)] == ["failed", "ok"]
+    assert len(list(out.rglob("*.nii.gz"))) == 2
+
+
+def test_writer_keeps_order_bounds_work_and_raises_where_asked():
+    order, running, peak = [], [0], [0]
+
+    def job(i):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        order.append(i)
+        running[0] -= 1
+
+    with stages.background_writer() as writer:
+        for i in range(5):
+            writer.submit(job, i)
+    assert order == list(range(5)) and peak[0] == 1
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"), stages.background_writer() as writer:
+        writer.submit(boom)
+        writer.submit(job, 9)  # the failure of the job before surfaces here
+    assert 9 not in order
+
+
+def test_read_ahead_keeps_the_current_and_the_next_scan_only():
+    with stages.read_ahead() as ahead:
+        ahead.start({"a": (str.upper, ("a",))})
+        ahead.start({"b": (str.upper, ("b",))})
+        ahead.start({"c": (str.upper, ("c",))})  # "a" was never taken: dropped
+        assert stages.read("a", str.lower, "A") == "a"  # read again, not from the slot
+        assert stages.read("b", str.lower, "B") == "B"
+        assert stages.read("c", str.lower, "C") == "C"
+
+        def bad():
+            raise ValueError("corrupt")
+
+        ahead.start({"d": (bad, ())})
+        with pytest.raises(ValueError, match="corrupt"):  # raised where it is read
+            stages.read("d", str.lower, "D")
+    assert stages.read("x", str.upper, "x") == "X"  # no read-ahead outside the block
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_overlapped_batch_then_rerun_does_every_scan_once(tmp_path):
+    small_scans(tmp_path / "scans", 4)
+    out = tmp_path / "out"
+    shim = tmp_path / "run_cli.py"
+    shim.write_text("import sys, hirescam3d\n"
+                    f"hirescam3d.__path__.append({str(REPO)!r})\n"
+                    "from hirescam3d.cli.main import main\nmain()\n")  # fmt: skip
+    command = [sys.executable, str(shim), "batch", str(tmp_path / "scans" / "*_ct.nii.gz"),
+               "--out", str(out),
+               "--model", MODEL, "-f", "atelectasis", "--method", "hirescam", "--method",
+               "gradcam", "--device", "cpu", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/batch_done.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first scan done: the second is explained, the third read
+    time.sleep(0.3)
+    assert proc.poll() is None, "the batch ended before the kill: no kill test"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    records = log_records(out)
+    ok = Counter(r["id"] for r in records if r["status"] == "ok")
+    assert max(ok.values()) == 1  # no scan was completed twice over both runs
+    folders = [f for f in out.iterdir() if f.is_dir() and not f.name.startswith(".")]
+    assert len(folders) == 4 and {f.name for f in folders} >= set(ok)
+    assert temp_leftovers(out) == []
+    for folder in folders:  # every scan done, with every output it lists
+        marker = json.loads((folder / "batch_done.json").read_text())
+        assert marker["status"] == "ok" and len(marker["outputs"]) == 3
+        for name in marker["outputs"]:
+            assert (folder / name).exists()
+        skipped = [r for r in records if r["id"] == folder.name and r["status"] == "skipped"]
+        assert ok[folder.name] == 1 or skipped  # done by the first run, not redone
+
+
+def test_warnings_of_a_read_ahead_are_raised_where_the_scan_is_read():
+    import warnings
+
+    started, release = threading.Event(), threading.Event()
+
+    def noisy(name):
+        started.set()
+        release.wait(5)
+        warnings.warn(f"{name} does not look like HU", UserWarning, stacklevel=1)
+        return name
+
+    with stages.read_ahead() as ahead:
+        ahead.start({"k1": (noisy, ("scan1",))})
+        started.wait(5)
+        with warnings.catch_warnings(record=True) as during:  # scan 0 being explained
+            warnings.simplefilter("always")
+            release.set()
+            warnings.warn("scan0 own warning", UserWarning, stacklevel=1)
+            time.sleep(0.2)  # the read ahead warns now, in its thread
+        assert [str(w.message) for w in during] == ["scan0 own warning"]
+        with warnings.catch_warnings(record=True) as taken:
+            warnings.simplefilter("always")
+            assert stages.read("k1", str.upper, "x") == "scan1"
+        assert [str(w.message) for w in taken] == ["scan1 does not look like HU"]
