@@ -1,5 +1,6 @@
 """The library imports without the CLI or GUI stacks."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,27 @@ def test_library_never_imports_from_cli_folder():
         if "from hirescam3d.cli" in p.read_text() or "import hirescam3d.cli" in p.read_text()
     ]
     assert offenders == []
+
+
+OLD_PATHS = """
+import importlib, json
+from hirescam3d._moved import MOVED
+bad = [old for old, new in MOVED.items()
+       if importlib.import_module(f"hirescam3d.{old}") is not importlib.import_module(
+           f"hirescam3d.{new}")]
+from hirescam3d.models.axialnet import AxialNet as old_class
+from hirescam3d.models.nets import architecture
+print(json.dumps({"bad": bad, "same_class": architecture(
+    "hirescam3d.models.axialnet.AxialNet") is old_class}))
+"""
+
+
+def test_paths_of_the_flat_layout_import_the_modules_of_their_new_home():
+    """Every pre-0.2 module path is the very module at its new path (fresh interpreter, so
+    old and new paths are imported in this order for the first time), and a bundle naming
+    the old architecture path builds the same class."""
+    out = subprocess.run(
+        [sys.executable, "-c", OLD_PATHS], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"bad": [], "same_class": True}
