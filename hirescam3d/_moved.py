@@ -11,6 +11,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 MOVED: dict[str, str] = {
@@ -72,17 +73,29 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def __init__(self, package: str) -> None:
         self.targets = {f"{package}.{old}": f"{package}.{new}" for old, new in MOVED.items()}
+        self.specs: dict[str, ModuleSpec] = {}
 
     def find_spec(self, name: str, path: object = None, target: object = None):
         if name in self.targets:
-            return importlib.util.spec_from_loader(name, self)
+            origin = importlib.util.find_spec(self.targets[name]).origin
+            return importlib.util.spec_from_loader(name, self, origin=origin)
         return None
 
     def create_module(self, spec) -> ModuleType:
-        return importlib.import_module(self.targets[spec.name])
+        module = importlib.import_module(self.targets[spec.name])
+        self.specs[spec.name] = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """Nothing to run: the module was executed at its new path."""
+        """Nothing to run: the module was executed at its new path. Only give it back its
+        own spec, which the import system replaced with the old name's."""
+        module.__spec__ = self.specs[module.__spec__.name]
+
+    def get_code(self, name: str):
+        """The new module's code, so ``python -m hirescam3d.<old>`` (the commands recorded
+        in bundles trained before 0.2) still runs."""
+        new = self.targets[name]
+        return importlib.util.find_spec(new).loader.get_code(new)
 
 
 def install(package: str) -> None:
