@@ -33,7 +33,7 @@ import torch
 from hirescam3d.errors import InputError
 from hirescam3d.io.image2d import Image2D, read_image2d
 from hirescam3d.pipeline.classification import explain_classes
-from hirescam3d.pipeline.explanation import ExplainedPass
+from hirescam3d.pipeline.explanation import ExplainedPass, model_section
 from hirescam3d.pipeline.options import (
     VALUES,
     Pair,
@@ -86,15 +86,9 @@ class PictureExplanation:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report (``report.json`` before file details)."""
-        info = self.model
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "name": info.name, "weights_sha256": info.weights_sha256,
-                "trained": info.trained, "task": info.task,
-                "bundle": None if info.bundle_path is None else str(info.bundle_path),
-                "input": info.input.to_dict(),
-            },
+            "model": model_section(self.model),
             "input": {
                 "path": str(self.image.path.resolve()), "sha256": self.image.sha256,
                 "kind": self.image.source, "mode": self.image.mode,

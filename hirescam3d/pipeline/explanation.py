@@ -193,17 +193,9 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report (what ``report.json`` holds, before file details)."""
-        info = self.model
         report: dict[str, Any] = {
             "created": self.created,
-            "model": {
-                "name": info.name,
-                "weights_sha256": info.weights_sha256,
-                "trained": info.trained,
-                "task": info.task,
-                "bundle": None if info.bundle_path is None else str(info.bundle_path),
-                "input": info.input.to_dict(),
-            },
+            "model": model_section(self.model),
             "image": {
                 "shape": list(self.grid.scan_shape),
                 "affine": self.grid.scan_affine.tolist(),
@@ -279,3 +271,15 @@ def scan_explanation(
         values=result.values,
         raw=result.raw,
     )
+
+
+def model_section(info: ModelInfo) -> dict[str, Any]:
+    """The ``model`` section of a report: name, weights, task, bundle and input spec."""
+    return {
+        "name": info.name,
+        "weights_sha256": info.weights_sha256,
+        "trained": info.trained,
+        "task": info.task,
+        "bundle": None if info.bundle_path is None else str(info.bundle_path),
+        "input": info.input.to_dict(),
+    }
