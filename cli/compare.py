@@ -34,9 +34,9 @@ def check_mask_not_empty(mask: Path) -> None:
     """InputError (exit 1, as --region) for a --mask without any nonzero voxel; checked
     before the model loads or any folder is made."""
     import numpy as np
-    from hirescam3d.io.scans import read_image
 
     from hirescam3d.errors import InputError
+    from hirescam3d.io.scans import read_image
 
     if not np.any(np.asarray(read_image(mask)[0])):
         raise InputError(
