@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from hirescam3d import InputError
 from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.evaluate import metrics
 
@@ -122,3 +123,35 @@ def test_phantom_maps_equal_the_reference():
         maps.append(m)
         masks.append(mask)
     check(torch.from_numpy(np.stack(maps))[None], torch.from_numpy(np.stack(masks))[None])
+
+
+def scipy_largest_box(binary: np.ndarray, connectivity: int) -> list[list[int]]:
+    """The box of the largest component (first in C order on ties), labelled by SciPy."""
+    structure = ndimage.generate_binary_structure(binary.ndim, connectivity)
+    labels, n = ndimage.label(binary, structure=structure)
+    biggest = int(np.argmax(np.bincount(labels.ravel(), minlength=n + 1)[1:])) + 1
+    idx = np.argwhere(labels == biggest)
+    return [[int(a), int(z)] for a, z in zip(idx.min(0), idx.max(0), strict=True)]
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (40, 48, 48)], ids=["2d", "3d"])
+def test_every_connectivity_boxes_like_scipy(shape):
+    """Speckled maps (many components that touch by faces, edges or corners only), large
+    enough to be scored on threads: the Grad-CAM box for each connectivity is SciPy's."""
+    g = torch.Generator().manual_seed(7)
+    maps = (torch.rand((1, 6, *shape), generator=g) > 0.75).float()
+    maps *= torch.rand(maps.shape, generator=g) * 0.1 + 0.9  # all selected at 15 %
+    masks = torch.rand(maps.shape, generator=g) > 0.5
+    for connectivity in range(1, len(shape) + 1):
+        _, boxes, _ = metrics.gradcam_box(maps, masks, connectivity=connectivity,
+                                          return_boxes=True)  # fmt: skip
+        for j in range(maps.shape[1]):
+            binary = maps[0, j].numpy() >= np.float32(0.15) * maps[0, j].numpy().max()
+            assert boxes[0, j].tolist() == scipy_largest_box(binary, connectivity)
+
+
+@pytest.mark.parametrize("connectivity", [0, -1, 4])
+def test_connectivity_out_of_range_is_refused(connectivity):
+    maps = torch.rand(1, 1, 4, 5, 6)
+    with pytest.raises(InputError, match="connectivity must be 1 to 3"):
+        metrics.gradcam_box(maps, maps > 0.5, connectivity=connectivity)

@@ -2,8 +2,9 @@
 IoU over thresholds, the Grad-CAM box).
 
 The mask metrics run map by map on the CPU with NumPy (a few passes over each map; the IoU
-curve from one histogram, boxes from per-axis projections, ``scipy.ndimage`` labelling the
-components of :func:`gradcam_box` inside each map's box) and return ``(B, K)`` float32
+curve from one histogram, boxes from per-axis projections, ``cc3d`` labelling the
+components of :func:`gradcam_box` inside each map's box; large maps on
+``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
 tensors on the maps' device. :func:`localisation_metrics` computes every mask metric at
 once, sharing the passes over the maps: use it when you need more than one. Masks are
 boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,6 +48,9 @@ __all__ = [
 
 #: The HiResCAM paper's binarisation thresholds (section 5.5): 0.02, 0.04, ..., 0.98.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(1, 50))
+
+#: Maps of this many voxels or more are scored on ``torch.get_num_threads()`` threads.
+_THREADED_VOXELS = 1 << 16
 
 
 def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,19 +110,24 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _largest_component_box(
-    crop: np.ndarray, structure: np.ndarray, offset: Sequence[int]
+    crop: np.ndarray, connectivity: int, offset: Sequence[int]
 ) -> list[list[int]]:
     """Inclusive box of the largest connected component of bool ``crop`` (the first in C
-    order on ties), in the coordinates of the array ``crop`` was cut from at ``offset``."""
+    order on ties), in the coordinates of the array ``crop`` was cut from at ``offset``.
+
+    ``cc3d`` labels in C order, as ``scipy.ndimage.label`` does, about four times faster;
+    ``connectivity`` is its 3D neighbourhood (6, 18 or 26), the crop padded to 3D."""
+    import cc3d
     from scipy import ndimage
 
-    labels, n_found = ndimage.label(crop, structure=structure)
+    as_3d = crop.reshape((1,) * (3 - crop.ndim) + crop.shape)
+    labels, n_found = cc3d.connected_components(as_3d, connectivity=connectivity, return_N=True)
     if n_found == 1:  # one component: its box is the crop's box of selected voxels
         box = _projection_box(crop)
         return [[lo + a, lo + z] for lo, (a, z) in zip(offset, box, strict=True)]
-    sizes = np.bincount(labels.ravel(), minlength=n_found + 1)[1:]
+    sizes = np.bincount(labels.reshape(crop.shape)[crop], minlength=n_found + 1)[1:]
     biggest = int(np.argmax(sizes)) + 1  # labels follow C order: first on ties
-    box = ndimage.find_objects(labels, max_label=biggest)[biggest - 1]
+    box = ndimage.find_objects(labels, max_label=biggest)[biggest - 1][3 - crop.ndim :]
     return [[lo + sl.start, lo + sl.stop - 1] for lo, sl in zip(offset, box, strict=True)]
 
 
@@ -184,19 +194,22 @@ def _sorted_thresholds(
 
 class _BoxRule(NamedTuple):
     """How :func:`gradcam_box` selects a map's voxels: ``map >= threshold * max`` (the
-    threshold in the maps' dtype), components of ``structure`` connectivity."""
+    threshold in the maps' dtype), components of ``connectivity`` (``cc3d``'s 3D
+    neighbourhood: 6, 18 or 26)."""
 
     threshold: np.ndarray
-    structure: np.ndarray
+    connectivity: int
 
 
 def _box_rule(threshold: float, connectivity: int | None, nd: int, dtype: np.dtype) -> _BoxRule:
-    """The :class:`_BoxRule` of a relative ``threshold`` and ``connectivity`` (default
-    ``nd``: faces, edges and corners) for ``nd``-D maps of ``dtype``."""
-    from scipy import ndimage
-
-    structure = ndimage.generate_binary_structure(nd, connectivity or nd)
-    return _BoxRule(np.asarray(threshold, dtype=dtype), structure)
+    """The :class:`_BoxRule` of a relative ``threshold`` and ``connectivity`` (as in
+    ``scipy.ndimage.generate_binary_structure``, 1 to ``nd``; default ``nd``: faces,
+    edges and corners) for ``nd``-D maps of ``dtype``."""
+    c = nd if connectivity is None else connectivity
+    if not 1 <= c <= nd:
+        raise InputError(f"connectivity must be 1 to {nd} for {nd}-D maps; got {connectivity}")
+    neighbours = 6 if c == 1 else 26 if c == nd else 18
+    return _BoxRule(np.asarray(threshold, dtype=dtype), neighbours)
 
 
 class _MaskRows:
@@ -263,20 +276,20 @@ def _iou_row(
     """``(T,)`` IoU of ``{row >= level}`` with a mask of ``mask_size`` voxels (``inside``:
     the map's values on it) for ascending ``levels`` in the map's dtype."""
     pred = _reached_curve(row[row >= levels[0]], levels)
-    inter = _reached_curve(inside, levels)
+    inter = _reached_curve(inside[inside >= levels[0]], levels)
     union = pred + mask_size - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
 def _component_box(
-    row: np.ndarray, shape: tuple[int, ...], level: np.ndarray, structure: np.ndarray
+    row: np.ndarray, shape: tuple[int, ...], level: np.ndarray, connectivity: int
 ) -> list[list[int]]:
     """Box of the largest component of ``{row >= level}`` (``row`` a flat map of
     ``shape``), labelled inside the box of those voxels."""
     chosen = (row >= level).reshape(shape)
     outer = _projection_box(chosen)  # the maximum is always chosen: never None
     crop = chosen[tuple(slice(lo, hi + 1) for lo, hi in outer)]
-    return _largest_component_box(crop, structure, [lo for lo, _ in outer])
+    return _largest_component_box(crop, connectivity, [lo for lo, _ in outer])
 
 
 def _score_row(
@@ -308,7 +321,7 @@ def _score_row(
         out.curve[r] = _iou_row(row, inside, where.size, levels)
     if "box" in parts:
         level = box_rule.threshold * top
-        out.map_boxes[r] = _component_box(row, masks.shape, level, box_rule.structure)
+        out.map_boxes[r] = _component_box(row, masks.shape, level, box_rule.connectivity)
         iou = _box_iou(torch.from_numpy(out.map_boxes[r]), torch.from_numpy(out.mask_boxes[r]))
         out.box[r] = float(iou) if where.size else 0.0
 
@@ -359,7 +372,7 @@ def _localise(
     each distinct mask once (its voxel list, and its box from per-axis projections). The
     IoU curve is one histogram of "how many levels ``t * max`` a voxel reaches" over the
     voxels at or above the lowest level, and one over the mask's voxels, summed from the
-    top; the Grad-CAM box labels components (``scipy.ndimage``) only inside the box of
+    top; the Grad-CAM box labels components (``cc3d``) only inside the box of
     the selected voxels, itself from per-axis projections.
     """
     flat, mflat = _flat_pair(maps, masks)
@@ -372,8 +385,10 @@ def _localise(
     if "box" in parts:
         rule = _box_rule(box_threshold, connectivity, len(shape), rows.dtype)
     scores = _RowScores.unscored(b * k, 0 if levels is None else levels.values.size, len(shape))
-    for r in range(b * k):
-        _score_row(r, rows[r], mask_rows, parts, levels, rule, scores)
+    workers = min(torch.get_num_threads(), b * k) if n >= _THREADED_VOXELS else 1
+    with ThreadPoolExecutor(workers) as pool:  # NumPy, cc3d and SciPy release the GIL
+        list(pool.map(lambda r: _score_row(r, rows[r], mask_rows, parts, levels, rule, scores),
+                      range(b * k)))  # fmt: skip
     return _as_tensors(scores, parts, levels, b, k, flat.device)
 
 
@@ -480,7 +495,8 @@ def gradcam_box(
     max``), the largest connected component is kept (the first in C order on ties), and
     its bounding box is compared with the bounding box of all of the mask's voxels. IoU
     is counted in voxels (boxes are inclusive). Components are labelled with
-    ``scipy.ndimage.label`` on the CPU, inside the box around the map's selected voxels.
+    ``cc3d`` (the same labels as ``scipy.ndimage.label``) on the CPU, inside the box
+    around the map's selected voxels.
 
     Args:
         maps: ``(B, K, *S)``.
