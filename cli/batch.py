@@ -350,14 +350,19 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 # -- torchrun -----------------------------------------------------------------------------
+def env_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's environment; ``(0, 1)`` outside torchrun."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", "1")) if "RANK" in env else 1
+    return (int(env.get("RANK", "0")) if world_size > 1 else 0), world_size
+
+
 class Distributed:
     """Rank, world size and collectives; a no-op stand-in when not under torchrun."""
 
     def __init__(self, device: str = "auto") -> None:
-        env = os.environ
-        self.world_size = int(env.get("WORLD_SIZE", "1")) if "RANK" in env else 1
-        self.rank = int(env.get("RANK", "0")) if self.world_size > 1 else 0
-        self.local_rank = int(env.get("LOCAL_RANK", "0"))
+        self.rank, self.world_size = env_rank()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.backend: str | None = None
         self.device = device
         if self.world_size <= 1:
@@ -431,20 +436,12 @@ class Distributed:
 Explain = Callable[..., tuple[Any, dict[str, Path]]]
 
 
-def reads_ahead(
-    item: BatchItem, out: Path, opts: ExplainOptions, signature: dict[str, Any]
-) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
+def scan_reads(item: BatchItem, opts: ExplainOptions) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
     """The reads :func:`hirescam3d.pipeline.explain_scan` will make for ``item`` (its scan
-    and the organ map), for :class:`hirescam3d.pipeline.stages.ReadAhead`; none for an item that
-    :func:`process_item` will skip."""
+    and the organ map), for :class:`hirescam3d.pipeline.stages.ReadAhead`."""
     from hirescam3d.io import scans as io
     from hirescam3d.io.organs import load_organ_map
 
-    if not opts.force:
-        if item.region is not None:
-            signature = {**signature, "region": os.path.abspath(item.region)}
-        if done_state(out / item.id, signature) != "todo":
-            return {}
     reads: dict[Any, tuple[Any, tuple[Any, ...]]] = {
         stages.scan_key(item.path, opts.series): (io.read_scan, (item.path, opts.series))
     }
@@ -452,6 +449,29 @@ def reads_ahead(
         reads[stages.organs_key(opts.organs, opts.organ_names)] = (
             load_organ_map, (opts.organs, opts.organ_names))  # fmt: skip
     return reads
+
+
+def reads_ahead(
+    item: BatchItem, out: Path, opts: ExplainOptions, signature: dict[str, Any]
+) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
+    """:func:`scan_reads`, or none for an item that :func:`process_item` will skip."""
+    if not opts.force:
+        if item.region is not None:
+            signature = {**signature, "region": os.path.abspath(item.region)}
+        if done_state(out / item.id, signature) != "todo":
+            return {}
+    return scan_reads(item, opts)
+
+
+def read_first_early(
+    ahead: stages.ReadAhead, items: Sequence[BatchItem], out: Path, opts: ExplainOptions
+) -> None:
+    """Start reading this rank's first scan while the model loads, unless its folder has
+    a done marker (a resumed run may skip it; the marker's options are checked later)."""
+    rank, world_size = env_rank()
+    mine = shard(items, rank, world_size)
+    if mine and (opts.force or not (out / mine[0].id / DONE_MARKER).exists()):
+        ahead.start(scan_reads(mine[0], opts))
 
 
 def process_item(
@@ -563,9 +583,14 @@ class _CheckedBatch:
 
 
 def _check_batch(
-    inputs: Sequence[str], out: Path, opts: ExplainOptions, explain: Explain | None
+    inputs: Sequence[str],
+    out: Path,
+    opts: ExplainOptions,
+    explain: Explain | None,
+    ahead: stages.ReadAhead,
 ) -> _CheckedBatch:
-    """Check the inputs and options and load the model; usage errors raise here."""
+    """Check the inputs and options and load the model (the first scan is read meanwhile);
+    usage errors raise here."""
     from .explain import check_out_folder
 
     check_out_folder(out)
@@ -581,6 +606,8 @@ def _check_batch(
             raise CLIUsageError("nnU-Net model folders are explained on nnU-Net's predicted "
                                 "regions: drop the manifest's 'region' column")  # fmt: skip
     explain = explain or (explain_nnunet_item if nnunet else run_pipeline)
+    if explain is run_pipeline:
+        read_first_early(ahead, items, out, opts)
     loaded = load_checked(opts.handle, opts.layer)
     # New weights under the same model name make earlier outputs stale.
     signature = {**opts.signature(), "weights_sha256": getattr(loaded[1], "weights_sha256", None)}
@@ -610,13 +637,14 @@ def _explain_share(
     run_id: str,
     show: bool,
     debug: bool,
+    ahead: stages.ReadAhead,
 ) -> RankLog:
     """Explain this rank's share of the items, logging each record; return the rank's log."""
     opts, explain, signature = batch.opts, batch.explain, batch.signature
     mine = shard(batch.items, dist.rank, dist.world_size)
     log = RankLog(out, dist.rank)
     prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
-    with items_progress(show) as progress, stages.read_ahead() as ahead:
+    with items_progress(show) as progress:
         label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
         task = progress.add_task(label, total=len(mine), rate="")
         worked, work_s = 0, 0.0  # scans explained (not skipped) and their seconds
@@ -661,26 +689,28 @@ def batch_command(
     Usage errors (missing inputs, unknown model or finding) raise before any rank starts
     work; ``explain`` replaces :func:`run_pipeline` (tests).
     """
-    batch = _check_batch(inputs, out, opts, explain)
-    out = _writable_folder(out)
-    dist = Distributed(batch.opts.device)
-    lock = OutputFolderLock(out, dist, batch.opts.wait)  # one writer per --out (rank 0 holds it)
-    try:
-        lock.acquire()
-        if dist.rank == 0:
-            fold_rank_logs(out)  # records of an earlier, interrupted run
-        run_id = dist.broadcast(f"{_now()}-{uuid.uuid4().hex[:8]}")
-        dist.barrier()
-        log = _explain_share(batch, out, dist, run_id, not quiet and dist.rank == 0, debug)
-        failed_here = sum(r["status"] == "failed" for r in log.records)
-        dist.barrier()
-        failed = dist.total(failed_here)
-        if dist.rank == 0:
-            _report_run(out, run_id, log, json_out, quiet)
-        dist.barrier()
-    finally:
-        lock.release()
-        dist.close()
+    with stages.read_ahead() as ahead:
+        batch = _check_batch(inputs, out, opts, explain, ahead)
+        out = _writable_folder(out)
+        dist = Distributed(batch.opts.device)
+        lock = OutputFolderLock(out, dist, batch.opts.wait)  # one writer per --out (rank 0)
+        try:
+            lock.acquire()
+            if dist.rank == 0:
+                fold_rank_logs(out)  # records of an earlier, interrupted run
+            run_id = dist.broadcast(f"{_now()}-{uuid.uuid4().hex[:8]}")
+            dist.barrier()
+            show = not quiet and dist.rank == 0
+            log = _explain_share(batch, out, dist, run_id, show, debug, ahead)
+            failed_here = sum(r["status"] == "failed" for r in log.records)
+            dist.barrier()
+            failed = dist.total(failed_here)
+            if dist.rank == 0:
+                _report_run(out, run_id, log, json_out, quiet)
+            dist.barrier()
+        finally:
+            lock.release()
+            dist.close()
     return 1 if failed else 0
 
 

@@ -164,11 +164,12 @@ class Explanation:
         geometry = self.geometry[pair[1]]
         return to_scan_grid.model_map(self.raw[pair], geometry, self.grid.shape, self.values)
 
-    def scan_map(self, pair: Pair) -> np.ndarray:
+    def scan_map(self, pair: Pair, out: np.ndarray | None = None) -> np.ndarray:
         """Float32 ``(I, J, K)`` on the scan's grid (F-ordered): a [0, 1] display map, or
-        logits per scan voxel summing to the model-grid contributions inside the scan."""
+        logits per scan voxel summing to the model-grid contributions inside the scan.
+        ``out``: an array of that kind to reuse (the result may or may not be it)."""
         geometry = self.geometry[pair[1]]
-        on_scan = to_scan_grid.scan_map(self.raw[pair], geometry, self.grid, self.values)
+        on_scan = to_scan_grid.scan_map(self.raw[pair], geometry, self.grid, self.values, out)
         if on_scan.correction is not None:
             self.contributions[pair[0]][pair[1]]["resampling_correction"] = on_scan.correction
         return on_scan.volume

@@ -51,9 +51,12 @@ class ScanMap(NamedTuple):
     correction: list[float] | None
 
 
-def scan_map(cells: torch.Tensor, geometry: Any, grid: ModelGrid, values: str) -> ScanMap:
+def scan_map(
+    cells: torch.Tensor, geometry: Any, grid: ModelGrid, values: str, out: np.ndarray | None = None
+) -> ScanMap:
     """The raw map ``cells`` on the scan's grid: a [0, 1] display map, or logits per scan
-    voxel summing to the model-grid contributions inside the scan."""
+    voxel summing to the model-grid contributions inside the scan. ``out``: a float32
+    F-ordered array of the scan's shape to reuse (the separable path writes into it)."""
     unit = values == "unit"
     if not grid.fast:
         placed = model_map(cells, geometry, grid.shape, values)
@@ -61,12 +64,15 @@ def scan_map(cells: torch.Tensor, geometry: Any, grid: ModelGrid, values: str) -
     elif unit:
         _, top = placed_map(cells, geometry, grid.shape, values)
         if top <= 0:
-            return ScanMap(np.zeros(grid.scan_shape, np.float32, order="F"), None)
-        volume = grid.to_scan(cells.float().clamp_min(0) / top, geometry, "place")
+            if out is None:
+                return ScanMap(np.zeros(grid.scan_shape, np.float32, order="F"), None)
+            out.fill(0)
+            return ScanMap(out, None)
+        volume = grid.to_scan(cells.float().clamp_min(0) / top, geometry, "place", out)
         np.clip(volume, 0.0, 1.0, out=volume)
         return ScanMap(volume, None)
     else:
-        volume = grid.to_scan(cells, geometry, "density")
+        volume = grid.to_scan(cells, geometry, "density", out)
     if unit:
         return ScanMap(volume, None)
     density, _ = placed_map(cells, geometry, grid.shape, values)

@@ -35,6 +35,23 @@ class MapsWritten(NamedTuple):
     timings: dict[str, float]
 
 
+class _TwoBuffers:
+    """Two float32 F-ordered arrays of the scan's shape, handed out in turn: one holds the
+    map being placed, the other the map being written. The background writer runs one job
+    at a time and starts one only after the one before has finished, so an array is free
+    again when its turn comes. Reusing them spares the page faults of a fresh 300 MB array
+    per map, which cost more than placing the map."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape, self.arrays, self.turn = shape, [], 0
+
+    def next(self) -> np.ndarray:
+        if len(self.arrays) < 2:
+            self.arrays.append(np.empty(self.shape, np.float32, order="F"))
+        self.turn += 1
+        return self.arrays[(self.turn - 1) % 2]
+
+
 def _write_maps(
     result: Explanation, scan: Any, paths: dict[str, Path], options: ScanOptions
 ) -> MapsWritten:
@@ -71,11 +88,12 @@ def _write_maps(
                 force=force,
             )  # fmt: skip
 
+    buffers = _TwoBuffers(result.grid.scan_shape)
     with stages.background_writer() as writer:
         for pair in result.pairs:
             t = time.perf_counter()
             if on_scan_grid:
-                volume, volume_affine = result.scan_map(pair), scan.affine
+                volume, volume_affine = result.scan_map(pair, buffers.next()), scan.affine
             else:
                 volume, volume_affine = result.model_map(pair), result.grid.affine
             on_scan = None

@@ -27,25 +27,37 @@ from tests.pipeline.test_batch import MODEL, REPO, invoke, log_records, small_sc
 
 @pytest.mark.slow
 def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_path, monkeypatch):
+    import hirescam3d.cli.batch as cli_batch
+
     paths = small_scans(tmp_path / "scans", 2)
     reads: list[tuple[str, str]] = []
-    real = io.read_scan
+    real, real_load = io.read_scan, cli_batch.load_checked
+    first_read = threading.Event()
 
     def counted(path, series=None):
         reads.append((Path(path).name, threading.current_thread().name))
+        first_read.set()
         return real(path, series)
 
+    def load_after_the_first_read_began(*args):
+        assert first_read.wait(20), "the first scan was not read while the model loaded"
+        return real_load(*args)
+
     monkeypatch.setattr(io, "read_scan", counted)
+    monkeypatch.setattr(cli_batch, "load_checked", load_after_the_first_read_began)
     out = tmp_path / "out"
-    result = invoke("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
-                    "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+    args = ("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
+            "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+    result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     assert Counter(name for name, _ in reads) == {p.name: 1 for p in paths}
-    by_name = dict(reads)
-    assert not by_name[paths[0].name].startswith("hirescam3d-read-ahead")  # nothing before it
-    for p in paths[1:]:  # read while the scan before was explained
-        assert by_name[p.name].startswith("hirescam3d-read-ahead")
-    assert [r["status"] for r in log_records(out)] == ["ok"] * 2
+    for p in paths:  # the first while the model loaded, the others during the scan before
+        assert dict(reads)[p.name].startswith("hirescam3d-read-ahead")
+    reads.clear()
+    monkeypatch.setattr(cli_batch, "load_checked", real_load)
+    assert invoke(*args).exit_code == 0
+    assert reads == []  # a rerun skips every scan and reads none, not even the first
+    assert [r["status"] for r in log_records(out)] == ["ok"] * 2 + ["skipped"] * 2
     # the sequential pipeline (no read-ahead, same writer) gives the same voxels
     for p in paths:
         stem = p.name.split(".")[0]
@@ -193,3 +205,34 @@ def test_warnings_of_a_read_ahead_are_raised_where_the_scan_is_read():
             warnings.simplefilter("always")
             assert stages.read("k1", str.upper, "x") == "scan1"
         assert [str(w.message) for w in taken] == ["scan1 does not look like HU"]
+
+
+def test_reused_map_buffers_are_never_overwritten_while_written(tmp_path, monkeypatch):
+    """Maps are placed into two arrays used in turn while the one before is written. A slow
+    writer checks that its map did not change during its write; the files equal those of a
+    run that places every map into a fresh array."""
+    import hashlib
+
+    from hirescam3d.pipeline import write as pipeline_write
+
+    [scan] = small_scans(tmp_path / "scans", 1)
+    findings, methods = ["atelectasis", "pleural_effusion", "cardiomegaly"], ("hirescam", "gradcam")
+    real, changed = outputs.write_map, []
+
+    def slow_checked(path, volume, *args, **kwargs):
+        before = hashlib.sha256(np.ascontiguousarray(volume)).hexdigest()
+        time.sleep(0.05)  # the next map is placed meanwhile
+        result = real(path, volume, *args, **kwargs)
+        changed.append(hashlib.sha256(np.ascontiguousarray(volume)).hexdigest() != before)
+        return result
+
+    monkeypatch.setattr(outputs, "write_map", slow_checked)
+    explain_scan(scan, tmp_path / "reused", MODEL, findings, methods)
+    assert len(changed) == 6 and not any(changed)
+    monkeypatch.setattr(outputs, "write_map", real)
+    monkeypatch.setattr(pipeline_write._TwoBuffers, "next", lambda self: None)
+    explain_scan(scan, tmp_path / "fresh", MODEL, findings, methods)
+    for path in (tmp_path / "fresh").glob("*.nii.gz"):
+        a = np.asarray(nib.load(str(path)).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "reused" / path.name)).dataobj)
+        assert np.array_equal(a, b), path.name
