@@ -70,15 +70,9 @@ def explain_nnunet_command(
     """``hirescam3d explain`` for an nnU-Net model folder (after the option checks)."""
     import json
 
-    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
-
     from .console import note, out_console
 
-    check_nnunet_options(opts)
-    findings = None if opts.all_findings else (opts.findings or None)
-    report, paths = explain_nnunet_scan(
-        scan, out, opts.handle, findings, opts.layer, opts.values, opts.force
-    )
+    report, paths = _explain_nnunet(scan, out, opts)
     passes = len(report["passes"])
     note(f"averaged {passes} pass(es): folds {', '.join(report['folds'])}, mirroring "
          f"{'on' if report['mirror'] else 'off'}; layer {report['layer']}", quiet)  # fmt: skip
@@ -105,17 +99,33 @@ def check_nnunet_options(opts: Any) -> None:
             "nnU-Net model folders are explained with --method hirescam on nnU-Net's "
             "predicted regions: drop --method / --region"
         )
+    if opts.roi_size is not None:
+        raise CLIUsageError(
+            "--roi-size: nnU-Net model folders are explained on nnU-Net's own tiles (the "
+            "patch size of its plans); drop --roi-size"
+        )
     unused = [name for name, given in (
-        ("--organs", opts.organs is not None), ("--png", opts.png),
         ("--format", opts.formats != "nifti"), ("--grid", opts.grid != "scan"),
-        ("--dtype", opts.dtype != "float32"), ("--roi-size", opts.roi_size is not None),
         ("--series", opts.series is not None),
     ) if given]  # fmt: skip
     if unused:
         raise CLIUsageError(
             f"{', '.join(unused)}: not supported for nnU-Net model folders yet; drop "
-            f"{'it' if len(unused) == 1 else 'them'} (maps are float32 NIfTI on the scan's grid)"
+            f"{'it' if len(unused) == 1 else 'them'} (maps are NIfTI on the NIfTI scan's grid)"
         )
+
+
+def _explain_nnunet(scan: Path, out: Path, opts: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`hirescam3d.pipeline.nnunet_scan.explain_nnunet_scan` with the CLI's options."""
+    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
+
+    check_nnunet_options(opts)
+    findings = None if opts.all_findings else (opts.findings or None)
+    return explain_nnunet_scan(
+        scan, out, opts.handle, findings, opts.layer, opts.values, opts.force,
+        organs_path=opts.organs, organ_names_path=opts.organ_names, png=opts.png,
+        dtype=opts.dtype,
+    )  # fmt: skip
 
 
 @dataclass
@@ -134,16 +144,11 @@ def explain_nnunet_item(
     """``batch``'s explain call for an nnU-Net model folder: the same
     :func:`hirescam3d.pipeline.nnunet_scan.explain_nnunet_scan` as ``explain`` (``loaded`` and
     ``progress`` are unused: the handle holds the opened folds)."""
-    from hirescam3d.pipeline.nnunet_scan import explain_nnunet_scan
-
-    check_nnunet_options(opts)
-    findings = None if opts.all_findings else (opts.findings or None)
-    report, paths = explain_nnunet_scan(
-        scan, out, opts.handle, findings, opts.layer, opts.values, opts.force
-    )
+    report, paths = _explain_nnunet(scan, out, opts)
     return NnunetItemResult(
         report=report, findings=list(report["findings"]),
         probabilities={n: e["mean_probability"] for n, e in report["findings"].items()},
+        warnings=list(report.get("warnings", [])),
     ), paths  # fmt: skip
 
 

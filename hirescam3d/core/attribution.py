@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from hirescam3d.core.organ_groups import group_fractions
@@ -102,3 +103,40 @@ def positive_shares(raw: torch.Tensor, regions: CellRegions) -> dict[str, Any]:
         "outside_scan": float((positive * (1 - regions.inside)).sum()) / mass,
         "no_positive_evidence": False,
     }
+
+
+def voxel_label_sums(
+    volume: np.ndarray, labels: np.ndarray, names: dict[int, str], slab: int = 1 << 23
+) -> dict[str, Any]:
+    """A map and an organ label map on one voxel grid (a map already on the scan's grid,
+    no cells): ``{"by_organ", "outside_organs"}``, the map's sums per organ name and
+    outside every label (the map's units), and ``"shares"``, the shares of its positive
+    mass as :func:`positive_shares` gives them (nothing lies outside the scan here).
+
+    ``volume`` and ``labels``: same shape, any memory order; read in slabs of ``slab``
+    voxels, so no full-size temporary."""
+    if volume.shape != labels.shape:
+        raise ValueError(f"map {volume.shape} and labels {labels.shape} differ in shape")
+    flat_v, flat_l = volume.reshape(-1, order="F"), labels.reshape(-1, order="F")
+    n = int(labels.max()) + 1
+    sums, positive = np.zeros(n), np.zeros(n)
+    for start in range(0, flat_v.size, slab):
+        v = flat_v[start : start + slab].astype(np.float64)
+        lab = flat_l[start : start + slab].astype(np.intp)
+        sums += np.bincount(lab, weights=v, minlength=n)
+        positive += np.bincount(lab, weights=np.maximum(v, 0), minlength=n)
+    by_organ: dict[str, float] = {}
+    by_label: dict[str, float] = {}
+    mass = float(positive.sum())
+    for value, name in names.items():
+        if 0 < value < n:
+            by_organ[name] = by_organ.get(name, 0.0) + float(sums[value])
+            by_label[name] = by_label.get(name, 0.0) + float(positive[value]) / max(mass, 1e-300)
+    if mass <= 0:
+        shares = {"by_label": None, "by_group": None, "outside_labels": None,
+                  "outside_scan": None, "no_positive_evidence": True}  # fmt: skip
+    else:
+        shares = {"by_label": by_label, "by_group": group_fractions(by_label),
+                  "outside_labels": max(0.0, 1.0 - sum(by_label.values())),
+                  "outside_scan": 0.0, "no_positive_evidence": False}  # fmt: skip
+    return {"by_organ": by_organ, "outside_organs": float(sums[0]), "shares": shares}

@@ -77,6 +77,52 @@ def _report(
     }  # fmt: skip
 
 
+def _organs_on_scan(
+    organs_path: str | Path | None, names_path: str | Path | None, shape: tuple[int, ...],
+    affine: np.ndarray,
+) -> tuple[np.ndarray, dict[int, str], str | None] | None:  # fmt: skip
+    """The organ labels on the scan's grid ``(I, J, K)``, their names and the aligner's
+    note; None without ``organs_path``."""
+    if organs_path is None:
+        return None
+    from hirescam3d.io.organs import align_organs, load_organ_map
+
+    labels, labels_affine, names = load_organ_map(organs_path, names_path)
+    organs, note = align_organs(labels, labels_affine, shape, affine,
+                                f"organ map {organs_path}")  # fmt: skip
+    return organs, names, note
+
+
+def _add_organs(report: dict[str, Any], name: str, density: np.ndarray, organs: Any) -> None:
+    """Organ parts of one class's map (logits per scan voxel, ``(I, J, K)``) in ``report``:
+    its sums per organ under ``contributions`` and its positive shares under ``organs``."""
+    from hirescam3d.core.attribution import voxel_label_sums
+
+    parts = voxel_label_sums(density, organs[0], organs[1])
+    report.setdefault("organs", {})[name] = {"hirescam": parts.pop("shares")}
+    report.setdefault("contributions", {})[name] = {"hirescam": {
+        **parts, "units": "logits summed on the scan's grid (map_sum_scan_grid in all)"}}
+
+
+def _write_class(
+    paths: dict[str, Path], name: str, density: np.ndarray, affine: np.ndarray, ct: Any,
+    values: str, dtype: str, force: bool,
+) -> None:  # fmt: skip
+    """One class's map ``(I, J, K)`` (``density``: logits per scan voxel) as NIfTI, and its
+    montage over ``ct`` (HU, same grid) when ``ct`` is given."""
+    from hirescam3d.io.montage import save_montage
+    from hirescam3d.io.outputs import write_map
+
+    volume = density
+    if values == "unit":
+        volume = np.maximum(density, 0) / max(float(density.max()), 1e-30)
+    key = f"{name}/hirescam"
+    write_map(paths[key], volume, affine, "hirescam", values, dtype, force=force)
+    if ct is not None:
+        save_montage(ct, volume, paths[key + "/png"], affine=affine, force=force,
+                     title=f"{name} (hirescam, nnU-Net)")
+
+
 def explain_nnunet_scan(
     scan: str | Path,
     out: str | Path,
@@ -85,14 +131,24 @@ def explain_nnunet_scan(
     layer: str | None = None,
     values: str = "unit",
     force: bool = False,
+    organs_path: str | Path | None = None,
+    organ_names_path: str | Path | None = None,
+    png: bool = False,
+    dtype: str = "float32",
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Explain nnU-Net's prediction of ``scan`` for ``findings`` (default: every
     foreground class) and write the files of the module docstring into ``out``.
 
-    Returns ``(report, {key: path})``; keys ``"<class>/hirescam"``, ``"segmentation"``,
-    ``"report"``."""
-    from hirescam3d.io.outputs import check_writable, write_json, write_labels, write_map
-    from hirescam3d.io.scans import scan_stem
+    ``organs_path`` (and ``organ_names_path``): an organ label map (or TotalSegmentator's
+    output) as for :func:`hirescam3d.pipeline.explain_scan`; the report then gives each
+    map's logits and positive shares per organ, on the scan's grid. ``png``: a montage
+    per map over the CT. ``dtype``: the maps' storage type (``float32``; ``int16``
+    or ``uint8`` for unit maps, as :func:`hirescam3d.io.outputs.write_map` stores them).
+    Returns ``(report, {key: path})``; keys ``"<class>/hirescam"``
+    (and ``"<class>/hirescam/png"``), ``"segmentation"``, ``"report"``."""
+    from hirescam3d.io.outputs import check_writable, write_json, write_labels
+    from hirescam3d.io.scans import read_scan, scan_stem
+    from hirescam3d.io.staging import Staging
     from hirescam3d.models.nnunet import preprocess, segmentation, to_scan
     from hirescam3d.pipeline.nnunet_explain import explain_preprocessed
 
@@ -101,10 +157,13 @@ def explain_nnunet_scan(
     layer = handle.check_layer(layer)
     pre = preprocess(model, scan)
     before = pre.properties["shape_before_cropping"]  # after nnU-Net's transpose
-    affine = _scan_grid(scan, tuple(before[i] for i in model.plans_manager.transpose_backward))
+    zyx = tuple(before[i] for i in model.plans_manager.transpose_backward)
+    affine = _scan_grid(scan, zyx)
+    organs = _organs_on_scan(organs_path, organ_names_path, zyx[::-1], affine)
     stem = scan_stem(scan)
     e = explain_preprocessed(model, pre, layer, findings, handle.mirror)
     paths = {f"{n}/hirescam": out / f"{stem}_{n}_hirescam.nii.gz" for n in e.names}
+    paths |= {f"{n}/hirescam/png": out / f"{stem}_{n}_hirescam.png" for n in e.names if png}
     paths |= {"segmentation": out / f"{stem}_nnunet_segmentation.nii.gz",
               "report": out / "report.json"}  # fmt: skip
     check_writable(paths.values(), force)
@@ -113,12 +172,23 @@ def explain_nnunet_scan(
     maps = to_scan(model, e.raw.numpy(), pre.properties) * ratio
     report = _report(e, np.asarray(prob), maps.reshape(len(maps), -1).sum(1), handle,
                      handle.mirror)  # fmt: skip
-    for k, name in enumerate(e.names):
-        volume = maps[k].transpose(2, 1, 0)
-        if values == "unit":
-            volume = np.maximum(volume, 0) / max(float(volume.max()), 1e-30)
-        write_map(paths[f"{name}/hirescam"], volume, affine, "hirescam", values, force=force)
-    write_labels(paths["segmentation"], np.asarray(seg).transpose(2, 1, 0), affine, force,
-                 name="nnunet")  # fmt: skip
-    write_json(paths["report"], report, force=True)
-    return report, paths
+    if organs is not None:
+        report["organ_map"] = {"path": str(Path(organs_path).resolve()),
+                               "names": {str(k): v for k, v in organs[1].items()}}  # fmt: skip
+        report["warnings"] = [organs[2]] if organs[2] else []
+    ct = read_scan(scan).array if png else None
+    stage = Staging(out)
+    staged = stage.redirect(paths)
+    try:  # into a temporary folder, moved into place whole: a failure leaves nothing
+        for k, name in enumerate(e.names):
+            density = maps[k].transpose(2, 1, 0)
+            if organs is not None:
+                _add_organs(report, name, density, organs)
+            _write_class(staged, name, density, affine, ct, values, dtype, force)
+        write_labels(staged["segmentation"], np.asarray(seg).transpose(2, 1, 0), affine,
+                     force, name="nnunet")  # fmt: skip
+        write_json(staged["report"], report, force=True)
+        return report, stage.commit(staged)
+    except BaseException:
+        stage.discard()
+        raise

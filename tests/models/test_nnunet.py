@@ -393,7 +393,13 @@ def test_batch_and_compare_refuse_what_the_nnunet_path_cannot_do(nnunet_folder, 
     result = invoke("compare", scans["tiles"], "--finding", "lungs", "--model", nnunet_folder,
                     "--out", tmp_path / "c")  # fmt: skip
     assert_one_line_error(result, "hirescam only", "hirescam3d explain", code=2)
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--roi-size", "16",
+                    "16", "16", "--out", tmp_path / "r")  # fmt: skip
+    assert_one_line_error(result, "--roi-size", "nnU-Net's own tiles", code=2)
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--format", "dicom",
+                    "--out", tmp_path / "d")  # fmt: skip
+    assert_one_line_error(result, "--format", "not supported for nnU-Net model folders", code=2)
+    assert not any((tmp_path / n).exists() for n in "bcrd")
 
 
 def test_napari_job_returns_nnunets_predicted_region(nnunet_folder, scans, tmp_path):
@@ -457,3 +463,65 @@ def test_napari_widget_shows_nnunets_region(nnunet_folder, scans, tmp_path, make
     )
     expected = nib.orientations.apply_orientation((seg == 1).astype(np.uint8), to_spl)
     np.testing.assert_array_equal(np.asarray(viewer.layers["lungs region"].data), expected)
+
+
+def test_organs_png_and_dtype_for_an_nnunet_folder(nnunet_folder, scans, tmp_path):
+    """--organs: each map's logits per organ and positive shares, against sums over the
+    written logit map computed here; --png: a montage per class; --dtype int16: the same
+    unit map as float32, within one storage step."""
+    import json
+
+    from PIL import Image
+
+    scan = nib.load(str(scans["tiles"]))
+    labels = np.zeros(scan.shape, np.uint8)
+    labels[: scan.shape[0] // 2] = 1  # patient halves and a slab of the other half
+    labels[scan.shape[0] // 2 :, : scan.shape[1] // 3] = 2
+    organs = tmp_path / "organs.nii.gz"
+    nib.save(nib.Nifti1Image(labels, scan.affine), str(organs))
+    organs.with_name("organs.json").write_text(json.dumps({"1": "left_half", "2": "slab"}))
+    out = tmp_path / "out"
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--folds", "0",
+                    "--no-mirror", "--values", "logit", "--finding", "heart", "--organs",
+                    organs, "--png", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    density = np.asarray(nib.load(str(out / "tiles_0000_heart_hirescam.nii.gz")).dataobj,
+                         dtype=np.float64)  # fmt: skip
+    parts = report["contributions"]["heart"]["hirescam"]
+    for value, name in ((1, "left_half"), (2, "slab")):
+        assert parts["by_organ"][name] == pytest.approx(density[labels == value].sum(), rel=1e-5)
+        positive = np.maximum(density, 0)
+        assert report["organs"]["heart"]["hirescam"]["by_label"][name] == pytest.approx(
+            positive[labels == value].sum() / positive.sum(), rel=1e-5)
+    assert parts["outside_organs"] == pytest.approx(density[labels == 0].sum(), rel=1e-5)
+    total = report["findings"]["heart"]["map_sum_scan_grid"]
+    assert sum(parts["by_organ"].values()) + parts["outside_organs"] == pytest.approx(total,
+                                                                                      rel=1e-5)
+    with Image.open(out / "tiles_0000_heart_hirescam.png") as png:
+        assert png.size[0] > 100 and png.size[1] > 100
+    for dtype in ("float32", "int16"):  # unit maps, stored both ways
+        result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--folds", "0",
+                        "--no-mirror", "--finding", "heart", "--dtype", dtype,
+                        "--out", tmp_path / dtype)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    stored = nib.load(str(tmp_path / "int16" / "tiles_0000_heart_hirescam.nii.gz"))
+    assert stored.get_data_dtype() == np.int16
+    unit = np.asarray(nib.load(str(tmp_path / "float32" / "tiles_0000_heart_hirescam.nii.gz"))
+                      .dataobj)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(stored.dataobj), unit, atol=1 / 32767)
+
+
+def test_a_failed_write_leaves_no_nnunet_output(nnunet_folder, scans, tmp_path, monkeypatch):
+    from hirescam3d.io import outputs
+    from hirescam3d.io.scans import OutputError
+
+    def full(*args, **kwargs):
+        raise OutputError("cannot write the segmentation: No space left on device")
+
+    monkeypatch.setattr(outputs, "write_labels", full)
+    out = tmp_path / "out"
+    result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--folds", "0",
+                    "--no-mirror", "--finding", "heart", "--out", out)  # fmt: skip
+    assert_one_line_error(result, "No space left", code=1)
+    assert not out.exists() or list(out.iterdir()) == []
