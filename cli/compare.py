@@ -68,21 +68,26 @@ def compare_command(
             f"(got {len(opts.findings)})"
         )
     opts = check_options(opts)
-    if opts.handle.source == "nnunet":
-        raise CLIUsageError(
-            f"compare scores several methods' maps against each other, and an nnU-Net model "
-            f"folder ({opts.model}) is explained with hirescam only (on nnU-Net's tiles): use "
-            "`hirescam3d explain` for it"
-        )
+    nnunet = opts.handle.source == "nnunet"
+    if nnunet and opts.region not in (None, "predicted"):
+        raise CLIUsageError("nnU-Net model folders are compared on nnU-Net's predicted "
+                            "region: drop --region")  # fmt: skip
     out = Path(out) if out is not None else default_out_dir(scan)
     with warnings_to_stderr(debug) as shown, stage_progress(not quiet, "comparing") as progress:
         progress("loading model", 0.0)
         loaded = load_checked(opts.handle, opts.layer)
-        record, paths = compare_scan(
-            scan, opts.findings[0], out, methods=opts.methods, model=loaded, layer=opts.layer,
-            organs_path=opts.organs, organ_names_path=opts.organ_names, mask_path=mask,
-            device=opts.device, force=opts.force, progress=progress, region=region_arg(opts),
-        )
+        common = {"methods": opts.methods, "layer": opts.layer, "organs_path": opts.organs,
+                  "organ_names_path": opts.organ_names, "mask_path": mask,
+                  "force": opts.force, "progress": progress}  # fmt: skip
+        if nnunet:
+            from hirescam3d.evaluate.compare_nnunet import compare_nnunet_scan
+
+            record, paths = compare_nnunet_scan(scan, opts.findings[0], out, opts.handle,
+                                                **common)  # fmt: skip
+        else:
+            record, paths = compare_scan(scan, opts.findings[0], out, model=loaded,
+                                         device=opts.device, region=region_arg(opts), **common)
+
     for text in record["warnings"]:
         if text not in shown:
             print_warning(text)

@@ -592,10 +592,14 @@ def compare(
     quiet: Quiet = False,
     config: BundleConfig = None,
     trust_bundle: TrustBundle = False,
+    folds: Folds = None,
+    checkpoint: Checkpoint = None,
+    mirror: Mirror = None,
     debug: Debug = False,
 ) -> None:
     """Compare methods on one finding (one pass): <stem>_<finding>_compare.png + compare.json."""
     use_bundle_options(config, trust_bundle)
+    use_nnunet_options(folds, checkpoint, mirror)
     from .compare import DEFAULT_METHODS, compare_command
 
     opts = _options(finding, False, method, model, layer, organs, organ_names, False, device,

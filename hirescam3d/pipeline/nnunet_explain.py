@@ -132,15 +132,18 @@ def explain_preprocessed(
     targets: list[str] | None = None,
     mirror: bool = True,
     method: str = "hirescam",
+    logits: torch.Tensor | None = None,
 ) -> NnunetExplanation:
     """Explain nnU-Net's prediction of ``pre`` for ``targets`` at ``layer`` (see the
-    module docstring); every fold of ``model`` and, with ``mirror``, every allowed flip."""
+    module docstring); every fold of ``model`` and, with ``mirror``, every allowed flip.
+    ``logits``: nnU-Net's prediction of ``pre`` with the same folds and mirroring, if
+    already made (another method explaining the same prediction)."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     from hirescam3d.core.explainer import Explainer
 
     idx = target_indices(model, targets)
-    logits = predict_logits(model, pre.data, mirror)
+    logits = predict_logits(model, pre.data, mirror) if logits is None else logits
     region = predicted_regions(model, logits, idx)
     names = [model.class_names[c] for c in idx]
     empty = [n for n, r in zip(names, region, strict=True) if not bool(r.any())]

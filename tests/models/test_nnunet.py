@@ -391,8 +391,8 @@ def test_batch_and_compare_refuse_what_the_nnunet_path_cannot_do(nnunet_folder, 
                     "--method", "gradcam")  # fmt: skip
     assert_one_line_error(result, "--method hirescam", code=2)
     result = invoke("compare", scans["tiles"], "--finding", "lungs", "--model", nnunet_folder,
-                    "--out", tmp_path / "c")  # fmt: skip
-    assert_one_line_error(result, "hirescam only", "hirescam3d explain", code=2)
+                    "--region", scans["tiles"], "--out", tmp_path / "c")  # fmt: skip
+    assert_one_line_error(result, "predicted region", "drop --region", code=2)
     result = invoke("explain", scans["tiles"], "--model", nnunet_folder, "--roi-size", "16",
                     "16", "16", "--out", tmp_path / "r")  # fmt: skip
     assert_one_line_error(result, "--roi-size", "nnU-Net's own tiles", code=2)
@@ -525,3 +525,34 @@ def test_a_failed_write_leaves_no_nnunet_output(nnunet_folder, scans, tmp_path, 
                     "--no-mirror", "--finding", "heart", "--out", out)  # fmt: skip
     assert_one_line_error(result, "No space left", code=1)
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_compare_scores_methods_on_nnunets_tiles(nnunet_folder, scans, tmp_path):
+    """compare on nnU-Net's predicted heart: the HiResCAM column is the map `explain`
+    writes, its mask metrics are those computed here from that map and nnU-Net's own
+    segmentation (nnUNetPredictor) as the mask, and Grad-CAM is scored beside it."""
+    import json
+
+    (tmp_path / "oracle").mkdir()
+    seg, _ = nnunet_predicts(nnunet_folder, scans["tiles"], (0,), False, tmp_path / "oracle")
+    heart = 2  # dataset.json's label of the heart in the fixture
+    mask = tmp_path / "heart_mask.nii.gz"
+    nib.save(nib.Nifti1Image((seg == heart).astype(np.uint8),
+                             nib.load(str(scans["tiles"])).affine), str(mask))  # fmt: skip
+    common = ("--model", nnunet_folder, "--folds", "0", "--no-mirror", "--finding", "heart")
+    result = invoke("compare", scans["tiles"], *common, "--mask", mask, "--json",
+                    "--out", tmp_path / "c")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["methods"] == ["hirescam", "gradcam"] and record["region"] == "predicted"
+    assert invoke("explain", scans["tiles"], *common, "--out", tmp_path / "e").exit_code == 0
+    unit = np.asarray(nib.load(str(tmp_path / "e" / "tiles_0000_heart_hirescam.nii.gz")).dataobj,
+                      dtype=np.float64)  # fmt: skip
+    inside = seg == heart
+    scores = record["metrics"]["hirescam"]
+    assert scores["relevance_mass"] == pytest.approx(unit[inside].sum() / unit.sum(), rel=1e-5)
+    assert scores["pointing_game"] == float(inside.ravel()[int(np.argmax(unit.ravel()))])
+    assert scores["l2_to_exact"] == pytest.approx(0.0, abs=1e-6)
+    grad = record["metrics"]["gradcam"]
+    assert 0.0 <= grad["relevance_mass"] <= 1.0 and grad["l2_to_exact"] is not None
+    assert (tmp_path / "c" / "tiles_0000_heart_compare.png").stat().st_size > 10_000
