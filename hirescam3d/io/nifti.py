@@ -463,8 +463,20 @@ def _pixdim_fix(problem: str, fallback: str) -> str:
     )
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
-    """Read a NIfTI file: ``(data, affine, header, warning texts)``.
+def _stored_integers(img: Any) -> np.ndarray | None:
+    """The voxels as stored, if that is an integer type without intensity scaling."""
+    proxy = img.dataobj
+    unscaled = getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0
+    if unscaled and np.issubdtype(img.get_data_dtype(), np.integer):
+        return np.asanyarray(proxy)
+    return None
+
+
+def _read_nifti(
+    path: Path, integers: bool = False
+) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
+    """Read a NIfTI file: ``(data, affine, header, warning texts)``; the data as float32,
+    or with ``integers`` as stored where that is an unscaled integer type (label maps).
 
     The stored header is checked before the data is read: the declared size against the
     file and free memory, the transform codes, pixdim, sform and qform (see
@@ -488,7 +500,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
                 "check that the file is a .nii/.nii.gz volume and re-export it"
             ) from err
         try:
-            data = img.get_fdata(dtype=np.float32)
+            data = _stored_integers(img) if integers else None
+            data = img.get_fdata(dtype=np.float32) if data is None else data
         except MemoryError as err:
             raise ScanError(
                 f"{path}: not enough memory to read the {' x '.join(map(str, img.shape))} "

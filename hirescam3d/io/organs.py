@@ -45,15 +45,21 @@ def _read_names(path: Path) -> dict[int, str]:
 
 
 def _integer_labels(arr: np.ndarray, path: Path) -> np.ndarray:
+    """``arr`` as uint8 (uint16 above 255 labels); ScanError unless non-negative integers."""
     arr = as_volume(arr, path)
-    if not np.isfinite(arr).all() or (arr < 0).any() or not np.array_equal(arr, np.round(arr)):
+    if np.issubdtype(arr.dtype, np.integer):  # stored as integers: only the sign to check
+        bad = bool(np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0)
+    else:
+        bad = not np.isfinite(arr).all() or (arr < 0).any() or not np.array_equal(
+            arr, np.round(arr))  # fmt: skip
+    if bad:
         raise ScanError(
             f"{path}: not a label map: values must be non-negative integers (0 = background)"
         )
-    if not arr.any():
+    top = arr.max()
+    if not top:
         raise ScanError(f"{path}: the organ map is empty (every voxel is 0)")
-    dtype = np.uint8 if arr.max() <= 255 else np.uint16
-    return arr.astype(dtype)
+    return arr.astype(np.uint8 if top <= 255 else np.uint16, copy=False)
 
 
 def _load_mask_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -99,7 +105,7 @@ def load_organ_map(
     if path.is_dir():
         labels, affine, names = _load_mask_folder(path)
     else:
-        arr, affine, _, _ = read_image(path)
+        arr, affine, _, _ = read_image(path, integers=True)
         labels = _integer_labels(arr, path)
         from hirescam3d.io.totalseg import header_label_names
 
@@ -109,7 +115,7 @@ def load_organ_map(
             names_path = sidecar
     if names_path is not None:
         names = _read_names(Path(names_path))
-    present = [int(v) for v in np.unique(labels) if v != 0]
+    present = [int(v) for v in np.unique(labels.reshape(-1, order="A")) if v != 0]
     return labels, affine, {v: names.get(v, f"label_{v}") for v in present}
 
 

@@ -203,7 +203,7 @@ def _check_affine(path: Path, affine: np.ndarray) -> np.ndarray:
 
 
 def _read_image(
-    path: Path, series: str | None = None
+    path: Path, series: str | None = None, integers: bool = False
 ) -> tuple[np.ndarray, np.ndarray, Any, list[Path], list[str], DicomSource | None]:
     """:func:`read_image` plus the texts of the geometry warnings (not yet issued) and, for
     DICOM input, the :class:`DicomSource`."""
@@ -226,7 +226,7 @@ def _read_image(
         affine = _check_affine(path, got.affine)
         return got.array, affine, None, got.files, got.notes, got.source
     if suffix in NIFTI_SUFFIXES:
-        arr, affine, header, notes = _read_nifti(path)
+        arr, affine, header, notes = _read_nifti(path, integers)
     elif suffix in ITK_SUFFIXES or is_dicom:
         arr, affine = _read_itk_file(path)
     elif suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):  # 2D pictures
@@ -242,17 +242,19 @@ def _read_image(
 
 
 def read_image(
-    path: str | Path, series: str | None = None
+    path: str | Path, series: str | None = None, integers: bool = False
 ) -> tuple[np.ndarray, np.ndarray, Any, list[Path]]:
     """Read any supported image without validating its content.
 
     Returns ``(array in (I, J, K, ...) order, voxel -> RAS affine, nibabel header or None,
     the files read)``. ``series``: the SeriesInstanceUID to read from a DICOM folder
-    holding several. Raises :class:`ScanError` for missing, unsupported or unreadable
-    paths, and for geometry that cannot be trusted (see :func:`read_scan`); warns with
-    :class:`ScanWarning` where the geometry had to be chosen or the slices resampled.
+    holding several. ``integers``: a NIfTI file stored as unscaled integers (a label map)
+    comes back in its stored type instead of float32. Raises :class:`ScanError` for
+    missing, unsupported or unreadable paths, and for geometry that cannot be trusted
+    (see :func:`read_scan`); warns with :class:`ScanWarning` where the geometry had to be
+    chosen or the slices resampled.
     """
-    arr, affine, header, files, notes, _ = _read_image(Path(path), series)
+    arr, affine, header, files, notes, _ = _read_image(Path(path), series, integers)
     for text in notes:
         warnings.warn(text, ScanWarning, stacklevel=2)
     return arr, affine, header, files

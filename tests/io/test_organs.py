@@ -174,3 +174,34 @@ def test_explain_scan_with_organs_on_another_grid(tmp_path):
     by_label = report["organs"]["blob"]["hirescam"]["by_label"]
     assert max(by_label, key=by_label.get) == "right_lung"
     assert result.organs.shape == ct.shape
+
+
+@pytest.mark.parametrize(
+    ("stored", "slope", "want"),
+    [
+        (np.uint8, None, np.uint8),  # stored as integers: read as they are
+        (np.int16, None, np.uint8),
+        (np.uint16, None, np.uint16),  # label 300 needs 16 bits
+        (np.int16, 2.0, np.uint8),  # scaled: read as floats, the labels are the scaled values
+        (np.float32, None, np.uint8),
+    ],
+)
+def test_label_storage_types_read_as_nibabel_scales_them(tmp_path, stored, slope, want):
+    """The labels equal nibabel's own scaled reading of the file, whatever the stored type
+    and scaling; negative stored integers are refused."""
+    labels = np.zeros((6, 7, 8), stored)
+    labels[1:3, 2:5, 3:6] = 1
+    labels[4, 5, 6] = 300 if stored == np.uint16 else 3
+    img = nib.Nifti1Image(labels, np.eye(4))
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0)
+    nib.save(img, str(tmp_path / "seg.nii.gz"))
+    got, _, names = load_organ_map(tmp_path / "seg.nii.gz")
+    expect = np.asarray(nib.load(str(tmp_path / "seg.nii.gz")).get_fdata())
+    assert got.dtype == want and np.array_equal(got, expect)
+    assert sorted(names) == sorted(int(v) for v in np.unique(expect) if v)
+    if np.issubdtype(stored, np.signedinteger) and slope is None:
+        labels[0, 0, 0] = -1
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "neg.nii.gz"))
+        with pytest.raises(ScanError, match="non-negative integers"):
+            load_organ_map(tmp_path / "neg.nii.gz")
