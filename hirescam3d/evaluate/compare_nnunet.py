@@ -63,8 +63,10 @@ def explain_methods(
         maps[(name, method)] = positive / top if top > 0 else positive
         raw[(name, method)] = e.raw[0]
     c = e.targets[0]
-    probability = torch.softmax(logits.float(), 0)[c] if model.task != "sigmoid" else (
-        torch.sigmoid(logits[c].float()))  # fmt: skip
+    if model.task == "sigmoid":
+        probability = torch.sigmoid(logits[c].float())
+    else:
+        probability = torch.softmax(logits.float(), 0)[c]
     region = e.region[0] > 0
     report = {"model": str(handle.bundle_path), "layer": layer, "region": "predicted",
               "hirescam_guaranteed_faithful": handle.audit(layer).guaranteed}  # fmt: skip
