@@ -82,12 +82,9 @@ def contributions(
     }
 
 
-def positive_shares(raw: torch.Tensor, regions: CellRegions) -> dict[str, Any]:
-    """Shares of the positive mass: ``{"by_label", "by_group", "outside_labels",
-    "outside_scan", "no_positive_evidence"}``; shares are None without positive mass."""
-    positive = raw.double().clamp_min(0)
-    mass = float(positive.sum())
-    if mass <= 0:
+def _shares_record(by_label: dict[str, float] | None, outside_scan: float) -> dict[str, Any]:
+    """The shares record of :func:`positive_shares`; ``by_label`` None: no positive mass."""
+    if by_label is None:
         return {
             "by_label": None,
             "by_group": None,
@@ -95,14 +92,24 @@ def positive_shares(raw: torch.Tensor, regions: CellRegions) -> dict[str, Any]:
             "outside_scan": None,
             "no_positive_evidence": True,
         }
-    by_label = {name: float((positive * s).sum()) / mass for name, s in regions.organs.items()}
     return {
         "by_label": by_label,
         "by_group": group_fractions(by_label),
         "outside_labels": max(0.0, 1.0 - sum(by_label.values())),
-        "outside_scan": float((positive * (1 - regions.inside)).sum()) / mass,
+        "outside_scan": outside_scan,
         "no_positive_evidence": False,
     }
+
+
+def positive_shares(raw: torch.Tensor, regions: CellRegions) -> dict[str, Any]:
+    """Shares of the positive mass: ``{"by_label", "by_group", "outside_labels",
+    "outside_scan", "no_positive_evidence"}``; shares are None without positive mass."""
+    positive = raw.double().clamp_min(0)
+    mass = float(positive.sum())
+    if mass <= 0:
+        return _shares_record(None, 0.0)
+    by_label = {name: float((positive * s).sum()) / mass for name, s in regions.organs.items()}
+    return _shares_record(by_label, float((positive * (1 - regions.inside)).sum()) / mass)
 
 
 def voxel_label_sums(
@@ -132,11 +139,5 @@ def voxel_label_sums(
         if 0 < value < n:
             by_organ[name] = by_organ.get(name, 0.0) + float(sums[value])
             by_label[name] = by_label.get(name, 0.0) + float(positive[value]) / max(mass, 1e-300)
-    if mass <= 0:
-        shares = {"by_label": None, "by_group": None, "outside_labels": None,
-                  "outside_scan": None, "no_positive_evidence": True}  # fmt: skip
-    else:
-        shares = {"by_label": by_label, "by_group": group_fractions(by_label),
-                  "outside_labels": max(0.0, 1.0 - sum(by_label.values())),
-                  "outside_scan": 0.0, "no_positive_evidence": False}  # fmt: skip
+    shares = _shares_record(by_label if mass > 0 else None, 0.0)
     return {"by_organ": by_organ, "outside_organs": float(sums[0]), "shares": shares}
