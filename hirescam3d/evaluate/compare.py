@@ -276,7 +276,7 @@ def _read_inputs(
 ) -> _Inputs:
     """Read the scan, then the mask, the organ map (aligned to the scan) and a region file."""
     from hirescam3d.io import scans as io
-    from hirescam3d.io.organs import align_organs, load_organ_map
+    from hirescam3d.io.organs import organs_on_grid
     from hirescam3d.pipeline import load_region
 
     scan = io.read_scan(scan_path)
@@ -287,10 +287,8 @@ def _read_inputs(
         mask = _read_mask(Path(mask_path), shape, scan.affine, Path(scan_path))
     organs = organ_names = None
     if organs_path is not None:
-        labels, labels_affine, organ_names = load_organ_map(organs_path, organ_names_path)
-        organs, note = align_organs(
-            labels, labels_affine, shape, scan.affine, f"organ map {organs_path}"
-        )
+        organs, organ_names, note = organs_on_grid(organs_path, organ_names_path, shape,
+                                                   scan.affine)  # fmt: skip
         if note:
             notes.append(note)
     if isinstance(region, (str, Path)) and str(region) != "predicted":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -117,6 +118,25 @@ def load_organ_map(
         names = _read_names(Path(names_path))
     present = [int(v) for v in np.unique(labels.reshape(-1, order="A")) if v != 0]
     return labels, affine, {v: names.get(v, f"label_{v}") for v in present}
+
+
+class OrgansOnGrid(NamedTuple):
+    """An organ map on a scan's grid: ``labels`` ``(I, J, K)``, ``names`` ``{label: name}``
+    and the aligner's warning text (None if the grids matched)."""
+
+    labels: np.ndarray
+    names: dict[int, str]
+    note: str | None
+
+
+def organs_on_grid(
+    path: str | Path, names_path: str | Path | None, shape: Sequence[int], affine: np.ndarray
+) -> OrgansOnGrid:
+    """:func:`load_organ_map` of ``path`` put on the scan grid ``shape``/``affine`` by
+    :func:`align_organs`."""
+    labels, labels_affine, names = load_organ_map(path, names_path)
+    organs, note = align_organs(labels, labels_affine, shape, affine, f"organ map {path}")
+    return OrgansOnGrid(organs, names, note)
 
 
 def align_organs(

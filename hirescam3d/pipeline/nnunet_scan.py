@@ -25,6 +25,7 @@ import numpy as np
 from hirescam3d.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from hirescam3d.io.organs import OrgansOnGrid
     from hirescam3d.models.nnunet_handle import NnunetHandle
     from hirescam3d.pipeline.nnunet_explain import NnunetExplanation
 
@@ -77,28 +78,14 @@ def _report(
     }  # fmt: skip
 
 
-def _organs_on_scan(
-    organs_path: str | Path | None, names_path: str | Path | None, shape: tuple[int, ...],
-    affine: np.ndarray,
-) -> tuple[np.ndarray, dict[int, str], str | None] | None:  # fmt: skip
-    """The organ labels on the scan's grid ``(I, J, K)``, their names and the aligner's
-    note; None without ``organs_path``."""
-    if organs_path is None:
-        return None
-    from hirescam3d.io.organs import align_organs, load_organ_map
-
-    labels, labels_affine, names = load_organ_map(organs_path, names_path)
-    organs, note = align_organs(labels, labels_affine, shape, affine,
-                                f"organ map {organs_path}")  # fmt: skip
-    return organs, names, note
-
-
-def _add_organs(report: dict[str, Any], name: str, density: np.ndarray, organs: Any) -> None:
+def _add_organs(
+    report: dict[str, Any], name: str, density: np.ndarray, organs: OrgansOnGrid
+) -> None:
     """Organ parts of one class's map (logits per scan voxel, ``(I, J, K)``) in ``report``:
     its sums per organ under ``contributions`` and its positive shares under ``organs``."""
     from hirescam3d.core.attribution import voxel_label_sums
 
-    parts = voxel_label_sums(density, organs[0], organs[1])
+    parts = voxel_label_sums(density, organs.labels, organs.names)
     report.setdefault("organs", {})[name] = {"hirescam": parts.pop("shares")}
     report.setdefault("contributions", {})[name] = {"hirescam": {
         **parts, "units": "logits summed on the scan's grid (map_sum_scan_grid in all)"}}
@@ -146,11 +133,13 @@ def explain_nnunet_scan(
     or ``uint8`` for unit maps, as :func:`hirescam3d.io.outputs.write_map` stores them).
     Returns ``(report, {key: path})``; keys ``"<class>/hirescam"``
     (and ``"<class>/hirescam/png"``), ``"segmentation"``, ``"report"``."""
+    from hirescam3d.io.organs import organs_on_grid
     from hirescam3d.io.outputs import check_writable, write_json, write_labels
     from hirescam3d.io.scans import read_scan, scan_stem
     from hirescam3d.io.staging import Staging
     from hirescam3d.models.nnunet import preprocess, segmentation, to_scan
     from hirescam3d.pipeline.nnunet_explain import explain_preprocessed
+    from hirescam3d.pipeline.report import organ_map_entry
 
     scan, out = Path(scan), Path(out)
     model = handle.model
@@ -159,7 +148,9 @@ def explain_nnunet_scan(
     before = pre.properties["shape_before_cropping"]  # after nnU-Net's transpose
     zyx = tuple(before[i] for i in model.plans_manager.transpose_backward)
     affine = _scan_grid(scan, zyx)
-    organs = _organs_on_scan(organs_path, organ_names_path, zyx[::-1], affine)
+    organs = None
+    if organs_path is not None:
+        organs = organs_on_grid(organs_path, organ_names_path, zyx[::-1], affine)
     stem = scan_stem(scan)
     e = explain_preprocessed(model, pre, layer, findings, handle.mirror)
     paths = {f"{n}/hirescam": out / f"{stem}_{n}_hirescam.nii.gz" for n in e.names}
@@ -173,9 +164,8 @@ def explain_nnunet_scan(
     report = _report(e, np.asarray(prob), maps.reshape(len(maps), -1).sum(1), handle,
                      handle.mirror)  # fmt: skip
     if organs is not None:
-        report["organ_map"] = {"path": str(Path(organs_path).resolve()),
-                               "names": {str(k): v for k, v in organs[1].items()}}  # fmt: skip
-        report["warnings"] = [organs[2]] if organs[2] else []
+        report["organ_map"] = organ_map_entry(organs_path, organs.names)
+        report["warnings"] = [organs.note] if organs.note else []
     ct = read_scan(scan).array if png else None
     stage = Staging(out)
     staged = stage.redirect(paths)

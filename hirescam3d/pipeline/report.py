@@ -13,6 +13,12 @@ from hirescam3d.pipeline.options import ScanOptions
 from hirescam3d.pipeline.read import ScanInputs
 
 
+def organ_map_entry(path: str | Path, names: dict[int, str] | None) -> dict[str, Any]:
+    """The report's ``organ_map`` section: the organ map's path and its label names."""
+    return {"path": str(Path(path).resolve()),
+            "names": {str(k): v for k, v in (names or {}).items()}}  # fmt: skip
+
+
 def _dicom_section(
     result: Explanation, options: ScanOptions, paths: dict[str, Path], dicom: Any
 ) -> dict[str, Any]:
@@ -59,10 +65,7 @@ def scan_report(
         if result.masks:
             report["region"]["masks"] = {f: paths[f"{f}/mask"].name for f in result.masks}
     if options.organs_path is not None:
-        report["organ_map"] = {
-            "path": str(Path(options.organs_path).resolve()),
-            "names": {str(k): v for k, v in (inputs.organ_names or {}).items()},
-        }
+        report["organ_map"] = organ_map_entry(options.organs_path, inputs.organ_names)
     if "nifti" in options.formats:
         report["outputs"] = {
             f: {m: paths[f"{f}/{m}"].name for m in methods} for f in result.explained
