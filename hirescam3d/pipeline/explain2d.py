@@ -33,7 +33,7 @@ import torch
 from hirescam3d.errors import InputError
 from hirescam3d.io.image2d import Image2D, read_image2d
 from hirescam3d.pipeline.classification import explain_classes
-from hirescam3d.pipeline.explanation import ExplainedPass, model_section
+from hirescam3d.pipeline.explanation import ExplainedPass, method_section, model_section
 from hirescam3d.pipeline.options import (
     VALUES,
     Pair,
@@ -96,12 +96,7 @@ class PictureExplanation:
                 "spacing_mm": list(self.image.spacing), "model_grid_shape": list(self.model_shape),
                 "model_axes": self.axes,
             },
-            "layer": self.layer,
-            "hirescam_guaranteed_faithful": self.verdict.guaranteed,
-            "audit": self.verdict.to_dict(),
-            "values": self.values,
-            "methods": self.methods,
-            "finding_selection": self.selection,
+            **method_section(self.layer, self.verdict, self.values, self.methods, self.selection),
             "findings": {
                 n: {"logit": self.logits[n], "probability": self.probabilities[n],
                     "explained": n in self.explained}

@@ -204,12 +204,7 @@ class Explanation:
                 "model_grid_affine": self.grid.affine.tolist(),
                 "model_field_of_view_covered": self.coverage,
             },
-            "layer": self.layer,
-            "hirescam_guaranteed_faithful": self.verdict.guaranteed,
-            "audit": self.verdict.to_dict(),
-            "values": self.values,
-            "methods": self.methods,
-            "finding_selection": self.selection,
+            **method_section(self.layer, self.verdict, self.values, self.methods, self.selection),
             "findings": {
                 n: {"logit": s.logit, "probability": s.probability, "explained": s.explained}
                 for n, s in self.scores.items()
@@ -272,6 +267,21 @@ def scan_explanation(
         values=result.values,
         raw=result.raw,
     )
+
+
+def method_section(
+    layer: str, verdict: Any, values: str, methods: list[str], selection: Any
+) -> dict[str, Any]:
+    """The keys of a report that say how it explained: the layer, the audit's verdict on
+    it, the map values, the methods and how the findings were chosen."""
+    return {
+        "layer": layer,
+        "hirescam_guaranteed_faithful": verdict.guaranteed,
+        "audit": verdict.to_dict(),
+        "values": values,
+        "methods": methods,
+        "finding_selection": selection,
+    }
 
 
 def model_section(info: ModelInfo) -> dict[str, Any]:
