@@ -19,6 +19,7 @@ from hirescam3d.data.phantom import make_chest_ct
 from hirescam3d.evaluate import metrics
 
 UNEVEN = (0.013, 0.05, 0.1, 0.1, 0.33, 0.5, 0.77, 0.9, 0.999)
+NOT_POSITIVE = (0.5, 0.0, -0.2)  # levels at or below zero select zeros and negatives too
 
 
 def ref_metrics(m: np.ndarray, k: np.ndarray, thresholds, box_t: float = 0.15) -> dict:
@@ -81,7 +82,10 @@ def check(maps: torch.Tensor, masks: torch.Tensor, thresholds=metrics.DEFAULT_TH
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("thresholds", [metrics.DEFAULT_THRESHOLDS, UNEVEN], ids=["even", "uneven"])
+@pytest.mark.parametrize(
+    "thresholds", [metrics.DEFAULT_THRESHOLDS, UNEVEN, NOT_POSITIVE],
+    ids=["even", "uneven", "not-positive"],
+)  # fmt: skip
 def test_random_maps_equal_the_reference(dtype, thresholds):
     g = torch.Generator().manual_seed(11)
     shape = (2, 4, 24, 40, 36)
@@ -93,8 +97,12 @@ def test_random_maps_equal_the_reference(dtype, thresholds):
     top = maps[0, 3].max()
     levels = torch.tensor(thresholds, dtype=dtype) * top
     maps[0, 3].view(-1)[: levels.numel()] = levels  # exactly at t * max
+    maps[1, 3] = torch.relu(maps[1, 3] - 0.5)  # mostly zeros, as explanation maps are
+    maps[1, 3, 5, 6, 7] = math.nan  # a NaN among positive values: NaN metrics
     masks = torch.rand(shape, generator=g) > 0.7
     masks[1, 2] = False  # empty mask
+    masks[0, 3] = masks[0, 1]  # one mask in two rows: its voxels found once
+    masks[1, 1] = torch.roll(masks[0, 1], 5, dims=-1)  # as many voxels, elsewhere
     check(maps, masks, list(thresholds))
 
 

@@ -1,10 +1,10 @@
 """Localisation: how well maps ``(B, K, *S)`` find a mask (pointing game, relevance mass,
 IoU over thresholds, the Grad-CAM box).
 
-The mask metrics run map by map on the CPU with NumPy (a few passes over each map; the IoU
-curve from one histogram, boxes from per-axis projections, ``cc3d`` labelling the
-components of :func:`gradcam_box` inside each map's box; large maps on
-``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
+The mask metrics run map by map on the CPU with NumPy (one comparison of each map with
+zero lists its positive voxels, and every metric works on that list: the IoU curve from one
+histogram, the Grad-CAM box's components labelled by ``cc3d`` inside the box of its
+selected voxels; large maps on ``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
 tensors on the maps' device. :func:`localisation_metrics` computes every mask metric at
 once, sharing the passes over the maps: use it when you need more than one. Masks are
 boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
@@ -51,6 +51,8 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(
 
 #: Maps of this many voxels or more are scored on ``torch.get_num_threads()`` threads.
 _THREADED_VOXELS = 1 << 16
+#: Voxels per chunk of a map (256 KB of float32): read from memory once, then in the cache.
+_CHUNK = 1 << 20
 
 
 def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,75 +101,33 @@ class Localisation:
     mask_boxes: torch.Tensor
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of inclusive voxel boxes ``(..., D, 2)``, counted in voxels."""
-    lo = torch.maximum(a[..., 0], b[..., 0])
-    hi = torch.minimum(a[..., 1], b[..., 1])
-    inter = (hi - lo + 1).clamp_min(0).double().prod(-1)
-    area_a = (a[..., 1] - a[..., 0] + 1).double().prod(-1)
-    area_b = (b[..., 1] - b[..., 0] + 1).double().prod(-1)
-    return inter / (area_a + area_b - inter)
-
-
-def _largest_component_box(
-    crop: np.ndarray, connectivity: int, offset: Sequence[int]
-) -> list[list[int]]:
-    """Inclusive box of the largest connected component of bool ``crop`` (the first in C
-    order on ties), in the coordinates of the array ``crop`` was cut from at ``offset``.
-
-    ``cc3d`` labels in C order, as ``scipy.ndimage.label`` does, about four times faster;
-    ``connectivity`` is its 3D neighbourhood (6, 18 or 26), the crop padded to 3D."""
-    import cc3d
-    from scipy import ndimage
-
-    as_3d = crop.reshape((1,) * (3 - crop.ndim) + crop.shape)
-    labels, n_found = cc3d.connected_components(as_3d, connectivity=connectivity, return_N=True)
-    if n_found == 1:  # one component: its box is the crop's box of selected voxels
-        box = _projection_box(crop)
-        return [[lo + a, lo + z] for lo, (a, z) in zip(offset, box, strict=True)]
-    sizes = np.bincount(labels.reshape(crop.shape)[crop], minlength=n_found + 1)[1:]
-    biggest = int(np.argmax(sizes)) + 1  # labels follow C order: first on ties
-    box = ndimage.find_objects(labels, max_label=biggest)[biggest - 1][3 - crop.ndim :]
-    return [[lo + sl.start, lo + sl.stop - 1] for lo, sl in zip(offset, box, strict=True)]
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two inclusive voxel boxes ``(D, 2)``, counted in voxels."""
+    inter = np.prod(np.clip(np.minimum(a[:, 1], b[:, 1]) - np.maximum(a[:, 0], b[:, 0]) + 1,
+                            0, None), dtype=np.float64)  # fmt: skip
+    area_a = np.prod(a[:, 1] - a[:, 0] + 1, dtype=np.float64)
+    area_b = np.prod(b[:, 1] - b[:, 0] + 1, dtype=np.float64)
+    return float(inter / (area_a + area_b - inter))
 
 
 def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
     """Inclusive ``[first, last]`` per axis of the True voxels of bool ``selected`` ``(*S)``
-    from its per-axis projections (an ``any`` over the other axes); None if none."""
-    box = []
-    for d in range(selected.ndim):
-        other = tuple(a for a in range(selected.ndim) if a != d)
-        where = np.flatnonzero(selected.any(axis=other) if other else selected)
+    from per-axis projections (an ``any`` over the other axes, each later axis read only
+    within the range of the earlier ones); None if none."""
+    box, sub = [], selected
+    for _ in range(selected.ndim):
+        rest = tuple(range(1, sub.ndim))
+        where = np.flatnonzero(sub.any(axis=rest) if rest else sub)
         if where.size == 0:
             return None
         box.append([int(where[0]), int(where[-1])])
+        sub = sub[where[0] : where[-1] + 1].any(axis=0)
     return box
 
 
-def _levels_reached(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """How many of the ascending ``levels (T,)`` each value reaches (``>=``), exactly in
-    the values' dtype: a guess from the levels' mean spacing, corrected by comparing with
-    the levels themselves; ``searchsorted`` for the values a guess misses by more."""
-    n_t = levels.size
-    span = float(levels[-1]) - float(levels[0])
-    if n_t < 3 or not span > 0 or values.size < 4096:
-        return np.searchsorted(levels, values, side="right")
-    edges = np.concatenate([[-np.inf], levels, [np.inf]]).astype(levels.dtype)
-    guess = (values - levels[0]).astype(np.float64) * ((n_t - 1) / span)
-    reached = np.clip(guess, -1.0, n_t).astype(np.intp) + 1  # floor for guess >= -1
-    np.clip(reached, 0, n_t, out=reached)
-    reached -= values < edges[reached]  # edges[c] = levels[c - 1]: must be reached
-    reached += values >= edges[reached + 1]  # levels[c] must not be
-    bad = (values < edges[reached]) | (values >= edges[reached + 1])
-    if bad.any():
-        reached[bad] = np.searchsorted(levels, values[bad], side="right")
-    return reached
-
-
-def _reached_curve(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """``(T,)`` how many ``values`` reach each ascending level (one histogram, summed
-    from the top)."""
-    hist = np.bincount(_levels_reached(values, levels), minlength=levels.size + 1)
+def _from_top(hist: np.ndarray) -> np.ndarray:
+    """``(T,)`` from a histogram ``(T + 1,)`` of how many levels voxels reach: how many
+    reach each level."""
     return np.cumsum(hist[::-1])[::-1][1:]
 
 
@@ -214,7 +174,8 @@ def _box_rule(threshold: float, connectivity: int | None, nd: int, dtype: np.dty
 
 class _MaskRows:
     """The masks as NumPy rows ``(B or 1) * (K or 1)`` of ``N`` voxels; each distinct
-    mask's voxel list (and box, if asked for) is found once."""
+    mask's voxel list (and box, if asked for) is found once, for the first of the rows
+    that hold it (:meth:`find`)."""
 
     def __init__(self, masks: torch.Tensor, k: int, shape: tuple[int, ...], boxes: bool):
         self.rows = masks.reshape(-1, masks.shape[-1]).cpu().numpy()
@@ -222,19 +183,32 @@ class _MaskRows:
         self.k = k
         self.shape = shape
         self.boxes = boxes
+        self.first = _first_equal_rows(self.rows)
         self._found: dict[int, tuple[np.ndarray, list[list[int]] | None]] = {}
 
     def of_map(self, r: int) -> int:
         """The mask row of map row ``r`` (item ``r // K``, target ``r % K``)."""
         return (r // self.k if self.bm > 1 else 0) * self.km + (r % self.k if self.km > 1 else 0)
 
+    def find(self, i: int) -> None:
+        """Find the voxels (and box) of mask row ``i``, one of :attr:`first`."""
+        m = self.rows[i]
+        box = _projection_box(m.reshape(self.shape)) if self.boxes else None
+        self._found[i] = (np.flatnonzero(m), box)
+
     def voxels(self, i: int) -> tuple[np.ndarray, list[list[int]] | None]:
         """Mask row ``i``'s voxels (flat positions) and its box (None if not asked for)."""
-        if i not in self._found:
-            m = self.rows[i]
-            box = _projection_box(m.reshape(self.shape)) if self.boxes else None
-            self._found[i] = (np.flatnonzero(m), box)
-        return self._found[i]
+        return self._found[self.first[i]]
+
+
+def _first_equal_rows(rows: np.ndarray) -> list[int]:
+    """For each bool row of ``rows (R, N)``, the first row equal to it."""
+    counts = np.count_nonzero(rows, axis=1)
+    first: list[int] = []
+    for i in range(len(rows)):
+        same = (j for j in range(i) if first[j] == j and counts[j] == counts[i])
+        first.append(next((j for j in same if np.array_equal(rows[j], rows[i])), i))
+    return first
 
 
 @dataclass
@@ -261,35 +235,85 @@ class _RowScores:
         )
 
 
-def _mass_inside(row: np.ndarray, inside: np.ndarray) -> float:
-    """Share of the positive mass of a flat map ``row`` that lies in ``inside`` (the
-    map's values on the mask)."""
-    positive = row if row.min() >= 0 else np.maximum(row, 0)
-    total = float(positive.sum(dtype=np.float64))
-    inner = float(np.maximum(inside, 0).sum(dtype=np.float64))
-    return inner / max(total, 1e-300)
+class _Voxels(NamedTuple):
+    """Some voxels of a flat map: their flat positions (ascending) and values."""
+
+    where: np.ndarray
+    values: np.ndarray
+
+
+class _Read(NamedTuple):
+    """What one read of a flat map gives: its first maximum (flat position; NaN counts as
+    one, as in torch), each chunk's maximum ``(n_chunks,)`` and its positive mass."""
+
+    first: int
+    chunk_max: np.ndarray
+    positive: float
+
+
+def _read(row: np.ndarray) -> _Read:
+    """Read the flat map ``row`` once, a chunk of :data:`_CHUNK` voxels at a time: each
+    chunk comes from memory once and every pass over it runs in the cache."""
+    n = -(-row.size // _CHUNK)
+    tops, at, positive = np.empty(n, row.dtype), np.empty(n, np.intp), 0.0
+    for c in range(n):
+        chunk = row[c * _CHUNK : (c + 1) * _CHUNK]
+        at[c] = chunk.argmax()
+        tops[c] = chunk[at[c]]
+        if tops[c] > 0:  # a chunk's own sum is pairwise (accurate); chunks add in float64
+            positive += float((chunk if chunk.min() >= 0 else np.maximum(chunk, 0)).sum())
+    best = int(tops.argmax())  # the first chunk holding the (first) maximum
+    return _Read(best * _CHUNK + int(at[best]), tops, positive)
+
+
+def _reaching(row: np.ndarray, read: _Read, level: np.ndarray) -> _Voxels:
+    """The voxels of the flat map ``row`` at or above ``level``, from the chunks whose
+    maximum reaches it (explanation maps are mostly zero: most chunks are skipped)."""
+    where, values = [np.empty(0, np.intp)], [np.empty(0, row.dtype)]
+    for c in np.flatnonzero(read.chunk_max >= level):
+        chunk = row[c * _CHUNK : (c + 1) * _CHUNK]
+        found = np.flatnonzero(chunk >= level)
+        where.append(found + c * _CHUNK)
+        values.append(chunk[found])
+    return _Voxels(np.concatenate(where), np.concatenate(values))
 
 
 def _iou_row(
-    row: np.ndarray, inside: np.ndarray, mask_size: int, levels: np.ndarray
+    reached: np.ndarray, in_mask: np.ndarray, mask_size: int, levels: np.ndarray
 ) -> np.ndarray:
-    """``(T,)`` IoU of ``{row >= level}`` with a mask of ``mask_size`` voxels (``inside``:
-    the map's values on it) for ascending ``levels`` in the map's dtype."""
-    pred = _reached_curve(row[row >= levels[0]], levels)
-    inter = _reached_curve(inside[inside >= levels[0]], levels)
+    """``(T,)`` IoU of ``{map >= level}`` with a mask of ``mask_size`` voxels for ascending
+    ``levels`` in the map's dtype; ``reached``: the map's values at or above ``levels[0]``,
+    ``in_mask``: whether each of those voxels lies in the mask. One histogram of how many
+    levels each voxel reaches, summed from the top, counts every level's voxels."""
+    counts = np.searchsorted(levels, reached, side="right")  # levels each value reaches
+    pred = _from_top(np.bincount(counts, minlength=levels.size + 1))
+    inter = _from_top(np.bincount(counts[in_mask], minlength=levels.size + 1))
     union = pred + mask_size - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
 def _component_box(
-    row: np.ndarray, shape: tuple[int, ...], level: np.ndarray, connectivity: int
+    chosen: np.ndarray, shape: tuple[int, ...], connectivity: int
 ) -> list[list[int]]:
-    """Box of the largest component of ``{row >= level}`` (``row`` a flat map of
-    ``shape``), labelled inside the box of those voxels."""
-    chosen = (row >= level).reshape(shape)
-    outer = _projection_box(chosen)  # the maximum is always chosen: never None
-    crop = chosen[tuple(slice(lo, hi + 1) for lo, hi in outer)]
-    return _largest_component_box(crop, connectivity, [lo for lo, _ in outer])
+    """Inclusive box of the largest component (the first in C order on ties) of the voxels
+    at the flat positions ``chosen`` (ascending, not empty) of a map of ``shape``.
+
+    ``cc3d`` labels the components inside the box of those voxels, in C order as
+    ``scipy.ndimage.label`` does, about four times faster; ``connectivity`` is its 3D
+    neighbourhood (6, 18 or 26), the crop padded to 3D."""
+    import cc3d
+
+    coords = np.unravel_index(chosen, shape)
+    local = tuple(c - c.min() for c in coords)
+    crop = np.zeros([int(c.max()) + 1 for c in local], dtype=bool)
+    crop[local] = True
+    as_3d = crop.reshape((1,) * (3 - crop.ndim) + crop.shape)
+    labels, n_found = cc3d.connected_components(as_3d, connectivity=connectivity, return_N=True)
+    if n_found > 1:
+        own = labels.reshape(crop.shape)[local]  # each chosen voxel's component
+        biggest = int(np.argmax(np.bincount(own, minlength=n_found + 1)[1:])) + 1
+        coords = tuple(c[own == biggest] for c in coords)
+    return [[int(c.min()), int(c.max())] for c in coords]
 
 
 def _score_row(
@@ -303,7 +327,8 @@ def _score_row(
 ) -> None:
     """Fill row ``r`` of ``out`` with the metrics in ``parts`` of the flat map ``row``."""
     i = masks.of_map(r)
-    first = int(row.argmax())  # the first maximum (NaN counts as one, as in torch)
+    read = _read(row)
+    first = read.first
     top = row[first]
     out.pointing[r] = masks.rows[i, first]
     if not parts & {"mass", "iou", "box"}:
@@ -313,17 +338,23 @@ def _score_row(
         out.mask_boxes[r] = m_box
     if not top > 0:  # no positive value (or NaN): NaN metrics
         return
-    inside = row[where]
     if "mass" in parts:
-        out.mass[r] = _mass_inside(row, inside)
-    if "iou" in parts:
-        levels = thresholds.values * top  # map >= t * max, in the maps' dtype
-        out.curve[r] = _iou_row(row, inside, where.size, levels)
-    if "box" in parts:
-        level = box_rule.threshold * top
-        out.map_boxes[r] = _component_box(row, masks.shape, level, box_rule.connectivity)
-        iou = _box_iou(torch.from_numpy(out.map_boxes[r]), torch.from_numpy(out.mask_boxes[r]))
-        out.box[r] = float(iou) if where.size else 0.0
+        inside = row[where]
+        out.mass[r] = float(np.maximum(inside, 0).sum(dtype=np.float64)) / read.positive
+    levels = thresholds.values * top if "iou" in parts else None  # map >= t * max
+    box_level = box_rule.threshold * top if "box" in parts else None
+    wanted = [x for x in (None if levels is None else levels[0], box_level) if x is not None]
+    if not wanted:
+        return
+    reached = _reaching(row, read, min(wanted))  # one read of the chunks for both
+    if levels is not None:
+        keep = reached.values >= levels[0]
+        in_mask = masks.rows[i][reached.where[keep]]
+        out.curve[r] = _iou_row(reached.values[keep], in_mask, where.size, levels)
+    if box_level is not None:
+        chosen = reached.where[reached.values >= box_level]
+        out.map_boxes[r] = _component_box(chosen, masks.shape, box_rule.connectivity)
+        out.box[r] = _box_iou(out.map_boxes[r], out.mask_boxes[r]) if where.size else 0.0
 
 
 def _as_tensors(
@@ -367,13 +398,15 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    Map by map, on the CPU (``numpy``): each map is read in full a few times (maximum,
-    minimum and sum, one comparison with its lowest IoU level, one with its box level);
-    each distinct mask once (its voxel list, and its box from per-axis projections). The
-    IoU curve is one histogram of "how many levels ``t * max`` a voxel reaches" over the
-    voxels at or above the lowest level, and one over the mask's voxels, summed from the
-    top; the Grad-CAM box labels components (``cc3d``) only inside the box of
-    the selected voxels, itself from per-axis projections.
+    Map by map, on the CPU (``numpy``): each map is read in full once, compared with zero
+    to list its positive (and NaN) voxels, the only ones the metrics of a map with a
+    positive maximum read (:func:`_read`); each distinct mask once (its voxel list, and
+    its box from per-axis projections). From the list: the first maximum, the positive
+    mass, and the voxels at or above the lowest IoU level and the box level. The IoU curve
+    is one histogram of "how many levels ``t * max`` a voxel reaches" over those voxels,
+    and one over the mask's voxels, summed from the top; the Grad-CAM box labels
+    components (``cc3d``) only inside the box of its selected voxels. Levels at or below
+    zero read the whole map instead.
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
@@ -386,7 +419,9 @@ def _localise(
         rule = _box_rule(box_threshold, connectivity, len(shape), rows.dtype)
     scores = _RowScores.unscored(b * k, 0 if levels is None else levels.values.size, len(shape))
     workers = min(torch.get_num_threads(), b * k) if n >= _THREADED_VOXELS else 1
-    with ThreadPoolExecutor(workers) as pool:  # NumPy, cc3d and SciPy release the GIL
+    with ThreadPoolExecutor(workers) as pool:  # NumPy and cc3d release the GIL
+        if parts & {"mass", "iou", "box"}:
+            list(pool.map(mask_rows.find, sorted(set(mask_rows.first))))
         list(pool.map(lambda r: _score_row(r, rows[r], mask_rows, parts, levels, rule, scores),
                       range(b * k)))  # fmt: skip
     return _as_tensors(scores, parts, levels, b, k, flat.device)
@@ -443,12 +478,11 @@ def iou_curve(
         no positive value; 0 where the mask is empty.
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
-    dtype. Each voxel at or above its map's lowest level, and each mask voxel, is given
-    the number of levels ``t * max`` it reaches (a guess from the levels' spacing,
-    corrected by comparing with the levels); one histogram of those numbers, summed from
-    the top, gives every threshold's prediction and overlap. Cost: a few passes over
-    each map, then work on the voxels above the lowest threshold and on the masks'
-    voxels.
+    dtype. Each voxel at or above its map's lowest level is given the number of levels
+    ``t * max`` it reaches (a binary search among the levels); one histogram of those
+    numbers, and one of those inside the mask, summed from the top, give every
+    threshold's prediction and overlap. Cost: one read of each map, then work on the
+    voxels above the lowest threshold.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
     return res["curve"].index_select(-1, torch.argsort(res["order"]))
