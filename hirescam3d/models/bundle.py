@@ -249,7 +249,8 @@ def _inference(network_def: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _readme(info: ModelInfo) -> str:
+def readme_text(info: ModelInfo) -> str:
+    """The bundle's ``docs/README.md``: its input, output, layer and training record."""
     spec = info.input
     lines = [
         f"# {info.name}",
@@ -359,7 +360,7 @@ def save_bundle(
     sha = sha256_of(root / WEIGHTS)
     (root / METADATA).write_text(json.dumps(_metadata(info, sha), indent=2) + "\n")
     (root / INFERENCE).write_text(json.dumps(_inference(network_def, info), indent=2) + "\n")
-    (root / README).write_text(_readme(info))
+    (root / README).write_text(readme_text(info))
     (root / LICENSE).write_text(LICENSE_TEXT)
     if sample is not None:
         _check_reloaded(network, root, sample)

@@ -22,7 +22,7 @@ TRAINING_COMMANDS = {
     "demo_shortcut": "python -m hirescam3d.models.training.train_demo --out "
     "hirescam3d/bundles/demo_shortcut --shortcut nodule --n-train 600 --epochs 5 "
     "--triplet-findings --max-minutes 20",
-    "demo_seg": "python -m hirescam3d.models.training.train_seg --out hirescam3d/bundles/demo_seg",
+    "demo_seg": "python -m hirescam3d.models.training.seg_recipe --out hirescam3d/bundles/demo_seg",
 }
 
 # demo_seg: one sigmoid channel per organ a finding lives in and per finding.

@@ -25,6 +25,10 @@ from hirescam3d.models.training import train_seg
 from hirescam3d.models.zoo import SEG_CHANNELS
 from tests.cli.test_cli import invoke
 
+# The shipped masks against the sample's own finding masks: measured 0.88 for atelectasis
+# and for pleural effusion (v13); v8 reached 0.47 for atelectasis.
+DICE_ON_SAMPLE = 0.8
+
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
@@ -200,10 +204,8 @@ def test_cli_writes_the_predicted_mask_on_the_scans_grid(tmp_path, demo_seg):
 
 @pytest.mark.slow
 def test_cli_explains_the_samples_findings_over_their_post_processed_masks(tmp_path, demo_seg):
-    """No --finding: the sample's findings (its own list, written by the phantom) are
-    explained, each over the bundle's post-processed mask. Not yet met: that nothing else
-    is (the shipped model still calls an 11-voxel nodule on the sample; see
-    docs/segmentation.md)."""
+    """No --finding: exactly the sample's findings (its own list, written by the phantom)
+    are explained, each over the bundle's post-processed mask."""
     from scipy import ndimage
 
     from hirescam3d.data.phantom import FINDINGS
@@ -217,7 +219,7 @@ def test_cli_explains_the_samples_findings_over_their_post_processed_masks(tmp_p
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     explained = [f for f in report["explained"] if f in FINDINGS]
-    assert set(truth) <= set(explained), explained
+    assert sorted(explained) == sorted(truth), explained
     for name in explained:
         mask = np.asarray(nib.load(str(out / f"sample_chest_ct_{name}_predicted_mask.nii.gz"))
                           .dataobj) > 0  # fmt: skip
@@ -225,8 +227,5 @@ def test_cli_explains_the_samples_findings_over_their_post_processed_masks(tmp_p
         sizes = np.bincount(labels.ravel())[1:]
         assert n >= 1 and sizes.min() >= rule.min_voxels.get(name, 0), (name, sizes)
         assert int(mask.sum()) == report["findings"][name]["region_voxels"]
-        if name not in truth:
-            continue
         true_mask = np.asarray(nib.load(str(paths[name])).dataobj) > 0
-        # measured: atelectasis 0.47 (the model over-calls it), pleural effusion higher
-        assert dice(mask, true_mask) > 0.3, name
+        assert dice(mask, true_mask) > DICE_ON_SAMPLE, name
