@@ -304,15 +304,21 @@ def _optimise(
     return history, done
 
 
+def _bce_over(logits: torch.Tensor, y: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+    """Mean over the channels with any of ``voxels`` in the batch of the mean BCE over those
+    voxels; all three ``(B, C, *S)``."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    dims = [0, *range(2, y.ndim)]
+    count = voxels.sum(dims)
+    per_channel = (bce * voxels).sum(dims) / count.clamp(min=1)
+    present = count > 0
+    return per_channel[present].mean() if present.any() else logits.sum() * 0
+
+
 def positive_mean_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over channels with positives in the batch of the mean BCE of their positive
     voxels; ``logits``, ``y``: ``(B, C, *S)``."""
-    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    dims = [0, *range(2, y.ndim)]
-    count = y.sum(dims)
-    per_channel = (bce * y).sum(dims) / count.clamp(min=1)
-    present = count > 0
-    return per_channel[present].mean() if present.any() else logits.sum() * 0
+    return _bce_over(logits, y, y)
 
 
 def exclusive_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -320,14 +326,9 @@ def exclusive_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     to another of them (``logits``, ``y``: ``(B, C, *S)``): the confusions a voxel mean
     over the whole volume barely notices, such as atelectasis called on pleural fluid."""
     idx = [SEG_CHANNELS.index(c) for c in EXCLUSIVE]
-    lg, yy = logits[:, idx], y[:, idx]
-    others = (yy.sum(1, keepdim=True) - yy).clamp(max=1)  # voxels of another finding
-    bce = nn.functional.binary_cross_entropy_with_logits(lg, yy, reduction="none")
-    dims = [0, *range(2, y.ndim)]
-    count = others.sum(dims)
-    per_channel = (bce * others).sum(dims) / count.clamp(min=1)
-    present = count > 0
-    return per_channel[present].mean() if present.any() else logits.sum() * 0
+    y = y[:, idx]
+    others = (y.sum(1, keepdim=True) - y).clamp(max=1)  # voxels of another finding
+    return _bce_over(logits[:, idx], y, others)
 
 
 def hard_negative_bce(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
