@@ -466,26 +466,54 @@ def compare_scan(
     :func:`hirescam3d.pipeline.explain_scan` (default: the finding's predicted mask).
     Returns ``(record, {"png": path, "json": path})``.
     """
-    from hirescam3d.io.outputs import atomic_write, check_writable, ensure_folder
-    from hirescam3d.io.scans import scan_stem
-    from hirescam3d.pipeline import _json_safe, check_methods, explain_image, resolve_model
+    from hirescam3d.pipeline import check_methods, explain_image, resolve_model
 
-    start = time.perf_counter()
     methods = check_methods(methods)
     network, info = resolve_model(model)
-    finding = _checked_finding(finding, info.class_names)
+
+    def explain(inputs: _Inputs, name: str, run: list[str]) -> Any:
+        return explain_image(
+            inputs.scan.array, inputs.scan.affine, (network, info), [name], run, layer,
+            inputs.organs, inputs.organ_names, device, progress, region=inputs.region,
+        )
+
+    sources = (scan_path, mask_path, organs_path, organ_names_path)
+    return compared(sources, finding, info.class_names, out_dir, methods, explain, force,
+                    progress, region)  # fmt: skip
+
+
+def compared(
+    sources: tuple[str | Path, str | Path | None, str | Path | None, str | Path | None],
+    finding: str,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    methods: list[str],
+    explain: Any,
+    force: bool,
+    progress: Progress | None,
+    region: RegionArg = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The steps of :func:`compare_scan` around the model's own: check ``finding`` among
+    ``class_names`` and the outputs, read ``sources`` (scan, mask, organ map, organ
+    names), ``explain(inputs, finding, methods and HiResCAM)``, score, draw, and write
+    ``compare.json`` (with the keys of ``extra``). Returns ``(record, paths)``."""
+    from hirescam3d.io.outputs import atomic_write, check_writable, ensure_folder
+    from hirescam3d.io.scans import scan_stem
+    from hirescam3d.pipeline import _json_safe
+
+    start = time.perf_counter()
+    scan_path = sources[0]
+    finding = _checked_finding(finding, class_names)
     stem = scan_stem(scan_path)
     paths = compare_paths(out_dir, stem, finding)
     ensure_folder(out_dir)
     check_writable(paths.values(), force)
-    inputs = _read_inputs(scan_path, mask_path, organs_path, organ_names_path, region)
+    inputs = _read_inputs(*sources, region)
 
-    # One forward pass for every method; HiResCAM rides along as the exact reference.
+    # One prediction for every method; HiResCAM rides along as the exact reference.
     run = list(methods) + ([] if "hirescam" in methods else ["hirescam"])
-    result = explain_image(
-        inputs.scan.array, inputs.scan.affine, (network, info), [finding], run, layer,
-        inputs.organs, inputs.organ_names, device, progress, region=inputs.region,
-    )
+    result = explain(inputs, finding, run)
     timings = {"explain_s": time.perf_counter() - start}
     t = time.perf_counter()
     scores = _score_methods(result, finding, methods, inputs)
@@ -497,7 +525,8 @@ def compare_scan(
     figure = _write_figure(paths["png"], inputs, result, finding, methods, stem, force)
     timings["figure_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
-    record = _json_safe(_compare_record(inputs, finding, methods, result, scores, figure, timings))
+    record = _compare_record(inputs, finding, methods, result, scores, figure, timings)
+    record = _json_safe({**record, **(extra or {})})
     text = json.dumps(record, indent=2) + "\n"
     written_json = atomic_write(paths["json"], lambda tmp: tmp.write_text(text), force=force)
     return record, {"png": figure.path, "json": written_json}

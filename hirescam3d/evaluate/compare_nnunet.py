@@ -11,8 +11,6 @@ scan's grid with nnU-Net's export steps and are scored and drawn exactly as
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,38 +89,21 @@ def compare_nnunet_scan(
     same figure and ``compare.json``, on nnU-Net's predicted region of ``finding`` (the
     probability: nnU-Net's mean probability of the class inside it; the logit: the
     region score). Returns ``(record, {"png": path, "json": path})``."""
-    from hirescam3d.io.outputs import atomic_write, check_writable, ensure_folder
-    from hirescam3d.io.scans import scan_stem
-    from hirescam3d.pipeline import _json_safe, check_methods
+    from hirescam3d.pipeline import check_methods
 
-    start = time.perf_counter()
     methods = check_methods(methods)
-    finding = compare._checked_finding(finding, handle.model.class_names)
-    stem = scan_stem(scan_path)
-    paths = compare.compare_paths(out_dir, stem, finding)
-    ensure_folder(out_dir)
-    check_writable(paths.values(), force)
-    inputs = compare._read_inputs(scan_path, mask_path, organs_path, organ_names_path,
-                                  "predicted")  # fmt: skip
-    if progress is not None:
-        progress("explaining", 0.1)
-    run = list(methods) + ([] if "hirescam" in methods else ["hirescam"])
-    result = explain_methods(Path(scan_path), handle, finding, run, layer)
-    timings = {"explain_s": time.perf_counter() - start}
-    t = time.perf_counter()
-    scores = compare._score_methods(result, finding, methods, inputs)
-    timings["metrics_s"] = time.perf_counter() - t
-    if progress is not None:
-        progress("figure", 0.9)
-    t = time.perf_counter()
-    figure = compare._write_figure(paths["png"], inputs, result, finding, methods, stem, force)
-    timings["figure_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - start
-    record = compare._compare_record(inputs, finding, methods, result, scores, figure, timings)
-    record["maps"] = ("display maps on the scan's grid (ReLU, divided by the maximum): each "
-                      "method on nnU-Net's tiles, folds and flips, weighted with nnU-Net's "
-                      "Gaussian, then nnU-Net's export steps back to the scan's grid")
-    record["nnunet"] = {"folds": [str(f) for f in handle.folds], "mirror": handle.mirror}
-    text = json.dumps(_json_safe(record), indent=2) + "\n"
-    written_json = atomic_write(paths["json"], lambda tmp: tmp.write_text(text), force=force)
-    return record, {"png": figure.path, "json": written_json}
+
+    def explain(inputs: Any, name: str, run: list[str]) -> NnunetCompared:
+        if progress is not None:
+            progress("explaining", 0.1)
+        return explain_methods(Path(scan_path), handle, name, run, layer)
+
+    extra = {
+        "maps": "display maps on the scan's grid (ReLU, divided by the maximum): each method "
+        "on nnU-Net's tiles, folds and flips, weighted with nnU-Net's Gaussian, then "
+        "nnU-Net's export steps back to the scan's grid",
+        "nnunet": {"folds": [str(f) for f in handle.folds], "mirror": handle.mirror},
+    }
+    sources = (scan_path, mask_path, organs_path, organ_names_path)
+    return compare.compared(sources, finding, handle.model.class_names, out_dir, methods,
+                            explain, force, progress, "predicted", extra)  # fmt: skip
