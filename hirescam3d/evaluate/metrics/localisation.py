@@ -1,10 +1,10 @@
 """Localisation: how well maps ``(B, K, *S)`` find a mask (pointing game, relevance mass,
 IoU over thresholds, the Grad-CAM box).
 
-The mask metrics run map by map on the CPU with NumPy (one comparison of each map with
-zero lists its positive voxels, and every metric works on that list: the IoU curve from one
-histogram, the Grad-CAM box's components labelled by ``cc3d`` inside the box of its
-selected voxels; large maps on ``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
+The mask metrics run map by map on the CPU with NumPy (each map read once, in chunks;
+then only the voxels at or above the lowest level: the IoU curve from one histogram, the
+Grad-CAM box's components labelled by ``cc3d`` inside the box of its selected voxels;
+large maps on ``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
 tensors on the maps' device. :func:`localisation_metrics` computes every mask metric at
 once, sharing the passes over the maps: use it when you need more than one. Masks are
 boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
@@ -51,7 +51,9 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(
 
 #: Maps of this many voxels or more are scored on ``torch.get_num_threads()`` threads.
 _THREADED_VOXELS = 1 << 16
-#: Voxels per chunk of a map (256 KB of float32): read from memory once, then in the cache.
+#: Voxels per chunk of a map (4 MB of float32). Each chunk is read from memory once; on 10
+#: maps of 1.6 M voxels, 1 M-voxel chunks measured 10 % faster than 64 k (fewer NumPy calls
+#: between the threads), and chunks whose maximum misses a level are skipped.
 _CHUNK = 1 << 20
 
 
@@ -253,7 +255,7 @@ class _Read(NamedTuple):
 
 def _read(row: np.ndarray) -> _Read:
     """Read the flat map ``row`` once, a chunk of :data:`_CHUNK` voxels at a time: each
-    chunk comes from memory once and every pass over it runs in the cache."""
+    chunk comes from memory once and the passes over it reuse what the cache holds."""
     n = -(-row.size // _CHUNK)
     tops, at, positive = np.empty(n, row.dtype), np.empty(n, np.intp), 0.0
     for c in range(n):
@@ -398,15 +400,14 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    Map by map, on the CPU (``numpy``): each map is read in full once, compared with zero
-    to list its positive (and NaN) voxels, the only ones the metrics of a map with a
-    positive maximum read (:func:`_read`); each distinct mask once (its voxel list, and
-    its box from per-axis projections). From the list: the first maximum, the positive
-    mass, and the voxels at or above the lowest IoU level and the box level. The IoU curve
-    is one histogram of "how many levels ``t * max`` a voxel reaches" over those voxels,
-    and one over the mask's voxels, summed from the top; the Grad-CAM box labels
-    components (``cc3d``) only inside the box of its selected voxels. Levels at or below
-    zero read the whole map instead.
+    Map by map, on the CPU (``numpy``): each map is read in full once, a chunk at a time
+    (:func:`_read`: its first maximum, each chunk's maximum and its positive mass); each
+    distinct mask once (its voxel list, and its box from per-axis projections). Then the
+    voxels at or above the lower of the lowest IoU level and the box level are listed,
+    from the chunks whose maximum reaches it (:func:`_reaching`). The IoU curve is one
+    histogram of "how many levels ``t * max`` a voxel reaches" over those voxels, and one
+    over those inside the mask, summed from the top; the Grad-CAM box labels components
+    (``cc3d``) only inside the box of its selected voxels.
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
