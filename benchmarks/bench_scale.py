@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def run_measured(args: list[str]) -> dict[str, Any]:
     """Run the command ``args`` in a child process: ``{"stdout", "wall_s",
     "peak_rss_bytes"}``, the peak resident memory of that child alone (``wait4``'s
     rusage; this process must stay small, see :func:`make_case`). RuntimeError with the
-    end of its stderr if it fails."""
+    end of its stderr if it fails. The files the runs before wrote are flushed to disk
+    first (``os.sync``), so their writeback does not land in this run's time."""
+    os.sync()
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
@@ -102,18 +105,42 @@ def explain_args(case: dict[str, Path], out: Path, extra: list[str]) -> list[str
             "--out", str(out), "--device", "cpu", "--force", "--quiet", *extra]
 
 
+def _busy(stop: threading.Event) -> None:
+    """Pure Python work until ``stop``: what the main thread does beside a read ahead."""
+    while not stop.is_set():
+        sum(range(100))
+
+
 def read_times(path: Path) -> dict[str, float]:
-    """Seconds to read the scan into a float32 array: nibabel vs SimpleITK (in process)."""
+    """Seconds to read the scan into a float32 array (in process): nibabel, SimpleITK and
+    ``io.read_scan`` (ISA-L inflate, checks and hash included), the last also while a
+    thread does pure Python work, as the main thread does beside a read ahead."""
     import nibabel as nib
     import numpy as np
     import SimpleITK as sitk
 
+    from hirescam3d.io import scans as io
+
     t = time.perf_counter()
     np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
-    nib_s = time.perf_counter() - t
+    out = {"nibabel_s": time.perf_counter() - t}
     t = time.perf_counter()
     sitk.GetArrayFromImage(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32))
-    return {"nibabel_s": nib_s, "simpleitk_s": time.perf_counter() - t}
+    out["simpleitk_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    io.read_scan(path)
+    out["read_scan_s"] = time.perf_counter() - t
+    stop = threading.Event()
+    busy = threading.Thread(target=_busy, args=(stop,))
+    busy.start()
+    try:
+        t = time.perf_counter()
+        io.read_scan(path)
+        out["read_scan_beside_busy_thread_s"] = time.perf_counter() - t
+    finally:
+        stop.set()
+        busy.join()
+    return out
 
 
 def stage_table(rows: dict[str, dict[str, float]]) -> str:

@@ -443,7 +443,7 @@ def scan_reads(item: BatchItem, opts: ExplainOptions) -> dict[Any, tuple[Any, tu
     from hirescam3d.io.organs import load_organ_map
 
     reads: dict[Any, tuple[Any, tuple[Any, ...]]] = {
-        stages.scan_key(item.path, opts.series): (io.read_scan, (item.path, opts.series))
+        stages.scan_key(item.path, opts.series): (io.read_stored, (item.path, opts.series))
     }
     if opts.organs is not None:
         reads[stages.organs_key(opts.organs, opts.organ_names)] = (

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import math
 import os
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from hirescam3d.errors import ScanError
+from hirescam3d.io.gzip_stream import INFLATE_ERRORS, GzipReader
 
 # Shear, or an sform and qform that disagree, by less than this is float rounding in real
 # headers (e.g. DICOM direction cosines with 6 digits), not worth a warning.
@@ -472,6 +473,25 @@ def _stored_integers(img: Any) -> np.ndarray | None:
     return None
 
 
+def _load(path: Path, raw: Any) -> Any:
+    """nibabel's image of the single-file NIfTI ``path`` whose stored header ``raw`` was
+    read; a ``.nii.gz`` is read through :class:`~hirescam3d.io.gzip_stream.GzipReader`
+    (ISA-L's inflate, about 2x faster than nibabel's ``gzip``, and free of the GIL)."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(".gz") or raw["magic"] != raw.single_magic:
+        return nib.load(str(path))
+    klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
+    stream = io.BufferedReader(GzipReader(path))  # read forward only: no seekable copy
+    return klass.from_file_map(klass.make_file_map({"image": stream}))
+
+
+def _gzip_stream(img: Any) -> io.BufferedReader | None:
+    """The gzip stream an image from :func:`_load` reads its voxels from, else None."""
+    stream = getattr(img.dataobj, "file_like", None)
+    return stream if isinstance(stream, io.BufferedReader) else None
+
+
 def _read_nifti(
     path: Path, integers: bool = False
 ) -> tuple[np.ndarray, np.ndarray, Any, list[str]]:
@@ -493,25 +513,33 @@ def _read_nifti(
         affine, notes = _nifti_affine(path, raw, shape)
     with quiet_nibabel():
         try:
-            img = nib.load(str(path))
+            img = _load(path, raw) if raw is not None else nib.load(str(path))
+        except ScanError:
+            raise
         except Exception as err:  # ImageFileError, gzip/zlib errors, bad headers
             raise ScanError(
                 f"{path}: not a readable NIfTI image ({type(err).__name__}: {_flat(err)}); "
                 "check that the file is a .nii/.nii.gz volume and re-export it"
             ) from err
+        stream = _gzip_stream(img)
         try:
             data = _stored_integers(img) if integers else None
             data = img.get_fdata(dtype=np.float32) if data is None else data
+            if stream is not None:  # on past the voxels: the stream's CRC is checked at
+                stream.read(1)  # its end (nibabel stops short of it)
         except MemoryError as err:
             raise ScanError(
                 f"{path}: not enough memory to read the {' x '.join(map(str, img.shape))} "
                 "volume; free memory, or crop or downsample the scan first"
             ) from err
-        except (EOFError, OSError, ValueError, TypeError, zlib.error, gzip.BadGzipFile) as err:
+        except (EOFError, OSError, ValueError, TypeError, gzip.BadGzipFile, *INFLATE_ERRORS) as err:
             raise ScanError(
                 f"{path}: the image data is truncated or corrupt ({type(err).__name__}: "
                 f"{_flat(err)}); copy or export the file again"
             ) from err
+        finally:
+            if stream is not None:
+                stream.close()
     if raw is not None:
         _check_scaled(path, raw, data)
     if affine is None:

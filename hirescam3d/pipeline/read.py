@@ -58,7 +58,9 @@ def read_inputs(
         )  # fmt: skip
     timings["read_organs_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    scan = stages.read(scan_key(scan_path, series), io.read_scan, scan_path, series)
+    # as stored (int16 CT: half the memory of float32) while read ahead; float32 here
+    scan = io.finish_scan(stages.read(scan_key(scan_path, series), io.read_stored,
+                                      scan_path, series))  # fmt: skip
     notes = list(scan.warnings)
     timings["read_s"] = time.perf_counter() - t
     if labels is not None:

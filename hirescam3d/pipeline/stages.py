@@ -174,7 +174,7 @@ def background_writer() -> Iterator[BackgroundWriter]:
 
 
 def scan_key(path: Any, series: str | None) -> tuple[str, str, str | None]:
-    """The :func:`read` key of ``io.read_scan(path, series=series)``."""
+    """The :func:`read` key of ``io.read_stored(path, series=series)``."""
     return ("scan", os.path.abspath(os.fspath(path)), series)
 
 

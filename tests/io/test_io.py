@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -88,6 +89,52 @@ def test_truncated_nifti(tmp_path):
     with pytest.raises(ScanError, match="truncated or corrupt") as err:
         read_scan(path)
     assert str(path) in str(err.value)
+
+
+
+def _int16_nifti_bytes(shape=(40, 36, 30)) -> tuple[bytes, np.ndarray]:
+    """An uncompressed single-file NIfTI (int16 CT values) and its voxels."""
+    data = ct_like(shape).astype(np.int16)
+    return nib.Nifti1Image(data, np.eye(4)).to_bytes(), data
+
+
+def test_gzip_members_read_as_gzip_does(tmp_path):
+    """A .nii.gz of several gzip members (as bgzip and some exporters write) reads as
+    Python's gzip module and nibabel read it."""
+    raw, data = _int16_nifti_bytes()
+    cut = [0, 1000, len(raw) // 2, len(raw)]
+    path = tmp_path / "members.nii.gz"
+    path.write_bytes(b"".join(gzip.compress(raw[a:b]) for a, b in itertools.pairwise(cut)))
+    assert gzip.decompress(path.read_bytes()) == raw  # the oracle reads the same bytes
+    np.testing.assert_array_equal(read_scan(path).array, nib.load(path).get_fdata())
+    np.testing.assert_array_equal(read_scan(path).array, data)
+
+
+def test_gzip_data_beyond_the_declared_volume_is_not_read(tmp_path):
+    """Only the bytes the header declares are decompressed: trailing data in the stream
+    (here 50 MB of zeros, 50 kB compressed) is neither read nor an error, as in nibabel."""
+    raw, data = _int16_nifti_bytes()
+    path = tmp_path / "trailing.nii.gz"
+    path.write_bytes(gzip.compress(raw + bytes(50_000_000)))
+    np.testing.assert_array_equal(read_scan(path).array, data)
+    np.testing.assert_array_equal(nib.load(path).get_fdata(), data)
+
+
+@pytest.mark.parametrize("where", ["data", "crc"])
+def test_corrupt_gzip_data(tmp_path, where):
+    """Damaged voxel data after an intact header, or a damaged CRC: one line naming the
+    file (nibabel alone returns the damaged voxels without a word)."""
+    raw, _ = _int16_nifti_bytes()
+    packed = bytearray(gzip.compress(raw))
+    at = len(packed) // 2 if where == "data" else len(packed) - 8
+    packed[at : at + 4] = bytes(4) if where == "data" else bytes(b ^ 1 for b in packed[at : at + 4])
+    path = tmp_path / "damaged.nii.gz"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(OSError):  # the oracle: Python's gzip module refuses it too
+        gzip.decompress(bytes(packed))
+    with pytest.raises(ScanError, match="truncated or corrupt") as err:
+        read_scan(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (16, 16, 1), (1, 16, 16)])

