@@ -483,7 +483,11 @@ def _load(path: Path, raw: Any) -> Any:
         return nib.load(str(path))
     klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
     stream = io.BufferedReader(GzipReader(path))  # read forward only: no seekable copy
-    return klass.from_file_map(klass.make_file_map({"image": stream}))
+    try:
+        return klass.from_file_map(klass.make_file_map({"image": stream}))
+    except BaseException:
+        stream.close()
+        raise
 
 
 def _gzip_stream(img: Any) -> io.BufferedReader | None:
@@ -514,8 +518,6 @@ def _read_nifti(
     with quiet_nibabel():
         try:
             img = _load(path, raw) if raw is not None else nib.load(str(path))
-        except ScanError:
-            raise
         except Exception as err:  # ImageFileError, gzip/zlib errors, bad headers
             raise ScanError(
                 f"{path}: not a readable NIfTI image ({type(err).__name__}: {_flat(err)}); "
