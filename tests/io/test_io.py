@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from hirescam3d.errors import HiResCAMError, ScanError
+from hirescam3d.io import scans as io_scans
 from hirescam3d.io.outputs import write_explanation, write_labels
 from hirescam3d.io.scans import (
     OutputError,
@@ -118,6 +119,45 @@ def test_gzip_data_beyond_the_declared_volume_is_not_read(tmp_path):
     path.write_bytes(gzip.compress(raw + bytes(50_000_000)))
     np.testing.assert_array_equal(read_scan(path).array, data)
     np.testing.assert_array_equal(nib.load(path).get_fdata(), data)
+
+
+
+def _variant(kind: str) -> nib.Nifti1Image:
+    """A small int16 CT stored the ways exporters store it."""
+    data, affine = ct_like((30, 28, 26)).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])
+    if kind == "nifti2":
+        return nib.Nifti2Image(data, affine)
+    if kind == "big_endian":
+        return nib.Nifti1Image(data.astype(">i2"), affine, nib.Nifti1Header(endianness=">"))
+    if kind == "uint16":
+        return nib.Nifti1Image((data.astype(np.int32) + 2000).astype(np.uint16), affine)
+    if kind == "float64":
+        return nib.Nifti1Image(data * 1.5, affine)
+    img = nib.Nifti1Image(data, affine)
+    if kind == "scaled":
+        img.header.set_slope_inter(0.5, -1024.0)
+    if kind == "extension":  # the voxels start after a header extension
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"exported by a scanner" * 9))
+    return img
+
+
+@pytest.mark.parametrize(
+    "kind", ["plain", "nifti2", "big_endian", "uint16", "float64", "scaled", "extension"]
+)
+def test_gzip_variants_read_as_nibabel_reads_them(tmp_path, kind):
+    """Every stored form gives nibabel's own float32 voxels, C-ordered; a scan read ahead
+    (read_stored) keeps an unscaled int16 volume as stored and finishes to the same
+    array."""
+    path = tmp_path / f"{kind}.nii.gz"
+    nib.save(_variant(kind), str(path))
+    expected = nib.load(path).get_fdata(dtype=np.float32)
+    scan = read_scan(path)
+    assert scan.array.dtype == np.float32 and scan.array.flags.c_contiguous
+    np.testing.assert_array_equal(scan.array, expected)
+    stored = io_scans.read_stored(path)
+    if kind in ("plain", "extension"):  # an unscaled int16 CT: 2 bytes per voxel held
+        assert stored.array.dtype == np.int16
+    np.testing.assert_array_equal(io_scans.finish_scan(stored).array, expected)
 
 
 @pytest.mark.parametrize("where", ["data", "crc"])
