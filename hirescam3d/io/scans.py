@@ -295,7 +295,8 @@ def read_stored(path: str | Path, series: str | None = None) -> StoredScan:
     """The first half of :func:`read_scan`: the file read and its geometry checked, the
     voxels kept as stored. A scan read ahead in a thread is held this way: an int16 CT
     takes half the memory of its float32 volume. Raises what :func:`read_scan` raises
-    for the file; warns nothing (see :func:`finish_scan`)."""
+    for the file and its geometry; the voxel checks and every warning come with
+    :func:`finish_scan`."""
     path = Path(path)
     arr, affine, header, files, notes, dicom = _read_image(path, series, integers=True)
     return StoredScan(as_volume(np.asarray(arr), path), affine, path, header,
