@@ -473,13 +473,15 @@ def _stored_integers(img: Any) -> np.ndarray | None:
     return None
 
 
-def _load(path: Path, raw: Any) -> Any:
-    """nibabel's image of the single-file NIfTI ``path`` whose stored header ``raw`` was
-    read; a ``.nii.gz`` is read through :class:`~hirescam3d.io.gzip_stream.GzipReader`
-    (ISA-L's inflate, about 2x faster than nibabel's ``gzip``, and free of the GIL)."""
+def _load(path: Path, raw: Any | None) -> Any:
+    """nibabel's image of the NIfTI ``path`` (``raw``: its stored header, None if it could
+    not be read); a single-file ``.nii.gz`` is read through
+    :class:`~hirescam3d.io.gzip_stream.GzipReader` (ISA-L's inflate, about 2x faster than
+    nibabel's ``gzip``, and free of the GIL)."""
     import nibabel as nib
 
-    if not path.name.lower().endswith(".gz") or raw["magic"] != raw.single_magic:
+    gz = path.name.lower().endswith(".gz")
+    if raw is None or not gz or raw["magic"] != raw.single_magic:
         return nib.load(str(path))
     klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
     stream = io.BufferedReader(GzipReader(path))  # read forward only: no seekable copy
@@ -506,8 +508,6 @@ def _read_nifti(
     file and free memory, the transform codes, pixdim, sform and qform (see
     :func:`_nifti_affine`). nibabel's own log lines are suppressed.
     """
-    import nibabel as nib
-
     raw = _raw_nifti_header(path)
     affine, notes = None, []
     if raw is not None:
@@ -517,7 +517,7 @@ def _read_nifti(
         affine, notes = _nifti_affine(path, raw, shape)
     with quiet_nibabel():
         try:
-            img = _load(path, raw) if raw is not None else nib.load(str(path))
+            img = _load(path, raw)
         except Exception as err:  # ImageFileError, gzip/zlib errors, bad headers
             raise ScanError(
                 f"{path}: not a readable NIfTI image ({type(err).__name__}: {_flat(err)}); "
