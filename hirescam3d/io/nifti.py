@@ -482,7 +482,8 @@ def _load(path: Path, raw: Any | None) -> Any:
 
     gz = path.name.lower().endswith(".gz")
     if raw is None or not gz or raw["magic"] != raw.single_magic:
-        return nib.load(str(path))
+        # read now, not memory-mapped: a scan read ahead is in memory when its turn comes
+        return nib.load(str(path), mmap=False)
     klass = nib.Nifti2Image if isinstance(raw, nib.Nifti2Header) else nib.Nifti1Image
     stream = io.BufferedReader(GzipReader(path))  # read forward only: no seekable copy
     try:

@@ -160,6 +160,19 @@ def test_gzip_variants_read_as_nibabel_reads_them(tmp_path, kind):
     np.testing.assert_array_equal(io_scans.finish_scan(stored).array, expected)
 
 
+
+def test_an_uncompressed_scan_read_ahead_holds_its_voxels(tmp_path):
+    """read_stored reads the voxels of a .nii now (no memory map): the file rewritten in
+    place afterwards does not change what finish_scan gives."""
+    data = ct_like((30, 28, 26)).astype(np.int16)
+    path = save_nifti(tmp_path / "plain.nii", data)
+    stored = io_scans.read_stored(path)
+    with open(path, "r+b") as f:  # every voxel byte overwritten in place
+        f.seek(352)
+        f.write(bytes(data.nbytes))
+    np.testing.assert_array_equal(io_scans.finish_scan(stored).array, data)
+
+
 @pytest.mark.parametrize("where", ["data", "crc"])
 def test_corrupt_gzip_data(tmp_path, where):
     """Damaged voxel data after an intact header, or a damaged CRC: one line naming the
