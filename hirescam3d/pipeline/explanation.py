@@ -168,11 +168,16 @@ class Explanation:
         """Float32 ``(I, J, K)`` on the scan's grid (F-ordered): a [0, 1] display map, or
         logits per scan voxel summing to the model-grid contributions inside the scan.
         ``out``: an array of that kind to reuse (the result may or may not be it)."""
+        return self.on_scan(pair, out).volume
+
+    def on_scan(self, pair: Pair, out: np.ndarray | None = None) -> to_scan_grid.ScanMap:
+        """:meth:`scan_map` as a :class:`~hirescam3d.pipeline.to_scan_grid.ScanMap` (with
+        whether its values are known clean)."""
         geometry = self.geometry[pair[1]]
         on_scan = to_scan_grid.scan_map(self.raw[pair], geometry, self.grid, self.values, out)
         if on_scan.correction is not None:
             self.contributions[pair[0]][pair[1]]["resampling_correction"] = on_scan.correction
-        return on_scan.volume
+        return on_scan
 
     def mask_on_scan(self, finding: str) -> np.ndarray:
         """The predicted mask of ``finding`` on the scan's grid: uint8 ``(I, J, K)``, 1

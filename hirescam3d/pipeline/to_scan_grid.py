@@ -44,11 +44,14 @@ def model_map(
 
 
 class ScanMap(NamedTuple):
-    """A map on the scan's grid: float32 ``(I, J, K)`` (F-ordered) and, for logit maps, the
-    two factors :func:`conserve` scaled its positive and negative parts by."""
+    """A map on the scan's grid: float32 ``(I, J, K)`` (F-ordered); for logit maps, the two
+    factors :func:`conserve` scaled its positive and negative parts by; ``clean``: every
+    value is known finite and in [0, 1] (a clipped display map of finite cells), so a
+    writer need not check it."""
 
     volume: np.ndarray
     correction: list[float] | None
+    clean: bool = False
 
 
 def scan_map(
@@ -63,14 +66,15 @@ def scan_map(
         volume = grid.invert(torch.from_numpy(placed), clip=unit)
     elif unit:
         _, top = placed_map(cells, geometry, grid.shape, values)
+        finite = bool(torch.isfinite(cells).all()) and math.isfinite(top)
         if top <= 0:
             if out is None:
-                return ScanMap(np.zeros(grid.scan_shape, np.float32, order="F"), None)
+                return ScanMap(np.zeros(grid.scan_shape, np.float32, order="F"), None, finite)
             out.fill(0)
-            return ScanMap(out, None)
+            return ScanMap(out, None, finite)
         volume = grid.to_scan(cells.float().clamp_min(0) / top, geometry, "place", out)
-        np.clip(volume, 0.0, 1.0, out=volume)
-        return ScanMap(volume, None)
+        np.clip(volume, 0.0, 1.0, out=volume)  # finite weights of finite cells: finite
+        return ScanMap(volume, None, finite)
     else:
         volume = grid.to_scan(cells, geometry, "density", out)
     if unit:

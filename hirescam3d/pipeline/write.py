@@ -10,6 +10,7 @@ the output folder as it was (:mod:`hirescam3d.io.staging`).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,16 +41,33 @@ class _TwoBuffers:
     map being placed, the other the map being written. The background writer runs one job
     at a time and starts one only after the one before has finished, so an array is free
     again when its turn comes. Reusing them spares the page faults of a fresh 300 MB array
-    per map, which cost more than placing the map."""
+    per map, which cost more than placing the map. ``first``: memory to use as the first
+    array (the scan's own voxels, no longer needed), so only one array is new."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape, self.arrays, self.turn = shape, [], 0
+    def __init__(self, shape: tuple[int, ...], first: np.ndarray | None = None) -> None:
+        self.shape, self.turn = shape, 0
+        self.arrays = [] if first is None else [np.ndarray(shape, np.float32, first, order="F")]
 
     def next(self) -> np.ndarray:
         if len(self.arrays) < 2:
             self.arrays.append(np.empty(self.shape, np.float32, order="F"))
         self.turn += 1
         return self.arrays[(self.turn - 1) % 2]
+
+
+def _release_voxels(scan: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Empty ``scan.array``; return the old array if it is float32 of ``shape`` (the maps')
+    and nothing else refers to it (a view or a tensor of it would see the maps), else
+    None."""
+    voxels, scan.array = scan.array, np.empty((0, 0, 0), np.float32)
+    reusable = (
+        voxels.shape == tuple(shape)
+        and voxels.dtype == np.float32
+        and voxels.flags.c_contiguous
+        and voxels.flags.writeable
+        and sys.getrefcount(voxels) == 2  # this name and the call's argument
+    )
+    return voxels if reusable else None
 
 
 def _write_maps(
@@ -66,16 +84,17 @@ def _write_maps(
             written["ct_dicom"] = paths["ct_dicom"]
     png, on_scan_grid, force = options.png, options.grid == "scan", options.force
     ct = scan.array if png else None
-    scan.array = np.empty((0, 0, 0), np.float32)  # not needed any more: free it early
+    # the scan's voxels are not needed any more: their memory holds the first map
+    spare = _release_voxels(scan, result.grid.scan_shape)
     timings = {"invert_s": 0.0, "write_s": 0.0}
 
     def write_pair(finding: str, method: str, volume: np.ndarray, volume_affine: Any,
-                   on_scan: np.ndarray | None) -> None:  # fmt: skip
+                   on_scan: np.ndarray | None, clean: bool) -> None:  # fmt: skip
         key = f"{finding}/{method}"
         if "nifti" in options.formats:
             written[key] = outputs.write_map(
                 paths[key], volume, volume_affine, method, options.values, options.dtype,
-                scan.header, force=force,
+                scan.header, force=force, checked=clean,
             )  # fmt: skip
         if dicom is not None:
             written.update(dicom.write(paths, volume, volume_affine, finding, method,
@@ -88,19 +107,23 @@ def _write_maps(
                 force=force,
             )  # fmt: skip
 
-    buffers = _TwoBuffers(result.grid.scan_shape)
+    buffers = _TwoBuffers(result.grid.scan_shape, spare)
+    del spare
     with stages.background_writer() as writer:
         for pair in result.pairs:
             t = time.perf_counter()
+            clean = False
             if on_scan_grid:
-                volume, volume_affine = result.scan_map(pair, buffers.next()), scan.affine
+                placed = result.on_scan(pair, buffers.next())
+                volume, volume_affine, clean = placed.volume, scan.affine, placed.clean
+                del placed
             else:
                 volume, volume_affine = result.model_map(pair), result.grid.affine
             on_scan = None
             if png:
                 on_scan = volume if on_scan_grid else result.scan_map(pair)
             timings["invert_s"] += time.perf_counter() - t
-            writer.submit(write_pair, *pair, volume, volume_affine, on_scan)
+            writer.submit(write_pair, *pair, volume, volume_affine, on_scan, clean)
             del volume, on_scan
     timings["write_s"] += writer.seconds
     return MapsWritten(written, dicom, timings)

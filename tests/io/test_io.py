@@ -161,6 +161,18 @@ def test_gzip_variants_read_as_nibabel_reads_them(tmp_path, kind):
 
 
 
+@pytest.mark.parametrize("order", ["F", "C"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float64])
+def test_float32_c_copies_in_slabs_as_numpy_converts(order, dtype):
+    """The slab-wise reordering copy equals NumPy's conversion for a volume whose second
+    axis spans several slabs and a remainder (70 rows of 1000: slabs of 4)."""
+    rng = np.random.default_rng(3)
+    data = np.asarray(rng.normal(0, 90, (5, 70, 1000)), dtype=dtype, order=order)
+    out = io_scans._float32_c(data)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, np.ascontiguousarray(data, dtype=np.float32))
+
+
 def test_an_uncompressed_scan_read_ahead_holds_its_voxels(tmp_path):
     """read_stored reads the voxels of a .nii now (no memory map): the file rewritten in
     place afterwards does not change what finish_scan gives."""

@@ -208,9 +208,9 @@ def test_warnings_of_a_read_ahead_are_raised_where_the_scan_is_read():
 
 
 def test_reused_map_buffers_are_never_overwritten_while_written(tmp_path, monkeypatch):
-    """Maps are placed into two arrays used in turn while the one before is written. A slow
-    writer checks that its map did not change during its write; the files equal those of a
-    run that places every map into a fresh array."""
+    """Maps are placed into two arrays used in turn while the one before is written, the
+    first in the scan's own voxels. A slow writer checks that its map did not change during
+    its write; the files equal those of a run that places every map into a fresh array."""
     import hashlib
 
     from hirescam3d.pipeline import write as pipeline_write
@@ -218,6 +218,9 @@ def test_reused_map_buffers_are_never_overwritten_while_written(tmp_path, monkey
     [scan] = small_scans(tmp_path / "scans", 1)
     findings, methods = ["atelectasis", "pleural_effusion", "cardiomegaly"], ("hirescam", "gradcam")
     real, changed = outputs.write_map, []
+    release, spares = pipeline_write._release_voxels, []
+    monkeypatch.setattr(pipeline_write, "_release_voxels",
+                        lambda *a: spares.append(release(*a)) or spares[-1])  # fmt: skip
 
     def slow_checked(path, volume, *args, **kwargs):
         before = hashlib.sha256(np.ascontiguousarray(volume)).hexdigest()
@@ -229,6 +232,7 @@ def test_reused_map_buffers_are_never_overwritten_while_written(tmp_path, monkey
     monkeypatch.setattr(outputs, "write_map", slow_checked)
     explain_scan(scan, tmp_path / "reused", MODEL, findings, methods)
     assert len(changed) == 6 and not any(changed)
+    assert len(spares) == 1 and spares[0] is not None  # the scan's voxels held a map
     monkeypatch.setattr(outputs, "write_map", real)
     monkeypatch.setattr(pipeline_write._TwoBuffers, "next", lambda self: None)
     explain_scan(scan, tmp_path / "fresh", MODEL, findings, methods)
@@ -236,3 +240,27 @@ def test_reused_map_buffers_are_never_overwritten_while_written(tmp_path, monkey
         a = np.asarray(nib.load(str(path)).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "reused" / path.name)).dataobj)
         assert np.array_equal(a, b), path.name
+
+
+def test_the_scans_voxels_hold_a_map_only_when_nothing_else_sees_them():
+    """The scan's float32 voxels become a map buffer only if no view or tensor of them is
+    left (either would see the maps); the scan's array is emptied either way."""
+    import torch
+
+    from hirescam3d.pipeline.write import _release_voxels
+
+    class Scan:
+        array = None
+
+    scan, shape = Scan(), (4, 5, 6)
+    scan.array = np.ones(shape, np.float32)
+    assert _release_voxels(scan, shape) is not None and scan.array.size == 0
+    for keep in (lambda a: a[1:], torch.from_numpy, lambda a: a):
+        scan.array = np.ones(shape, np.float32)
+        held = keep(scan.array)
+        assert _release_voxels(scan, shape) is None and scan.array.size == 0
+        del held
+    for make in (lambda: np.ones(shape, np.float64), lambda: np.ones((4, 5, 7), np.float32),
+                 lambda: np.ones(shape, np.float32, order="F")):  # fmt: skip
+        scan.array = make()  # held by the scan alone: refused for its kind
+        assert _release_voxels(scan, shape) is None
