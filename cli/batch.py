@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hirescam3d.pipeline import stages
+from hirescam3d.pipeline import scan_memory, stages
 
 from .console import items_progress, out_console, throughput
 from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
@@ -466,12 +466,13 @@ def reads_ahead(
 def read_first_early(
     ahead: stages.ReadAhead, items: Sequence[BatchItem], out: Path, opts: ExplainOptions
 ) -> None:
-    """Start reading this rank's first scan while the model loads, unless its folder has
-    a done marker (a resumed run may skip it; the marker's options are checked later)."""
+    """Start reading this rank's first two scans while the model loads (a core is idle
+    then), unless a scan's folder has a done marker (a resumed run may skip it; the
+    marker's options are checked later)."""
     rank, world_size = env_rank()
-    mine = shard(items, rank, world_size)
-    if mine and (opts.force or not (out / mine[0].id / DONE_MARKER).exists()):
-        ahead.start(scan_reads(mine[0], opts))
+    for item in shard(items, rank, world_size)[:2]:
+        if opts.force or not (out / item.id / DONE_MARKER).exists():
+            ahead.start(scan_reads(item, opts))
 
 
 def process_item(
@@ -652,8 +653,9 @@ def _explain_share(
             left, item_start = len(mine) - index - 1, time.perf_counter()
             progress.update(task, description=f"{label}: {item.path.name}")
             if index + 1 < len(mine) and explain is run_pipeline:  # read k+1 during k
-                ahead.start(reads_ahead(mine[index + 1], out, opts, signature))
+                ahead.start_after_read(reads_ahead(mine[index + 1], out, opts, signature))
             record = process_item(item, out, opts, batch.loaded, signature, explain, debug)
+            ahead.release()  # if scan k was skipped or failed before it was in memory
             record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
             log.add(record)
             if record["status"] == "failed":
@@ -689,7 +691,7 @@ def batch_command(
     Usage errors (missing inputs, unknown model or finding) raise before any rank starts
     work; ``explain`` replaces :func:`run_pipeline` (tests).
     """
-    with stages.read_ahead() as ahead:
+    with stages.read_ahead() as ahead, scan_memory.reuse():
         batch = _check_batch(inputs, out, opts, explain, ahead)
         out = _writable_folder(out)
         dist = Distributed(batch.opts.device)

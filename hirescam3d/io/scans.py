@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -262,8 +262,9 @@ def read_image(
     return arr, affine, header, files
 
 
-def _float32_c(arr: np.ndarray) -> np.ndarray:
-    """``arr`` as C-ordered float32. NIfTI data comes F-ordered and often as int16: torch's
+def _float32_c(arr: np.ndarray, empty: Callable[..., np.ndarray] | None = None) -> np.ndarray:
+    """``arr`` as C-ordered float32, in ``empty(shape)`` (a C-ordered float32 array; default
+    a new one) where it needs a copy. NIfTI data comes F-ordered and often as int16: torch's
     multi-threaded copy converts and reorders in one pass, with no F-ordered float32 copy
     on the way. A 3D volume is copied a few rows of its second axis at a time, so the
     source cache lines one pass over the last axis touches stay in L2 for the next first
@@ -279,7 +280,10 @@ def _float32_c(arr: np.ndarray) -> np.ndarray:
         source = None
     if source is None:
         return np.ascontiguousarray(arr, dtype=np.float32)
-    out = torch.empty(arr.shape, dtype=torch.float32)
+    if empty is None:
+        out = torch.empty(arr.shape, dtype=torch.float32)
+    else:
+        out = torch.from_numpy(empty(arr.shape))
     if arr.ndim != 3 or arr.flags.c_contiguous:
         return out.copy_(source).numpy()
     rows = max(1, _L2_SLAB_BYTES // (64 * arr.shape[2]))  # one 64-byte line per last index
@@ -314,10 +318,11 @@ def read_stored(path: str | Path, series: str | None = None) -> StoredScan:
                       sha256_files(sorted(files)), notes, dicom)  # fmt: skip
 
 
-def finish_scan(stored: StoredScan) -> Scan:
+def finish_scan(stored: StoredScan, empty: Callable[..., np.ndarray] | None = None) -> Scan:
     """The second half of :func:`read_scan`: the voxels as C-ordered float32, checked
-    (non-finite, constant, not HU), and every warning issued."""
-    arr = _float32_c(stored.array)
+    (non-finite, constant, not HU), and every warning issued. ``empty(shape)``: the
+    C-ordered float32 array to convert into (default: a new one)."""
+    arr = _float32_c(stored.array, empty)
     texts = stored.notes + _check_values(arr, stored.path)
     for text in texts:
         warnings.warn(text, ScanWarning, stacklevel=3)

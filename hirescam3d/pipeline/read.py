@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hirescam3d.pipeline import stages
+from hirescam3d.pipeline import scan_memory, stages
 from hirescam3d.pipeline.regions import RegionArg, load_region
 from hirescam3d.pipeline.stages import organs_key, scan_key
 
@@ -60,7 +60,8 @@ def read_inputs(
     t = time.perf_counter()
     # as stored (int16 CT: half the memory of float32) while read ahead; float32 here
     scan = io.finish_scan(stages.read(scan_key(scan_path, series), io.read_stored,
-                                      scan_path, series))  # fmt: skip
+                                      scan_path, series), scan_memory.empty)  # fmt: skip
+    stages.scan_in_memory()  # batch: the next scan's read may start now
     notes = list(scan.warnings)
     timings["read_s"] = time.perf_counter() - t
     if labels is not None:

@@ -76,13 +76,32 @@ class ReadAhead:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hirescam3d-read-ahead")
         self._entries: list[tuple[int, Hashable, Future]] = []
         self._generation = 0
+        self._held: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
 
     def start(self, reads: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-        """Start reading ``{key: (function, args)}`` in the background."""
+        """Start reading ``{key: (function, args)}`` in the background (a key still read
+        ahead and not taken is not read again)."""
         self._generation += 1
         self._entries = [e for e in self._entries if e[0] >= self._generation - 1]
+        held = {key for _, key, _ in self._entries}
         for key, (fn, args) in reads.items():
-            self._entries.append((self._generation, key, self._pool.submit(_kept, fn, args)))
+            if key not in held:
+                future = self._pool.submit(_kept, fn, args)
+                self._entries.append((self._generation, key, future))
+
+    def start_after_read(
+        self, reads: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> None:
+        """:meth:`start` ``reads`` once the scan being explained is in memory as float32
+        (:func:`scan_in_memory`) or at :meth:`release`: the next scan's voxels are not
+        read while this one's are being converted, so the two are not held at once."""
+        self._held = reads
+
+    def release(self) -> None:
+        """Start the reads :meth:`start_after_read` held back, if any."""
+        reads, self._held = self._held, None
+        if reads is not None:
+            self.start(reads)
 
     def take(self, key: Hashable) -> Future | None:
         """The earliest read of ``key`` started and not taken yet, else None."""
@@ -94,7 +113,7 @@ class ReadAhead:
 
     def close(self) -> None:
         """Drop what was not taken and wait for a read still running."""
-        self._entries = []
+        self._entries, self._held = [], None
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -125,6 +144,14 @@ def read(key: Hashable, fn: Callable[..., T], *args: Any) -> T:
     if error is not None:
         raise error
     return result
+
+
+def scan_in_memory() -> None:
+    """The scan being explained is in memory: the active :class:`ReadAhead` (if any) starts
+    the reads it held back (:meth:`ReadAhead.start_after_read`)."""
+    reader = getattr(_active, "reader", None)
+    if reader is not None:
+        reader.release()
 
 
 class BackgroundWriter:

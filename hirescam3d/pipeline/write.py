@@ -19,7 +19,7 @@ import numpy as np
 
 from hirescam3d.io import outputs
 from hirescam3d.io.montage import save_montage
-from hirescam3d.pipeline import stages
+from hirescam3d.pipeline import scan_memory, stages
 from hirescam3d.pipeline.explanation import Explanation
 from hirescam3d.pipeline.options import Progress, ScanOptions, step
 from hirescam3d.pipeline.read import ScanInputs
@@ -50,7 +50,7 @@ class _TwoBuffers:
 
     def next(self) -> np.ndarray:
         if len(self.arrays) < 2:
-            self.arrays.append(np.empty(self.shape, np.float32, order="F"))
+            self.arrays.append(scan_memory.empty(self.shape, order="F"))
         self.turn += 1
         return self.arrays[(self.turn - 1) % 2]
 
@@ -126,6 +126,7 @@ def _write_maps(
             writer.submit(write_pair, *pair, volume, volume_affine, on_scan, clean)
             del volume, on_scan
     timings["write_s"] += writer.seconds
+    scan_memory.keep(buffers.arrays)  # for the next scan of a batch
     return MapsWritten(written, dicom, timings)
 
 

@@ -27,37 +27,51 @@ from tests.pipeline.test_batch import MODEL, REPO, invoke, log_records, small_sc
 
 @pytest.mark.slow
 def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_path, monkeypatch):
+    """The first two scans are read while the model loads, each later one once the scan
+    before is in memory; every scan once, in the read-ahead thread; the files are those of
+    the sequential pipeline, though the batch reuses one scan's arrays for the next."""
     import hirescam3d.cli.batch as cli_batch
 
-    paths = small_scans(tmp_path / "scans", 2)
+    paths = small_scans(tmp_path / "scans", 3)
     reads: list[tuple[str, str]] = []
-    real, real_load = io.read_stored, cli_batch.load_checked
-    first_read = threading.Event()
+    events: list[str] = []  # "read <name>" when a read begins, "float32 <name>" when done
+    real, real_load, real_finish = io.read_stored, cli_batch.load_checked, io.finish_scan
+    begun = threading.Semaphore(0)
 
     def counted(path, series=None):
         reads.append((Path(path).name, threading.current_thread().name))
-        first_read.set()
+        events.append(f"read {Path(path).name}")
+        begun.release()
         return real(path, series)
 
-    def load_after_the_first_read_began(*args):
-        assert first_read.wait(20), "the first scan was not read while the model loaded"
+    def finished(stored, *args):
+        scan = real_finish(stored, *args)
+        events.append(f"float32 {stored.path.name}")
+        return scan
+
+    def load_after_two_reads_began(*args):
+        for _ in range(2):
+            assert begun.acquire(timeout=20), "two scans were not read while the model loaded"
         return real_load(*args)
 
     monkeypatch.setattr(io, "read_stored", counted)
-    monkeypatch.setattr(cli_batch, "load_checked", load_after_the_first_read_began)
+    monkeypatch.setattr(io, "finish_scan", finished)
+    monkeypatch.setattr(cli_batch, "load_checked", load_after_two_reads_began)
     out = tmp_path / "out"
     args = ("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
             "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     assert Counter(name for name, _ in reads) == {p.name: 1 for p in paths}
-    for p in paths:  # the first while the model loaded, the others during the scan before
+    for p in paths:  # the first two while the model loaded, the third during the second
         assert dict(reads)[p.name].startswith("hirescam3d-read-ahead")
+    names = sorted(p.name for p in paths)  # the batch's order
+    assert events.index(f"float32 {names[1]}") < events.index(f"read {names[2]}")
     reads.clear()
     monkeypatch.setattr(cli_batch, "load_checked", real_load)
     assert invoke(*args).exit_code == 0
     assert reads == []  # a rerun skips every scan and reads none, not even the first
-    assert [r["status"] for r in log_records(out)] == ["ok"] * 2 + ["skipped"] * 2
+    assert [r["status"] for r in log_records(out)] == ["ok"] * 3 + ["skipped"] * 3
     # the sequential pipeline (no read-ahead, same writer) gives the same voxels
     for p in paths:
         stem = p.name.split(".")[0]
@@ -122,6 +136,28 @@ def test_writer_keeps_order_bounds_work_and_raises_where_asked():
         writer.submit(boom)
         writer.submit(job, 9)  # the failure of the job before surfaces here
     assert 9 not in order
+
+
+def test_read_ahead_reads_a_key_once_and_holds_reads_back_until_the_scan_is_in_memory():
+    calls: list[str] = []
+
+    def read(name):
+        calls.append(name)
+        return name.upper()
+
+    with stages.read_ahead() as ahead:
+        ahead.start({"a": (read, ("a",))})
+        ahead.start({"a": (read, ("a",)), "b": (read, ("b",))})  # "a" is not read again
+        assert stages.read("a", str.lower, "A") == "A"
+        ahead.start_after_read({"c": (read, ("c",))})
+        time.sleep(0.2)
+        assert stages.read("b", str.lower, "B") == "B" and "c" not in calls
+        stages.scan_in_memory()  # the pipeline's call once the scan is float32
+        assert stages.read("c", str.lower, "C") == "C"
+        ahead.start_after_read({"d": (read, ("d",))})
+        ahead.release()  # what batch calls after a scan that failed or was skipped
+        assert stages.read("d", str.lower, "D") == "D"
+    assert calls == ["a", "b", "c", "d"]
 
 
 def test_read_ahead_keeps_the_current_and_the_next_scan_only():
