@@ -466,13 +466,27 @@ def reads_ahead(
 def read_first_early(
     ahead: stages.ReadAhead, items: Sequence[BatchItem], out: Path, opts: ExplainOptions
 ) -> None:
-    """Start reading this rank's first two scans while the model loads (a core is idle
-    then), unless a scan's folder has a done marker (a resumed run may skip it; the
-    marker's options are checked later)."""
+    """Start reading this rank's first scan while the model loads, and making the float32
+    arrays of its size (a core is idle then), unless its folder has a done marker (a
+    resumed run may skip it; the marker's options are checked later)."""
     rank, world_size = env_rank()
-    for item in shard(items, rank, world_size)[:2]:
-        if opts.force or not (out / item.id / DONE_MARKER).exists():
-            ahead.start(scan_reads(item, opts))
+    mine = shard(items, rank, world_size)
+    if mine and (opts.force or not (out / mine[0].id / DONE_MARKER).exists()):
+        reads = scan_reads(mine[0], opts)
+        memory = scan_memory.active()
+        if memory is not None:
+            key = stages.scan_key(mine[0].path, opts.series)
+            reads[key] = (_read_and_prepare, (mine[0].path, opts.series, memory))
+        ahead.start(reads)
+
+
+def _read_and_prepare(path: Path, series: str | None, memory: scan_memory.ScanMemory) -> Any:
+    """``io.read_stored``, then the arrays of the scan's size (read-ahead thread)."""
+    from hirescam3d.io import scans as io
+
+    stored = io.read_stored(path, series)
+    memory.prepare(stored.array.shape)
+    return stored
 
 
 def process_item(

@@ -63,10 +63,13 @@ def _workers() -> int:
     return max(1, min(cores, 8))
 
 
-def _deflate(codec: ModuleType, block: bytes | memoryview, level: int, last: bool) -> bytes:
-    """One raw-deflate piece, ending on a byte boundary (sync flush) or closing the stream."""
+def _deflate(
+    codec: ModuleType, block: bytes | memoryview, level: int, last: bool
+) -> tuple[bytes, bytes]:
+    """One raw-deflate piece, ending on a byte boundary (sync flush) or closing the stream,
+    in two parts (written one after the other: joining them would copy the piece)."""
     comp = codec.compressobj(level, codec.DEFLATED, -15)
-    return comp.compress(block) + comp.flush(codec.Z_FINISH if last else codec.Z_SYNC_FLUSH)
+    return comp.compress(block), comp.flush(codec.Z_FINISH if last else codec.Z_SYNC_FLUSH)
 
 
 def write_gzip(
@@ -94,10 +97,10 @@ def write_gzip(
             size += len(piece)
             previous = piece
             while len(pending) > 2 * workers:  # bound the memory held in flight
-                f.write(pending.pop(0).result())
+                f.writelines(pending.pop(0).result())
         pending.append(pool.submit(_deflate, codec, previous or b"", level, True))
         for job in pending:
-            f.write(job.result())
+            f.writelines(job.result())
         f.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
 
 

@@ -42,6 +42,15 @@ class ScanMemory:
         self.free.clear()
         return np.empty(shape, np.float32, order=order)
 
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Make the :data:`KEEP` arrays of a scan of ``shape`` now, every page touched: in a
+        thread that would be idle (``batch`` does it while the model loads), so the kernel
+        zeroes their pages there rather than while the scan is explained."""
+        while len(self.free) < KEEP:
+            array = np.empty(shape, np.float32)
+            array.fill(0.0)
+            self.free.append(array.reshape(-1))
+
     def keep(self, array: np.ndarray) -> None:
         """Keep ``array``'s memory if it is a contiguous float32 array that nothing else
         refers to (``array`` itself is then the only name of it), and fewer than
@@ -65,10 +74,15 @@ def reuse() -> Iterator[ScanMemory]:
         memory.free.clear()
 
 
+def active() -> ScanMemory | None:
+    """The :class:`ScanMemory` of the :func:`reuse` block this thread runs in, if any."""
+    return getattr(_active, "memory", None)
+
+
 def empty(shape: tuple[int, ...], order: str = "C") -> np.ndarray:
     """A float32 array of ``shape`` (``order`` "C" or "F"), from the kept memory inside
     :func:`reuse`, else new."""
-    memory = getattr(_active, "memory", None)
+    memory = active()
     if memory is None:
         return np.empty(shape, np.float32, order=order)
     return memory.empty(tuple(shape), order)
@@ -77,7 +91,7 @@ def empty(shape: tuple[int, ...], order: str = "C") -> np.ndarray:
 def keep(arrays: list[np.ndarray]) -> None:
     """Empty the list ``arrays``, keeping the memory of those nothing else refers to for
     the next scan (inside :func:`reuse`; else they are let go)."""
-    memory = getattr(_active, "memory", None)
+    memory = active()
     while arrays:
         array = arrays.pop()
         if memory is not None:

@@ -27,10 +27,13 @@ from tests.pipeline.test_batch import MODEL, REPO, invoke, log_records, small_sc
 
 @pytest.mark.slow
 def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_path, monkeypatch):
-    """The first two scans are read while the model loads, each later one once the scan
-    before is in memory; every scan once, in the read-ahead thread; the files are those of
-    the sequential pipeline, though the batch reuses one scan's arrays for the next."""
+    """The first scan is read, and arrays of its size made, while the model loads, each
+    later one read once the scan before is in memory; every scan once, in the read-ahead
+    thread; the files are those of the sequential pipeline, though the batch reuses one
+    scan's arrays for the next."""
     import hirescam3d.cli.batch as cli_batch
+
+    from hirescam3d.pipeline import scan_memory
 
     paths = small_scans(tmp_path / "scans", 3)
     reads: list[tuple[str, str]] = []
@@ -44,29 +47,43 @@ def test_batch_reads_each_scan_once_ahead_and_writes_what_explain_writes(tmp_pat
         begun.release()
         return real(path, series)
 
+    voxels, made = [], []  # addresses: each scan's float32 voxels; arrays made ahead (where)
+
     def finished(stored, *args):
         scan = real_finish(stored, *args)
         events.append(f"float32 {stored.path.name}")
+        voxels.append(scan.array.__array_interface__["data"][0])
         return scan
 
-    def load_after_two_reads_began(*args):
-        for _ in range(2):
-            assert begun.acquire(timeout=20), "two scans were not read while the model loaded"
+    real_prepare = scan_memory.ScanMemory.prepare
+
+    def prepare(memory, shape):
+        real_prepare(memory, shape)
+        made.extend((flat.__array_interface__["data"][0], threading.current_thread().name)
+                    for flat in memory.free)  # fmt: skip
+
+    def load_after_the_first_read_began(*args):
+        assert begun.acquire(timeout=20), "the first scan was not read while the model loaded"
         return real_load(*args)
 
     monkeypatch.setattr(io, "read_stored", counted)
     monkeypatch.setattr(io, "finish_scan", finished)
-    monkeypatch.setattr(cli_batch, "load_checked", load_after_two_reads_began)
+    monkeypatch.setattr(scan_memory.ScanMemory, "prepare", prepare)
+    monkeypatch.setattr(cli_batch, "load_checked", load_after_the_first_read_began)
     out = tmp_path / "out"
     args = ("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
             "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     assert Counter(name for name, _ in reads) == {p.name: 1 for p in paths}
-    for p in paths:  # the first two while the model loaded, the third during the second
+    for p in paths:  # the first while the model loaded, the others during the one before
         assert dict(reads)[p.name].startswith("hirescam3d-read-ahead")
     names = sorted(p.name for p in paths)  # the batch's order
-    assert events.index(f"float32 {names[1]}") < events.index(f"read {names[2]}")
+    for before, after in zip(names, names[1:], strict=False):
+        assert events.index(f"float32 {before}") < events.index(f"read {after}")
+    assert len(made) == scan_memory.KEEP
+    assert all(thread.startswith("hirescam3d-read-ahead") for _, thread in made)
+    assert voxels[0] in {address for address, _ in made}  # the first scan's float32 voxels
     reads.clear()
     monkeypatch.setattr(cli_batch, "load_checked", real_load)
     assert invoke(*args).exit_code == 0
