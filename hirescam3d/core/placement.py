@@ -318,7 +318,8 @@ def _pool_labels(
 def _column_taps(matrix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
     """The nonzero rows of each column of ``(cells, length)`` as taps ``(cell, weight,
     columns)``: the first tap covers every column, later ones only the columns that have
-    them (voxels on a tile border)."""
+    them (voxels on a tile border), or every column (None, zero weights elsewhere) where
+    most have them: picking most columns out of every slab costs more than adding zeros."""
     nonzero = matrix > 0
     count = int(nonzero.sum(0).max()) if matrix.numel() else 0
     ranked = torch.argsort((~nonzero).to(torch.int8), dim=0, stable=True)  # nonzero first
@@ -326,8 +327,8 @@ def _column_taps(matrix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
     for t in range(max(count, 1)):
         cell = ranked[t]
         weight = matrix.gather(0, cell[None])[0] * nonzero.gather(0, cell[None])[0]
-        cols = None if t == 0 else torch.nonzero(weight > 0)[:, 0]
-        taps.append((cell, weight, cols))
+        cols = torch.nonzero(weight > 0)[:, 0]
+        taps.append((cell, weight, None if t == 0 or 2 * len(cols) > len(weight) else cols))
     return taps
 
 
