@@ -3,7 +3,7 @@
 Each scan of a batch needs two float32 arrays of its size: its voxels (which then hold its
 first map, see :mod:`hirescam3d.pipeline.write`) and the array of the map being written
 while the next is placed. A fresh 300 MB array costs its page faults: the kernel zeroes
-every page, about 1 s per GB on a 2-core machine, paid again for every scan. Inside
+every page, 1 to 3 s per GB on a 2-core machine, paid again for every scan. Inside
 :func:`reuse` (``hirescam3d batch``), :func:`keep` keeps those arrays when a scan is done
 and :func:`empty` hands their memory to the next scan of the same size. At most
 :data:`KEEP` arrays are kept, so the peak is that of one scan. Outside :func:`reuse`,
@@ -96,4 +96,3 @@ def keep(arrays: list[np.ndarray]) -> None:
         array = arrays.pop()
         if memory is not None:
             memory.keep(array)
-        del array

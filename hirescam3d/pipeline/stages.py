@@ -4,7 +4,8 @@ Two small helpers with bounded memory, used by :func:`hirescam3d.pipeline.explai
 ``hirescam3d batch``:
 
 - :class:`ReadAhead`: ``batch`` asks it to read scan k+1 (and its organ map) in a thread
-  while scan k is explained; ``explain_scan`` then takes the result through :func:`read`
+  while scan k is explained, from when scan k is in memory as float32
+  (:func:`scan_in_memory`); ``explain_scan`` then takes the result through :func:`read`
   instead of reading again. At most one scan (and its organ map) is read ahead, on top
   of the scan being explained. A read that fails keeps its exception, and its warnings
   are kept too (``warnings._showwarnmsg`` is routed per thread): both are raised where
@@ -79,15 +80,11 @@ class ReadAhead:
         self._held: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
 
     def start(self, reads: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-        """Start reading ``{key: (function, args)}`` in the background (a key still read
-        ahead and not taken is not read again)."""
+        """Start reading ``{key: (function, args)}`` in the background."""
         self._generation += 1
         self._entries = [e for e in self._entries if e[0] >= self._generation - 1]
-        held = {key for _, key, _ in self._entries}
         for key, (fn, args) in reads.items():
-            if key not in held:
-                future = self._pool.submit(_kept, fn, args)
-                self._entries.append((self._generation, key, future))
+            self._entries.append((self._generation, key, self._pool.submit(_kept, fn, args)))
 
     def start_after_read(
         self, reads: dict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]]

@@ -42,7 +42,7 @@ class _TwoBuffers:
     at a time and starts one only after the one before has finished, so an array is free
     again when its turn comes. Reusing them spares the page faults of a fresh 300 MB array
     per map, which cost more than placing the map. ``first``: memory to use as the first
-    array (the scan's own voxels, no longer needed), so only one array is new."""
+    array (the scan's own voxels, no longer needed), so at most one array is new."""
 
     def __init__(self, shape: tuple[int, ...], first: np.ndarray | None = None) -> None:
         self.shape, self.turn = shape, 0
