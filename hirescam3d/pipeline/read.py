@@ -58,9 +58,11 @@ def read_inputs(
         )  # fmt: skip
     timings["read_organs_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    # as stored (int16 CT: half the memory of float32) while read ahead; float32 here
+    # as stored (int16 CT: half the memory of float32) while read ahead; float32 here, in
+    # the memory a batch keeps for its scans (not beside it, even where already float32)
+    empty = scan_memory.empty if scan_memory.active() is not None else None
     scan = io.finish_scan(stages.read(scan_key(scan_path, series), io.read_stored,
-                                      scan_path, series), scan_memory.empty)  # fmt: skip
+                                      scan_path, series), empty)  # fmt: skip
     stages.scan_in_memory()  # batch: the next scan's read may start now
     notes = list(scan.warnings)
     timings["read_s"] = time.perf_counter() - t

@@ -173,6 +173,25 @@ def test_float32_c_copies_in_slabs_as_numpy_converts(order, dtype):
     np.testing.assert_array_equal(out, np.ascontiguousarray(data, dtype=np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<u4", "<i2"])
+def test_float32_c_puts_the_voxels_in_the_array_it_is_given(dtype):
+    """With ``empty``, the voxels always land in the array it gives (a batch's kept
+    memory), even when already C-ordered float32; without, such an array is returned as
+    it is. Values as NumPy converts them."""
+    data = np.asarray(np.arange(6 * 7 * 8).reshape(6, 7, 8) % 300, dtype=dtype)
+    given = []
+
+    def empty(shape):
+        given.append(np.empty(shape, np.float32))
+        return given[-1]
+
+    out = io_scans._float32_c(data, empty)
+    assert out is given[0] and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, data.astype(np.float32))
+    if dtype == "<f4":
+        assert io_scans._float32_c(data) is data
+
+
 def test_an_uncompressed_scan_read_ahead_holds_its_voxels(tmp_path):
     """read_stored reads the voxels of a .nii now (no memory map): the file rewritten in
     place afterwards does not change what finish_scan gives."""
