@@ -35,7 +35,8 @@ class ScanExplanation:
     ``probabilities`` / ``logits``: ``{finding: value}`` for every class of the model.
     ``report``: JSON-ready dict (what ``report.json`` holds).
     ``warnings``: texts of everything worth telling the user (also in the report).
-    ``model_grid_maps``: ``{(finding, method): (S, H, W)}`` on the model's input grid.
+    ``model_grid_maps``: ``{(finding, method): (S, H, W)}`` on the model's input grid, a
+    mapping that computes each map when it is read.
     ``organs`` / ``organ_names``: the organ labels on the scan's grid, if given.
     ``raw``: ``{(finding, method): tensor}`` each method's raw map before any
     post-processing, on the explained layer's grid (cells; the input grid for methods
@@ -236,14 +237,19 @@ class Explanation:
 
 
 class LazyMaps(Mapping):
-    """``{(finding, method): (I, J, K)}`` computed on access (nothing held in memory)."""
+    """``{(finding, method): map}`` computed on access (nothing held in memory): on the
+    scan's grid ``(I, J, K)`` (``grid="scan"``) or the model's input grid ``(S, H, W)``
+    (``"model"``)."""
 
-    def __init__(self, explanation: Explanation) -> None:
+    def __init__(self, explanation: Explanation, grid: str = "scan") -> None:
         self._explanation = explanation
+        self._grid = grid
 
     def __getitem__(self, pair: Pair) -> np.ndarray:
         if pair not in self._explanation.raw:
             raise KeyError(pair)
+        if self._grid == "model":
+            return self._explanation.model_map(pair)
         return self._explanation.scan_map(pair)
 
     def __iter__(self) -> Iterator[Pair]:
@@ -266,7 +272,7 @@ def scan_explanation(
         logits=result.logits,
         report=result.to_dict(),
         warnings=result.warnings,
-        model_grid_maps={p: result.model_map(p) for p in result.pairs},
+        model_grid_maps=LazyMaps(result, "model"),  # type: ignore[arg-type]
         organs=organs,
         organ_names=organ_names,
         values=result.values,
