@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import glob
 import json
 import os
@@ -38,7 +39,14 @@ from typing import Any, NamedTuple
 from hirescam3d.pipeline import scan_memory, stages
 
 from .console import items_progress, out_console, throughput
-from .errors import CLIUsageError, describe, exit_code_for, print_error, warnings_to_stderr
+from .errors import (
+    CLIUsageError,
+    describe,
+    exit_code_for,
+    print_error,
+    show_kept,
+    warnings_to_stderr,
+)
 from .explain import ExplainOptions, check_options, run_pipeline
 from .models import load_checked
 
@@ -454,7 +462,7 @@ def scan_reads(item: BatchItem, opts: ExplainOptions) -> dict[Any, tuple[Any, tu
 def reads_ahead(
     item: BatchItem, out: Path, opts: ExplainOptions, signature: dict[str, Any]
 ) -> dict[Any, tuple[Any, tuple[Any, ...]]]:
-    """:func:`scan_reads`, or none for an item that :func:`process_item` will skip."""
+    """:func:`scan_reads`, or none for an item that :func:`start_item` will skip."""
     if not opts.force:
         if item.region is not None:
             signature = {**signature, "region": os.path.abspath(item.region)}
@@ -489,7 +497,7 @@ def _read_and_prepare(path: Path, series: str | None, memory: scan_memory.ScanMe
     return stored
 
 
-def process_item(
+def start_item(
     item: BatchItem,
     out: Path,
     opts: ExplainOptions,
@@ -497,8 +505,13 @@ def process_item(
     signature: dict[str, Any],
     explain: Explain,
     debug: bool = False,
-) -> dict[str, Any]:
-    """Explain one item unless it is done; return its log record (never raises Exception)."""
+    defer: bool = False,
+) -> Callable[[], dict[str, Any]]:
+    """Begin one item unless it is done; return the function that ends it and returns its
+    log record (neither raises Exception). With ``defer`` (``explain`` is
+    :func:`run_pipeline`, on the batch's writer) its maps may still be being written: the
+    function, run as the writer's next job, waits for them, moves the outputs into place
+    and writes the done marker."""
     folder = out / item.id
     record: dict[str, Any] = {
         "index": item.index,
@@ -520,47 +533,78 @@ def process_item(
         )
         record.update(status="skipped", error=None, note=note, seconds=0.0, finished=_now())
         record["outputs"] = (read_marker(folder) or {}).get("outputs", [])
-        return record
+        return lambda: record
+    ending = _ItemEnd(record, folder, signature, start, debug)
     try:
         item_opts = dataclasses.replace(opts, force=True)
         # No marker: whatever is in the folder is a leftover of an interrupted run.
         (folder / DONE_MARKER).unlink(missing_ok=True)
-        with warnings_to_stderr(debug) as shown:
-            result, paths = explain(item.path, folder, item_opts, loaded)
-        seconds = round(time.perf_counter() - start, 3)
-        outputs = sorted(os.path.relpath(p, folder) for p in paths.values())
-        marker = {
-            "status": "ok",
-            "input": os.path.abspath(item.path),
-            "outputs": outputs,
-            "options": signature,
-            "finished": _now(),
-            "seconds": seconds,
-        }
-        atomic_write_text(folder / DONE_MARKER, json.dumps(marker, indent=2) + "\n")
-        record.update(
+        with warnings_to_stderr(debug) as ending.shown:
+            if defer:
+                pending = explain(item.path, folder, item_opts, loaded, defer=True)
+                return functools.partial(ending, pending.finish, pending.warnings)
+            done = explain(item.path, folder, item_opts, loaded)
+    except Exception as err:  # noqa: BLE001 - one failing item must not stop the batch
+        return functools.partial(ending.failed, err)
+    return functools.partial(ending, lambda: done)
+
+
+@dataclass
+class _ItemEnd:
+    """The end of an item begun by :func:`start_item`: its done marker and log record."""
+
+    record: dict[str, Any]
+    folder: Path
+    signature: dict[str, Any]
+    start: float
+    debug: bool
+    shown: set[str] = dataclasses.field(default_factory=set)
+
+    def __call__(
+        self, finish: Callable[[], tuple[Any, dict[str, Path]]], kept: list[Any] | None = None
+    ) -> dict[str, Any]:
+        """``finish()`` -> ``(result, paths)``, then the done marker; the record. ``kept``:
+        the item's warnings kept on the batch's writer, shown here."""
+        try:
+            with stages.keep_warnings(kept):
+                result, paths = finish()
+            seconds = round(time.perf_counter() - self.start, 3)
+            outputs = sorted(os.path.relpath(p, self.folder) for p in paths.values())
+            marker = {"status": "ok", "input": self.record["input"], "outputs": outputs,
+                      "options": self.signature, "finished": _now(),
+                      "seconds": seconds}  # fmt: skip
+            atomic_write_text(self.folder / DONE_MARKER, json.dumps(marker, indent=2) + "\n")
+        except Exception as err:  # noqa: BLE001 - one failing item must not stop the batch
+            return self.failed(err)
+        finally:
+            show_kept(kept or [], self.debug, self.shown)
+        self.record.update(
             status="ok",
             error=None,
             outputs=outputs,
             explained=list(getattr(result, "findings", [])),
             probabilities=dict(getattr(result, "probabilities", {})),
-            warnings=sorted(set(getattr(result, "warnings", [])) | shown),
+            warnings=sorted(set(getattr(result, "warnings", [])) | self.shown),
             seconds=seconds,
             timings_s=(getattr(result, "report", None) or {}).get("timings_s"),
+            finished=_now(),
         )
-    except Exception as err:  # noqa: BLE001 - one failing item must not stop the batch
-        if debug:
-            traceback.print_exc()
-        record.update(
+        return self.record
+
+    def failed(self, err: Exception) -> dict[str, Any]:
+        """The record of an item that failed with ``err``; its folder removed if empty."""
+        if self.debug:
+            traceback.print_exception(err)
+        self.record.update(
             status="failed",
             error=describe(err),
             error_type=type(err).__name__,
             exit_code=exit_code_for(err),
-            seconds=round(time.perf_counter() - start, 3),
+            seconds=round(time.perf_counter() - self.start, 3),
+            finished=_now(),
         )
-        _remove_if_empty(folder)
-    record["finished"] = _now()
-    return record
+        _remove_if_empty(self.folder)
+        return self.record
 
 
 def print_batch_summary(records: list[dict[str, Any]], out: Path) -> None:
@@ -654,31 +698,68 @@ def _explain_share(
     debug: bool,
     ahead: stages.ReadAhead,
 ) -> RankLog:
-    """Explain this rank's share of the items, logging each record; return the rank's log."""
+    """Explain this rank's share of the items, logging each record; return the rank's log.
+
+    With :func:`run_pipeline`, item k ends (its last map written, its outputs moved into
+    place, its marker and log record written) on the batch's writer while item k+1 is
+    read and explained; records are still logged in order, one item at a time."""
     opts, explain, signature = batch.opts, batch.explain, batch.signature
     mine = shard(batch.items, dist.rank, dist.world_size)
     log = RankLog(out, dist.rank)
     prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
-    with items_progress(show) as progress:
+    overlap = explain is run_pipeline
+    with items_progress(show) as progress, _writer(overlap) as writer:
         label = "explaining" + (f" (rank 0 of {dist.world_size})" if prefix else "")
         task = progress.add_task(label, total=len(mine), rate="")
-        worked, work_s = 0, 0.0  # scans explained (not skipped) and their seconds
-        for index, item in enumerate(mine):
-            left, item_start = len(mine) - index - 1, time.perf_counter()
-            progress.update(task, description=f"{label}: {item.path.name}")
-            if index + 1 < len(mine) and explain is run_pipeline:  # read k+1 during k
-                ahead.start_after_read(reads_ahead(mine[index + 1], out, opts, signature))
-            record = process_item(item, out, opts, batch.loaded, signature, explain, debug)
-            ahead.release()  # if scan k was skipped or failed before it was in memory
+        rate = _Rate()
+
+        def end(index: int, item: BatchItem, ending: Callable[[], dict[str, Any]],
+                begun: float) -> None:  # fmt: skip
+            record = ending()
             record.update(run=run_id, rank=dist.rank, world_size=dist.world_size)
             log.add(record)
             if record["status"] == "failed":
                 where = "" if str(item.path) in record["error"] else f"{item.path}: "
                 print_error(f"{prefix}{where}{record['error']}")
-            if record["status"] != "skipped":
-                worked, work_s = worked + 1, work_s + time.perf_counter() - item_start
-            progress.update(task, advance=1, rate=throughput(worked, work_s, left))
+            rate.add(record["status"] != "skipped", begun)
+            progress.update(task, advance=1, rate=rate.text(len(mine) - index - 1))
+
+        for index, item in enumerate(mine):
+            begun = time.perf_counter()
+            progress.update(task, description=f"{label}: {item.path.name}")
+            if index + 1 < len(mine) and overlap:  # read k+1 during k
+                ahead.start_after_read(reads_ahead(mine[index + 1], out, opts, signature))
+            ending = start_item(item, out, opts, batch.loaded, signature, explain, debug,
+                                defer=writer is not None)  # fmt: skip
+            ahead.release()  # if scan k was skipped or failed before it was in memory
+            if writer is None:
+                end(index, item, ending, begun)
+            else:
+                writer.then(end, index, item, ending, begun)
     return log
+
+
+def _writer(overlap: bool) -> contextlib.AbstractContextManager[stages.BackgroundWriter | None]:
+    """The batch's writer (:func:`stages.batch_writer`) when items overlap, else None."""
+    return stages.batch_writer() if overlap else contextlib.nullcontext()
+
+
+class _Rate:
+    """Scans per minute and the time left, from the items explained (not skipped): their
+    time is counted once where items overlap."""
+
+    def __init__(self) -> None:
+        self.worked, self.seconds, self.until = 0, 0.0, 0.0
+
+    def add(self, worked: bool, begun: float) -> None:
+        now = time.perf_counter()
+        if worked:
+            self.worked += 1
+            self.seconds += now - max(begun, self.until)
+        self.until = now
+
+    def text(self, left: int) -> str:
+        return throughput(self.worked, self.seconds, left)
 
 
 def _report_run(out: Path, run_id: str, log: RankLog, json_out: bool, quiet: bool) -> None:

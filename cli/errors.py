@@ -13,8 +13,9 @@ import errno
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -134,6 +135,28 @@ def _from_library(category: type[Warning], filename: str) -> bool:
     return any(here.startswith(root) for root in roots)
 
 
+def _show_once(
+    message: Any, category: type[Warning], filename: str, debug: bool, shown: set[str]
+) -> None:
+    """Print one ``warning:`` line for ``message`` unless it was shown (``shown``) or it is
+    another library's (and not ``debug``)."""
+    if not debug and not _from_library(category, filename):
+        return
+    text = one_line(str(message))
+    if text not in shown:
+        shown.add(text)
+        print_warning(text)
+
+
+def show_kept(kept: Sequence[Any], debug: bool, shown: set[str]) -> None:
+    """Show warnings kept for later (``warnings.WarningMessage``, see
+    :func:`hirescam3d.pipeline.stages.BackgroundWriter.submit`) as
+    :func:`warnings_to_stderr` shows them; deprecations only with ``debug``."""
+    for msg in kept:
+        if debug or not issubclass(msg.category, (DeprecationWarning, PendingDeprecationWarning)):
+            _show_once(msg.message, msg.category, msg.filename, debug, shown)
+
+
 @contextlib.contextmanager
 def warnings_to_stderr(debug: bool = False, seen: set[str] | None = None) -> Iterator[set[str]]:
     """Show warnings raised inside the block as one ``warning:`` line each on stderr.
@@ -144,12 +167,7 @@ def warnings_to_stderr(debug: bool = False, seen: set[str] | None = None) -> Ite
     shown: set[str] = set() if seen is None else seen
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if not debug and not _from_library(category, filename):
-            return
-        text = one_line(str(message))
-        if text not in shown:
-            shown.add(text)
-            print_warning(text)
+        _show_once(message, category, filename, debug, shown)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

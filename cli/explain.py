@@ -209,8 +209,11 @@ def run_pipeline(
     opts: ExplainOptions,
     loaded: tuple[Any, Any],
     progress: Callable[[str, float], None] | None = None,
-) -> tuple[Any, dict[str, Path]]:
-    """One :func:`hirescam3d.pipeline.explain_scan` call with already-checked options."""
+    defer: bool = False,
+) -> Any:
+    """One :func:`hirescam3d.pipeline.explain_scan` call with already-checked options:
+    ``(result, {key: path})``, or with ``defer`` a :class:`~hirescam3d.pipeline.scan.PendingScan`
+    whose ``finish`` returns those."""
     from hirescam3d.pipeline import explain_scan
 
     network, info = loaded
@@ -240,6 +243,7 @@ def run_pipeline(
         roi_size=opts.roi_size,
         overlap=opts.overlap,
         sw_batch_size=opts.sw_batch_size,
+        defer=defer,
     )
 
 

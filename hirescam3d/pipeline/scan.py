@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from hirescam3d.pipeline.explanation import LazyMaps, ScanExplanation, scan_expl
 from hirescam3d.pipeline.options import ModelArg, Progress, check_scan_options, step
 from hirescam3d.pipeline.read import read_inputs
 from hirescam3d.pipeline.regions import RegionArg
-from hirescam3d.pipeline.write import write_outputs
+from hirescam3d.pipeline.write import PendingOutputs, start_outputs
 
 
 def explain_scan(
@@ -51,7 +52,9 @@ def explain_scan(
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.25,
     sw_batch_size: int = 1,
-) -> tuple[ScanExplanation, dict[str, Path]]:
+    *,
+    defer: bool = False,
+) -> tuple[ScanExplanation, dict[str, Path]] | PendingScan:
     """Explain a scan file and write the results into ``out_dir``.
 
     Writes ``<scan-stem>_<finding>_<method>.nii.gz`` per explained finding and method, one
@@ -77,7 +80,10 @@ def explain_scan(
     section. ``roi_size``/``overlap``/``sw_batch_size``: the sliding window.
 
     Returns the explanation (its ``maps`` computed on access) and ``{key: path}`` of the
-    written files (keys as in :func:`hirescam3d.io.outputs.output_paths`).
+    written files (keys as in :func:`hirescam3d.io.outputs.output_paths`). With ``defer``,
+    returns a :class:`PendingScan` once every map is handed to the writer; its ``finish``
+    returns those (``hirescam3d batch`` runs it on its writer while the next scan is
+    explained, see :func:`hirescam3d.pipeline.stages.batch_writer`).
     """
     start = time.perf_counter()
     options = check_scan_options(
@@ -94,11 +100,33 @@ def explain_scan(
     )  # fmt: skip
     inputs.region = None  # the scan-grid region is not needed any more
     result.warnings[:0] = inputs.notes
-    written, report = write_outputs(result, inputs, options, progress, start)
-    step(progress, "done", 1.0)
-    explanation = scan_explanation(result, LazyMaps(result), inputs.organs, inputs.organ_names)
-    explanation.report = json.loads(json.dumps(_json_safe(report), default=str))
-    return explanation, written
+    pending = PendingScan(start_outputs(result, inputs, options, progress, start), progress)
+    return pending if defer else pending.finish()
+
+
+class PendingScan(NamedTuple):
+    """:func:`explain_scan` with ``defer=True``: every map handed to the writer;
+    :meth:`finish` writes the rest and returns what :func:`explain_scan` returns."""
+
+    outputs: PendingOutputs
+    progress: Progress | None
+
+    @property
+    def warnings(self) -> list[Any] | None:
+        """The warnings of the writes kept for this scan on a batch's writer (see
+        :class:`~hirescam3d.pipeline.write.PendingOutputs`)."""
+        return self.outputs.warnings
+
+    def finish(self) -> tuple[ScanExplanation, dict[str, Path]]:
+        """Wait for the maps' writes, write the masks and the report, move the outputs
+        into place: ``(explanation, {key: path})``."""
+        written, report = self.outputs.finish()
+        step(self.progress, "done", 1.0)
+        result, inputs = self.outputs.result, self.outputs.inputs
+        explanation = scan_explanation(result, LazyMaps(result), inputs.organs,
+                                       inputs.organ_names)  # fmt: skip
+        explanation.report = json.loads(json.dumps(_json_safe(report), default=str))
+        return explanation, written
 
 
 def explain_image(

@@ -31,15 +31,17 @@ class ScanMemory:
 
     def __init__(self) -> None:
         self.free: list[np.ndarray] = []
+        self._lock = threading.Lock()  # a batch's writer thread keeps the last map's array
 
     def empty(self, shape: tuple[int, ...], order: str) -> np.ndarray:
         """A float32 array of ``shape``: kept memory of that size, else a new array (kept
         memory of other sizes is let go first)."""
         size = math.prod(shape)
-        for i, flat in enumerate(self.free):
-            if flat.size == size:
-                return self.free.pop(i).reshape(shape, order=order)
-        self.free.clear()
+        with self._lock:
+            for i, flat in enumerate(self.free):
+                if flat.size == size:
+                    return self.free.pop(i).reshape(shape, order=order)
+            self.free.clear()
         return np.empty(shape, np.float32, order=order)
 
     def prepare(self, shape: tuple[int, ...]) -> None:
@@ -57,8 +59,9 @@ class ScanMemory:
         :data:`KEEP` are kept."""
         unshared = sys.getrefcount(array) <= 3  # the caller's name, this one, the call's
         contiguous = array.flags.c_contiguous or array.flags.f_contiguous
-        if unshared and contiguous and array.dtype == np.float32 and len(self.free) < KEEP:
-            self.free.append(array.reshape(-1, order="A"))
+        with self._lock:
+            if unshared and contiguous and array.dtype == np.float32 and len(self.free) < KEEP:
+                self.free.append(array.reshape(-1, order="A"))
 
 
 @contextlib.contextmanager
@@ -88,10 +91,11 @@ def empty(shape: tuple[int, ...], order: str = "C") -> np.ndarray:
     return memory.empty(tuple(shape), order)
 
 
-def keep(arrays: list[np.ndarray]) -> None:
+def keep(arrays: list[np.ndarray], memory: ScanMemory | None = None) -> None:
     """Empty the list ``arrays``, keeping the memory of those nothing else refers to for
-    the next scan (inside :func:`reuse`; else they are let go)."""
-    memory = active()
+    the next scan in ``memory`` (default: that of the :func:`reuse` block this thread runs
+    in; else they are let go)."""
+    memory = memory or active()
     while arrays:
         array = arrays.pop()
         if memory is not None:

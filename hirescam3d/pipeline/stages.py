@@ -16,7 +16,12 @@ Two small helpers with bounded memory, used by :func:`hirescam3d.pipeline.explai
   job before, so at most one map is being written while the next is computed. A failed
   job's exception is raised by the next :meth:`~BackgroundWriter.submit` or by
   :meth:`~BackgroundWriter.drain`; :meth:`~BackgroundWriter.close` always waits for the
-  running job, so nothing writes after the caller has given up.
+  running job, so nothing writes after the caller has given up. Inside
+  :func:`batch_writer` every scan uses the batch's writer (:func:`scan_writer`): a scan's
+  last map is still being written when the scan hands over, and ``batch`` queues the
+  scan's end (:meth:`~BackgroundWriter.then`) behind it, so it runs while the next scan
+  is read and explained. Warnings of such jobs are kept for their scan
+  (:func:`keep_warnings`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -115,15 +119,24 @@ class ReadAhead:
 
 
 @contextlib.contextmanager
+def _made_active(name: str, value: T) -> Iterator[T]:
+    """``value`` as this thread's active ``name`` inside the block (the one before after)."""
+    previous = getattr(_active, name, None)
+    setattr(_active, name, value)
+    try:
+        yield value
+    finally:
+        setattr(_active, name, previous)
+
+
+@contextlib.contextmanager
 def read_ahead() -> Iterator[ReadAhead]:
     """Make a :class:`ReadAhead` the one :func:`read` consults (in this thread)."""
     reader = ReadAhead()
-    previous = getattr(_active, "reader", None)
-    _active.reader = reader
     try:
-        yield reader
+        with _made_active("reader", reader):
+            yield reader
     finally:
-        _active.reader = previous
         reader.close()
 
 
@@ -152,26 +165,23 @@ def scan_in_memory() -> None:
 
 
 class BackgroundWriter:
-    """Write jobs run in order in one thread; at most one running while the caller works.
-
-    ``seconds``: the summed run time of the jobs (the writing itself)."""
+    """Write jobs run in order in one thread; at most one running while the caller works."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hirescam3d-writer")
         self._last: Future | None = None
-        self.seconds = 0.0
 
-    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
-        """Wait for the job before (raising its exception), then start ``fn(*args)``."""
+    def submit(self, fn: Callable[..., T], *args: Any, sink: list[Any] | None = None) -> Future:
+        """Wait for the job before (raising its exception), then start ``fn(*args)``.
+        ``sink``: a list that keeps the job's warnings (shown later, by its scan) instead
+        of showing them now."""
         self.drain()
-        self._last = self._pool.submit(self._timed, fn, *args)
+        return self.then(fn, *args, sink=sink)
+
+    def then(self, fn: Callable[..., T], *args: Any, sink: list[Any] | None = None) -> Future:
+        """Queue ``fn(*args)`` after the jobs before without waiting for them; the next
+        :meth:`submit` or :meth:`drain` waits for it and raises its exception."""
+        self._last = self._pool.submit(_kept_in, sink, fn, *args)
         return self._last
 
     def drain(self) -> None:
@@ -180,9 +190,35 @@ class BackgroundWriter:
         if last is not None:
             last.result()
 
+    def idle(self) -> None:
+        """Wait for every job queued so far, without raising their exceptions."""
+        if self._last is not None:
+            wait([self._last])
+
     def close(self) -> None:
-        """Wait for the running job (its exception, if any, is left to :meth:`drain`)."""
+        """Wait for the jobs queued (their exceptions, if any, are left to :meth:`drain`)."""
         self._pool.shutdown(wait=True)
+
+
+def _kept_in(sink: list[Any] | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, its warnings kept in ``sink`` if one is given."""
+    with keep_warnings(sink):
+        return fn(*args)
+
+
+@contextlib.contextmanager
+def keep_warnings(sink: list[Any] | None) -> Iterator[None]:
+    """Keep the warnings raised in this thread inside the block in ``sink`` (as
+    ``warnings.WarningMessage``) instead of showing them; None: show them as they come."""
+    if sink is None:
+        yield
+        return
+    _install_dispatch()
+    _capture.sink = sink
+    try:
+        yield
+    finally:
+        _capture.sink = None
 
 
 @contextlib.contextmanager
@@ -195,6 +231,37 @@ def background_writer() -> Iterator[BackgroundWriter]:
         writer.drain()
     finally:
         writer.close()
+
+
+@contextlib.contextmanager
+def batch_writer() -> Iterator[BackgroundWriter]:
+    """One :class:`BackgroundWriter` for every scan explained inside the block (in this
+    thread, see :func:`scan_writer`), closed at its end after its queued jobs ran."""
+    with background_writer() as writer, _made_active("writer", writer):
+        yield writer
+
+
+def shared_writer() -> BackgroundWriter | None:
+    """The writer of the :func:`batch_writer` block this thread runs in, if any."""
+    return getattr(_active, "writer", None)
+
+
+@contextlib.contextmanager
+def scan_writer() -> Iterator[BackgroundWriter]:
+    """The writer of one scan's maps: the :func:`shared_writer`, left running on success
+    (the scan's last write overlaps what comes next; its caller waits for it), or a
+    :func:`background_writer` of its own. Either way, on an error no job is still
+    writing when the error leaves the block."""
+    shared = shared_writer()
+    if shared is None:
+        with background_writer() as writer:
+            yield writer
+        return
+    try:
+        yield shared
+    except BaseException:
+        shared.idle()
+        raise
 
 
 def scan_key(path: Any, series: str | None) -> tuple[str, str, str | None]:

@@ -5,13 +5,17 @@ Each map is computed on its grid (:mod:`~hirescam3d.pipeline.to_scan_grid`), wri
 background while the next one is placed (at most one map being written,
 :mod:`hirescam3d.pipeline.stages`) and dropped. Everything is written into a temporary folder
 inside the output folder and moved into place whole at the end: an error or a kill leaves
-the output folder as it was (:mod:`hirescam3d.io.staging`).
+the output folder as it was (:mod:`hirescam3d.io.staging`). In ``hirescam3d batch`` the
+writer is the batch's: the last map's write and the end (:meth:`PendingOutputs.finish`: the
+masks, the report, the move into place) run on it while the next scan is explained.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,11 +33,15 @@ from hirescam3d.pipeline.report import scan_report
 class MapsWritten(NamedTuple):
     """``written``: ``{key: path}`` of the files written so far (in their staging folder);
     ``dicom``: the :class:`~hirescam3d.io.outputs.DicomMaps` or None; ``timings``:
-    ``invert_s`` (placing the maps) and ``write_s`` (writing them)."""
+    ``invert_s`` (placing the maps) and ``write_s`` (writing them); ``last``: the last
+    map's write while it runs on a batch's writer (:func:`stages.scan_writer`), else None;
+    ``spare``: map arrays to keep for the next scan once that write is done."""
 
     written: dict[str, Path]
     dicom: Any
     timings: dict[str, float]
+    last: Future | None = None
+    spare: list[np.ndarray] | None = None
 
 
 class _TwoBuffers:
@@ -54,6 +62,15 @@ class _TwoBuffers:
         self.turn += 1
         return self.arrays[(self.turn - 1) % 2]
 
+    def in_flight(self) -> list[np.ndarray]:
+        """Keep (:func:`scan_memory.keep`) the arrays but the one last handed out; return
+        that one in a list, to keep once its map is written."""
+        if not self.arrays:
+            return []
+        last = self.arrays.pop((self.turn - 1) % len(self.arrays))
+        scan_memory.keep(self.arrays)
+        return [last]
+
 
 def _release_voxels(scan: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     """Empty ``scan.array``; return the old array if it is float32 of ``shape`` (the maps')
@@ -71,10 +88,16 @@ def _release_voxels(scan: Any, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _write_maps(
-    result: Explanation, scan: Any, paths: dict[str, Path], options: ScanOptions
+    result: Explanation,
+    scan: Any,
+    paths: dict[str, Path],
+    options: ScanOptions,
+    sink: list[Any] | None = None,
 ) -> MapsWritten:
     """Write every map of ``result`` on the chosen grid in every chosen format (and its PNG
-    montage); the scan's voxels are freed first (``scan.array`` emptied)."""
+    montage); the scan's voxels are freed first (``scan.array`` emptied). On a batch's
+    writer the last map is still being written on return (``MapsWritten.last``), its
+    warnings kept in ``sink``."""
     written: dict[str, Path] = {}
     dicom = None
     if options.dicom_out:  # before the scan's voxels are freed: a non-DICOM scan is written first
@@ -90,7 +113,7 @@ def _write_maps(
 
     def write_pair(finding: str, method: str, volume: np.ndarray, volume_affine: Any,
                    on_scan: np.ndarray | None, clean: bool) -> None:  # fmt: skip
-        key = f"{finding}/{method}"
+        t, key = time.perf_counter(), f"{finding}/{method}"
         if "nifti" in options.formats:
             written[key] = outputs.write_map(
                 paths[key], volume, volume_affine, method, options.values, options.dtype,
@@ -106,10 +129,12 @@ def _write_maps(
                        f"p = {result.probabilities[finding]:.2f})"),
                 force=force,
             )  # fmt: skip
+        timings["write_s"] += time.perf_counter() - t
 
     buffers = _TwoBuffers(result.grid.scan_shape, spare)
     del spare
-    with stages.background_writer() as writer:
+    last = None
+    with stages.scan_writer() as writer:
         for pair in result.pairs:
             t = time.perf_counter()
             clean = False
@@ -123,47 +148,96 @@ def _write_maps(
             if png:
                 on_scan = volume if on_scan_grid else result.scan_map(pair)
             timings["invert_s"] += time.perf_counter() - t
-            writer.submit(write_pair, *pair, volume, volume_affine, on_scan, clean)
+            last = writer.submit(write_pair, *pair, volume, volume_affine, on_scan, clean,
+                                 sink=sink)  # fmt: skip
             del volume, on_scan
-    timings["write_s"] += writer.seconds
-    scan_memory.keep(buffers.arrays)  # for the next scan of a batch
-    return MapsWritten(written, dicom, timings)
+    if stages.shared_writer() is None:
+        scan_memory.keep(buffers.arrays)  # for the next scan of a batch
+        return MapsWritten(written, dicom, timings)
+    return MapsWritten(written, dicom, timings, last, buffers.in_flight())
 
 
-def write_outputs(
+def start_outputs(
     result: Explanation,
     inputs: ScanInputs,
     options: ScanOptions,
     progress: Progress | None,
     start: float,
-) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write the maps, the predicted masks (on the scan's grid) and ``report.json`` last;
-    ``(written {key: path}, report)``. ``start``: when the run began (``perf_counter``), for
-    its total time. Nothing is left behind if any write fails."""
+) -> PendingOutputs:
+    """Write the maps (:func:`_write_maps`) into a staging folder; then
+    :meth:`PendingOutputs.finish` writes the predicted masks (on the scan's grid) and
+    ``report.json`` last, and moves them all into place. ``start``: when the run began
+    (``perf_counter``), for its total time. Nothing is left behind if any write fails.
+    On a batch's writer
+    (:func:`stages.batch_writer`) the last map is still being written on return, so
+    ``finish`` may run as the writer's next job while the next scan is explained."""
     from hirescam3d.io.staging import Staging
 
     paths = options.paths(result.explained)
     outputs.check_writable(paths.values(), options.force)
     stage = Staging(options.out_dir)
     paths = stage.redirect(paths)
+    sink: list[Any] | None = None if stages.shared_writer() is None else []
     try:
         step(progress, "write", 0.9)
-        maps = _write_maps(result, inputs.scan, paths, options)
-        written, timings = maps.written, {**inputs.timings, **maps.timings}
-        t = time.perf_counter()
-        for finding in result.masks:  # the predicted masks, on the scan's grid
-            written[f"{finding}/mask"] = outputs.write_labels(
-                paths[f"{finding}/mask"], result.mask_on_scan(finding), inputs.scan.affine,
-                force=options.force, name="predicted",
-            )  # fmt: skip
-        timings["write_s"] += time.perf_counter() - t
-        timings.update(result.timings)
-        timings["total_s"] = time.perf_counter() - start
-        result.timings = timings
-        report = scan_report(result, inputs, options, paths, maps.dicom)
-        written["report"] = outputs.write_json(paths["report"], report, force=options.force)
-        written = stage.commit(written)
+        maps = _write_maps(result, inputs.scan, paths, options, sink)
     except BaseException:
         stage.discard()
         raise
-    return written, report
+    return PendingOutputs(result, inputs, options, start, stage, paths, maps,
+                          scan_memory.active(), sink)  # fmt: skip
+
+
+@dataclass
+class PendingOutputs:
+    """A scan's outputs with every map handed to the writer (:func:`start_outputs`).
+
+    ``warnings``: those of the maps' writes kept for the scan on a batch's writer
+    (``warnings.WarningMessage``; None where they were shown as they came)."""
+
+    result: Explanation
+    inputs: ScanInputs
+    options: ScanOptions
+    start: float
+    stage: Any
+    paths: dict[str, Path]
+    maps: MapsWritten
+    memory: scan_memory.ScanMemory | None
+    warnings: list[Any] | None
+
+    def finish(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        """Wait for the last map's write, write the predicted masks and ``report.json``,
+        move everything into place; ``(written {key: path}, report)``. Nothing is left
+        behind if any of it fails."""
+        result, inputs, options, paths = self.result, self.inputs, self.options, self.paths
+        try:
+            self._last_write()
+            written, timings = self.maps.written, {**inputs.timings, **self.maps.timings}
+            t = time.perf_counter()
+            for finding in result.masks:  # the predicted masks, on the scan's grid
+                written[f"{finding}/mask"] = outputs.write_labels(
+                    paths[f"{finding}/mask"], result.mask_on_scan(finding), inputs.scan.affine,
+                    force=options.force, name="predicted",
+                )  # fmt: skip
+            timings["write_s"] += time.perf_counter() - t
+            timings.update(result.timings)
+            timings["total_s"] = time.perf_counter() - self.start
+            result.timings = timings
+            report = scan_report(result, inputs, options, paths, self.maps.dicom)
+            written["report"] = outputs.write_json(paths["report"], report, force=options.force)
+            written = self.stage.commit(written)
+        except BaseException:
+            self.stage.discard()
+            raise
+        return written, report
+
+    def _last_write(self) -> None:
+        """Wait for the last map's write (raising its error); keep its array for the next
+        scan."""
+        maps = self.maps
+        if maps.last is None:
+            return
+        try:
+            maps.last.result()
+        finally:
+            scan_memory.keep(maps.spare or [], self.memory)

@@ -145,7 +145,7 @@ class FakeExplain:
     def __init__(self):
         self.calls: list[str] = []
 
-    def __call__(self, path, folder, opts, loaded, progress=None):
+    def __call__(self, path, folder, opts, loaded, progress=None, defer=False):
         stem = Path(path).name.split(".")[0]
         self.calls.append(stem)
         if "bad" in stem:
@@ -170,6 +170,8 @@ class FakeExplain:
             warnings=[],
             report={"timings_s": {"total_s": 0.01}},
         )
+        if defer:  # as explain_scan(defer=True): the end runs on the batch's writer
+            return SimpleNamespace(finish=lambda: (result, targets), warnings=[])
         return result, targets
 
 

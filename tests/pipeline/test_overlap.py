@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -317,3 +318,108 @@ def test_the_scans_voxels_hold_a_map_only_when_nothing_else_sees_them():
                  lambda: np.ones(shape, np.float32, order="F")):  # fmt: skip
         scan.array = make()  # held by the scan alone: refused for its kind
         assert _release_voxels(scan, shape) is None
+
+
+def _batch_args(tmp_path: Path, out: Path) -> tuple:
+    return ("batch", tmp_path / "scans" / "*_ct.nii.gz", "--out", out, "--model", MODEL,
+            "-f", "atelectasis", "--method", "hirescam", "--method", "gradcam")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_scan_ends_on_the_writer_while_the_next_is_explained(tmp_path, monkeypatch):
+    """Scan k's last map is still being written, and its outputs not yet in place, when
+    scan k+1 is in memory; its array is kept for the next scan all the same; the records
+    keep the batch's order and the files are those of the sequential pipeline. Oracle:
+    events logged where they happen, array addresses, nibabel."""
+    from hirescam3d.io.staging import Staging
+
+    paths = sorted(small_scans(tmp_path / "scans", 3), key=lambda p: p.name)
+    stems = [p.name.split(".")[0] for p in paths]
+    events: list[tuple[str, str]] = []  # (what, thread)
+    next_in_memory = {stem: threading.Event() for stem in stems}
+    real_write, real_finish, real_commit = outputs.write_map, io.finish_scan, Staging.commit
+
+    def write_map(path, *args, **kwargs):
+        stem = next(s for s in stems if Path(path).name.startswith(s))
+        if Path(path).name.endswith("_gradcam.nii.gz") and stem != stems[-1]:  # its last map
+            events.append((f"last map of {stem} waits", threading.current_thread().name))
+            assert next_in_memory[stem].wait(30), f"{stem}'s end held up the next scan"
+        return real_write(path, *args, **kwargs)
+
+    def finish_scan(stored, *args):
+        scan = real_finish(stored, *args)
+        stem = stored.path.name.split(".")[0]
+        events.append((f"{stem} in memory", threading.current_thread().name))
+        i = stems.index(stem)
+        if i > 0:
+            next_in_memory[stems[i - 1]].set()
+        return scan
+
+    def commit(stage, written, *args):
+        stem = next(s for s in stems if any(Path(p).name.startswith(s) for p in written.values()))
+        events.append((f"{stem} committed", threading.current_thread().name))
+        return real_commit(stage, written, *args)
+
+    from hirescam3d.pipeline import scan_memory
+
+    real_empty, handed = scan_memory.ScanMemory.empty, set()
+
+    def empty(memory, shape, order):
+        array = real_empty(memory, shape, order)
+        handed.add(array.__array_interface__["data"][0])
+        return array
+
+    monkeypatch.setattr(outputs, "write_map", write_map)
+    monkeypatch.setattr(io, "finish_scan", finish_scan)
+    monkeypatch.setattr(Staging, "commit", commit)
+    monkeypatch.setattr(scan_memory.ScanMemory, "empty", empty)
+    out = tmp_path / "out"
+    result = invoke(*_batch_args(tmp_path, out))
+    assert result.exit_code == 0, result.stderr
+    assert len(handed) == scan_memory.KEEP  # the last map's array came back from the writer
+    what = [w for w, _ in events]
+    for before, after in zip(stems, stems[1:], strict=False):
+        assert what.index(f"{after} in memory") < what.index(f"{before} committed")
+    assert all(t.startswith("hirescam3d-writer") for w, t in events if "committed" in w)
+    records = log_records(out)
+    assert [(r["id"], r["status"]) for r in records] == [(s, "ok") for s in stems]
+    for stem, path in zip(stems, paths, strict=True):
+        direct = tmp_path / "direct" / stem
+        explain_scan(path, direct, MODEL, ["atelectasis"], ("hirescam", "gradcam"))
+        for method in ("hirescam", "gradcam"):
+            name = f"{stem}_atelectasis_{method}.nii.gz"
+            a = np.asarray(nib.load(str(out / stem / name)).dataobj)
+            assert np.array_equal(a, np.asarray(nib.load(str(direct / name)).dataobj))
+    assert temp_leftovers(out) == [] and not list(out.glob("*/.tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_failed_last_write_fails_its_scan_only_and_its_warnings_stay_with_it(
+    tmp_path, monkeypatch
+):
+    """The first scan's last map fails on the writer after the second scan began: the first
+    is failed (no map, no staging folder left), the second is done; a warning raised while
+    the first scan's map was written is that scan's, not the next one's."""
+    paths = sorted(small_scans(tmp_path / "scans", 2), key=lambda p: p.name)
+    first, second = (p.name.split(".")[0] for p in paths)
+    real = outputs.write_map
+
+    def write_map(path, *args, **kwargs):
+        name = Path(path).name
+        if name.startswith(first) and name.endswith("_hirescam.nii.gz"):
+            warnings.warn(f"{name}: a warning of the first scan", io.ScanWarning, stacklevel=1)
+        if name.startswith(first) and name.endswith("_gradcam.nii.gz"):
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_map", write_map)
+    out = tmp_path / "out"
+    result = invoke(*_batch_args(tmp_path, out))
+    assert result.exit_code == 1
+    records = log_records(out)
+    assert [(r["id"], r["status"]) for r in records] == [(first, "failed"), (second, "ok")]
+    assert "No space left" in records[0]["error"]
+    assert not any("first scan" in w for w in records[1]["warnings"])
+    assert result.stderr.count("a warning of the first scan") == 1
+    assert not (out / first).exists() and len(list((out / second).glob("*.nii.gz"))) == 2
+    assert temp_leftovers(out) == [] and not list(out.glob("*/.tmp-*"))
