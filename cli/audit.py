@@ -18,6 +18,7 @@ from typing import Any
 
 from .console import out_console
 from .errors import CLIUsageError
+from .startup import startup_done
 
 EXIT_NOT_GUARANTEED = 3
 
@@ -86,6 +87,7 @@ def run_audit(
         handle.check_layer(layer)
     if shape is not None:
         network = handle.load()[0]
+        startup_done()
         check_model_output(network, shape, f"--model {handle.name}", output)
         if layer is not None:
             return [audit_layer(network, layer, shape, selector)], layer, handle.name

@@ -16,6 +16,7 @@ import typer
 from .errors import OneLineErrorGroup, reported_errors
 from .models import use_bundle_options
 from .nnunet import Checkpoint, Folds, Mirror, use_nnunet_options
+from .startup import pause_collection
 from .view import view
 
 
@@ -622,6 +623,7 @@ def main() -> None:
     # cores to the background reader and writer: 7 % less CPU time in a 4-scan batch. Set
     # before torch loads (nothing imports it yet); a value the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    pause_collection()  # until the model is loaded (cli/startup.py)
     try:
         app(prog_name="hirescam3d")
     finally:

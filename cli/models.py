@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import CLIUsageError
+from .startup import startup_done
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from hirescam3d.models.handle import ModelHandle
@@ -83,4 +84,5 @@ def load_checked(handle: ModelHandle, layer: str | None) -> tuple[Any, Any]:
     candidate layers); ModelError (exit 1) if the model cannot be loaded."""
     loaded = handle.load()
     handle.check_layer(layer)
+    startup_done()
     return loaded

@@ -15,6 +15,7 @@ import typer
 from hirescam3d.errors import HiResCAMError
 
 from .errors import CLIUsageError, reported_errors, warnings_to_stderr
+from .startup import startup_done
 
 
 def view(
@@ -42,6 +43,7 @@ def view(
     with reported_errors(), warnings_to_stderr():
         layers = load_layers(scan, explanation or [], organs)
         napari = _import_napari()
+        startup_done()  # a viewer session may last hours
         open_viewer(layers, napari.Viewer())
         napari.run()
 
