@@ -1,11 +1,16 @@
 """Localisation: how well maps ``(B, K, *S)`` find a mask (pointing game, relevance mass,
 IoU over thresholds, the Grad-CAM box).
 
-The mask metrics run map by map on the CPU with NumPy (each map read once, in chunks;
-then only the voxels at or above the lowest level: the IoU curve from one histogram, the
-Grad-CAM box's components labelled by ``cc3d`` inside the box of its selected voxels;
-large maps on ``torch.get_num_threads()`` threads) and return ``(B, K)`` float32
-tensors on the maps' device. :func:`localisation_metrics` computes every mask metric at
+The mask metrics run map by map on the CPU with NumPy and return ``(B, K)`` float32
+tensors on the maps' device. Each map is read from memory once, a cache-sized chunk at a
+time (its first maximum, the maximum of each block of 4096 voxels, its positive mass);
+after that only the blocks whose maximum reaches a level are read again (explanation
+maps are mostly zero): the IoU curve comes from the sorted values at or above the lowest
+level, all and inside the mask (a binary search per threshold); the Grad-CAM box's
+components are labelled by ``cc3d`` group by group of the selected voxels (no component
+crosses an empty index of the first axis), each inside its own box. Each distinct mask
+is listed once, while the first maps are read; large maps run on
+``torch.get_num_threads()`` threads. :func:`localisation_metrics` computes every mask metric at
 once, sharing the passes over the maps: use it when you need more than one. Masks are
 boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
 to the maps' device.
@@ -23,6 +28,7 @@ Conventions, the same for every mask metric:
 from __future__ import annotations
 
 import math
+import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,10 +57,23 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(
 
 #: Maps of this many voxels or more are scored on ``torch.get_num_threads()`` threads.
 _THREADED_VOXELS = 1 << 16
-#: Voxels per chunk of a map (4 MB of float32). Each chunk is read from memory once; on 10
-#: maps of 1.6 M voxels, 1 M-voxel chunks measured 10 % faster than 64 k (fewer NumPy calls
-#: between the threads), and chunks whose maximum misses a level are skipped.
-_CHUNK = 1 << 20
+#: Voxels per block: each block's maximum is kept, and later passes read only the blocks
+#: whose maximum reaches their level.
+_BLOCK = 1 << 12
+#: Voxels per chunk of the first read of a map (1 MB of float32: within a core's cache,
+#: so the passes after the first one over the same chunk do not wait on memory; larger
+#: than that measured slower on one thread, smaller slower on two); a multiple of
+#: :data:`_BLOCK`.
+_CHUNK = 1 << 18
+#: Rows of a chunk's column-wise sum (:func:`_sum`).
+_ROWS = 16
+#: Runs of blocks closer than this many blocks are read as one (:func:`_runs`).
+_GAP = 8
+#: uint64 words of two masks compared at a time (:func:`_rows_equal`).
+_WORDS = 1 << 15
+#: One in this many uint64 words of each mask is compared before the whole masks
+#: (:func:`_first_equal_rows`).
+_SAMPLE = 1 << 11
 
 
 def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +122,14 @@ class Localisation:
     mask_boxes: torch.Tensor
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two inclusive voxel boxes ``(D, 2)``, counted in voxels."""
-    inter = np.prod(np.clip(np.minimum(a[:, 1], b[:, 1]) - np.maximum(a[:, 0], b[:, 0]) + 1,
-                            0, None), dtype=np.float64)  # fmt: skip
-    area_a = np.prod(a[:, 1] - a[:, 0] + 1, dtype=np.float64)
-    area_b = np.prod(b[:, 1] - b[:, 0] + 1, dtype=np.float64)
-    return float(inter / (area_a + area_b - inter))
+def _box_iou(a: list[list[int]], b: list[list[int]]) -> float:
+    """IoU of two inclusive voxel boxes ``[[first, last], ...]``, counted in voxels (exact
+    integers, one rounding: the division)."""
+    inter = math.prod(max(min(a1, b1) - max(a0, b0) + 1, 0)
+                      for (a0, a1), (b0, b1) in zip(a, b, strict=True))  # fmt: skip
+    area_a = math.prod(last - first + 1 for first, last in a)
+    area_b = math.prod(last - first + 1 for first, last in b)
+    return inter / (area_a + area_b - inter)
 
 
 def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
@@ -117,20 +137,27 @@ def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
     from per-axis projections (an ``any`` over the other axes, each later axis read only
     within the range of the earlier ones); None if none."""
     box, sub = [], selected
-    for _ in range(selected.ndim):
+    for axis in range(selected.ndim):
         rest = tuple(range(1, sub.ndim))
-        where = np.flatnonzero(sub.any(axis=rest) if rest else sub)
+        where = (np.logical_or.reduce(sub, axis=rest) if rest else sub).nonzero()[0]
         if where.size == 0:
             return None
-        box.append([int(where[0]), int(where[-1])])
-        sub = sub[where[0] : where[-1] + 1].any(axis=0)
+        first, last = int(where[0]), int(where[-1])
+        box.append([first, last])
+        if axis < selected.ndim - 1:
+            sub = np.logical_or.reduce(sub[first : last + 1], axis=0)
     return box
 
 
-def _from_top(hist: np.ndarray) -> np.ndarray:
-    """``(T,)`` from a histogram ``(T + 1,)`` of how many levels voxels reach: how many
-    reach each level."""
-    return np.cumsum(hist[::-1])[::-1][1:]
+def _groups(where: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the groups of the ascending indices ``where``: a new group
+    begins after more than ``gap - 1`` missing indices."""
+    if where.size == 0:
+        return []
+    cut = (where[1:] - where[:-1] > gap).nonzero()[0]
+    starts = [int(where[0]), *where[cut + 1].tolist()]
+    stops = [*(where[cut] + 1).tolist(), int(where[-1]) + 1]
+    return list(zip(starts, stops, strict=True))
 
 
 class _Thresholds(NamedTuple):
@@ -180,36 +207,62 @@ class _MaskRows:
     that hold it (:meth:`find`)."""
 
     def __init__(self, masks: torch.Tensor, k: int, shape: tuple[int, ...], boxes: bool):
-        self.rows = masks.reshape(-1, masks.shape[-1]).cpu().numpy()
+        self.rows = np.ascontiguousarray(masks.reshape(-1, masks.shape[-1]).cpu().numpy())
         self.bm, self.km = masks.shape[:2]
         self.k = k
         self.shape = shape
         self.boxes = boxes
-        self.first = _first_equal_rows(self.rows)
+        self.first: list[int] = []
         self._found: dict[int, tuple[np.ndarray, list[list[int]] | None]] = {}
 
     def of_map(self, r: int) -> int:
         """The mask row of map row ``r`` (item ``r // K``, target ``r % K``)."""
         return (r // self.k if self.bm > 1 else 0) * self.km + (r % self.k if self.km > 1 else 0)
 
-    def find(self, i: int) -> None:
-        """Find the voxels (and box) of mask row ``i``, one of :attr:`first`."""
-        m = self.rows[i]
-        box = _projection_box(m.reshape(self.shape)) if self.boxes else None
-        self._found[i] = (np.flatnonzero(m), box)
+    def find(self) -> _MaskRows:
+        """Find which rows are equal (:attr:`first`), then the voxels (and box) of each
+        distinct mask, for :meth:`voxels`."""
+        self.first = _first_equal_rows(self.rows)
+        for i in sorted(set(self.first)):
+            m = self.rows[i]
+            box = _projection_box(m.reshape(self.shape)) if self.boxes else None
+            self._found[i] = (np.flatnonzero(m), box)
+        return self
 
     def voxels(self, i: int) -> tuple[np.ndarray, list[list[int]] | None]:
-        """Mask row ``i``'s voxels (flat positions) and its box (None if not asked for)."""
+        """Mask row ``i``'s voxels (flat positions) and its box (None if not asked for),
+        once :meth:`find` has run."""
         return self._found[self.first[i]]
 
 
+def _as_words(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A bool row ``(N,)`` (contiguous) as uint64 words of 8 voxels ``(N // 8,)`` and the
+    remaining ``N % 8`` voxels."""
+    cut = row.size - row.size % 8
+    return row[:cut].view(np.uint64), row[cut:]
+
+
+def _rows_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the bool rows ``a`` and ``b`` ``(N,)`` (contiguous) are equal, compared 8
+    voxels a word, :data:`_WORDS` words at a time up to the first difference."""
+    (wa, ta), (wb, tb) = _as_words(a), _as_words(b)
+    if not np.array_equal(ta, tb):
+        return False
+    return all(np.array_equal(wa[s : s + _WORDS], wb[s : s + _WORDS])
+               for s in range(0, wa.size, _WORDS))  # fmt: skip
+
+
 def _first_equal_rows(rows: np.ndarray) -> list[int]:
-    """For each bool row of ``rows (R, N)``, the first row equal to it."""
-    counts = [np.count_nonzero(row) for row in rows]  # with axis=1: a 5x slower sum of ints
+    """For each bool row of ``rows (R, N)`` (C-contiguous), the first row equal to it.
+    Rows are compared in full only where a sample of their words (one in
+    :data:`_SAMPLE`, read at almost no cost) agrees."""
+    if len(rows) == 1:
+        return [0]
+    samples = [_as_words(row)[0][::_SAMPLE].tobytes() for row in rows]
     first: list[int] = []
-    for i in range(len(rows)):
-        same = (j for j in range(i) if first[j] == j and counts[j] == counts[i])
-        first.append(next((j for j in same if np.array_equal(rows[j], rows[i])), i))
+    for i, row in enumerate(rows):
+        same = (j for j in range(i) if first[j] == j and samples[j] == samples[i])
+        first.append(next((j for j in same if _rows_equal(rows[j], row)), i))
     return first
 
 
@@ -237,102 +290,212 @@ class _RowScores:
         )
 
 
-class _Voxels(NamedTuple):
-    """Some voxels of a flat map: their flat positions (ascending) and values."""
-
-    where: np.ndarray
-    values: np.ndarray
-
-
 class _Read(NamedTuple):
     """What one read of a flat map gives: its first maximum (flat position; NaN counts as
-    one, as in torch), each chunk's maximum ``(n_chunks,)`` and its positive mass."""
+    one, as in torch), each block's maximum ``(n_blocks,)`` and its positive mass."""
 
     first: int
-    chunk_max: np.ndarray
+    block_max: np.ndarray
     positive: float
+
+
+def _maxima(values: np.ndarray, out: np.ndarray) -> None:
+    """Write the maximum of each block of :data:`_BLOCK` of the flat ``values`` (the last
+    block may be shorter) into ``out`` ``(n_blocks,)``."""
+    full = values.size - values.size % _BLOCK
+    np.maximum.reduce(values[:full].reshape(-1, _BLOCK), axis=1, out=out[: full // _BLOCK])
+    if full < values.size:
+        out[-1] = np.maximum.reduce(values[full:])
+
+
+def _block_maxima(chunk: np.ndarray, out: np.ndarray) -> bool:
+    """Write the maximum of each block of ``chunk`` into ``out`` (:func:`_maxima`); return
+    whether a value of ``chunk`` has its sign bit set (negative, -0.0 or such a NaN).
+
+    The maxima are first taken over the values' bits as unsigned integers, which also
+    finds the sign bits: without them, the bits order as the values (NaN above infinity:
+    NaN counts as a maximum, as in torch). Only a chunk with a sign bit set is read again
+    for its maxima as values."""
+    bits = np.dtype(f"u{chunk.itemsize}")
+    _maxima(chunk.view(bits), out.view(bits))
+    signed = int(np.maximum.reduce(out.view(bits))) >> (8 * chunk.itemsize - 1) == 1
+    if signed:
+        _maxima(chunk, out)
+    return signed
+
+
+def _sum(values: np.ndarray) -> float:
+    """The sum of the flat ``values``. float32 ones (a multiple of :data:`_ROWS`) as that
+    many rows added column by column (vectorised: at most 15 roundings per column), then
+    the columns in float64: a lower error bound than NumPy's pairwise float32 sum of a
+    chunk (up to 29 roundings) and a quarter faster. Otherwise NumPy's pairwise sum."""
+    if values.dtype != np.float32 or values.size % _ROWS:
+        return float(np.add.reduce(values))
+    return float(np.add.reduce(values.reshape(_ROWS, -1), axis=0).sum(dtype=np.float64))
 
 
 def _read(row: np.ndarray) -> _Read:
     """Read the flat map ``row`` once, a chunk of :data:`_CHUNK` voxels at a time: each
     chunk comes from memory once and the passes over it reuse what the cache holds."""
-    n = -(-row.size // _CHUNK)
-    tops, at, positive = np.empty(n, row.dtype), np.empty(n, np.intp), 0.0
-    for c in range(n):
-        chunk = row[c * _CHUNK : (c + 1) * _CHUNK]
-        at[c] = chunk.argmax()
-        tops[c] = chunk[at[c]]
-        if tops[c] > 0:  # a chunk's own sum is pairwise (accurate); chunks add in float64
-            positive += float((chunk if chunk.min() >= 0 else np.maximum(chunk, 0)).sum())
-    best = int(tops.argmax())  # the first chunk holding the (first) maximum
-    return _Read(best * _CHUNK + int(at[best]), tops, positive)
+    block_max, positive = np.empty(-(-row.size // _BLOCK), row.dtype), 0.0
+    for start in range(0, row.size, _CHUNK):
+        chunk = row[start : start + _CHUNK]
+        tops = block_max[start // _BLOCK : -(-(start + chunk.size) // _BLOCK)]
+        signed = _block_maxima(chunk, tops)
+        if np.maximum.reduce(tops) > 0:  # chunks add in float64
+            positive += _sum(np.maximum(chunk, 0) if signed else chunk)
+    b = int(block_max.argmax())  # the first block holding the (first) maximum
+    first = b * _BLOCK + int(row[b * _BLOCK : (b + 1) * _BLOCK].argmax())
+    return _Read(first, block_max, positive)
 
 
-def _reaching(row: np.ndarray, read: _Read, level: np.ndarray) -> _Voxels:
-    """The voxels of the flat map ``row`` at or above ``level``, from the chunks whose
-    maximum reaches it (explanation maps are mostly zero: most chunks are skipped)."""
-    where, values = [np.empty(0, np.intp)], [np.empty(0, row.dtype)]
-    for c in np.flatnonzero(read.chunk_max >= level):
-        chunk = row[c * _CHUNK : (c + 1) * _CHUNK]
-        found = np.flatnonzero(chunk >= level)
-        where.append(found + c * _CHUNK)
-        values.append(chunk[found])
-    return _Voxels(np.concatenate(where), np.concatenate(values))
+def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` voxel ranges of the runs of blocks whose maximum reaches
+    ``level``, in a flat map of ``n`` voxels; runs less than :data:`_GAP` blocks apart
+    are joined (fewer, longer NumPy calls: less waiting for the GIL between threads)."""
+    blocks = _groups((read.block_max >= level).nonzero()[0], _GAP)
+    return [(start * _BLOCK, min(stop * _BLOCK, n)) for start, stop in blocks]
+
+
+class _Scratch:
+    """Buffers one worker reuses from map to map (grown when a map needs more), so that
+    the large temporaries of a map are not allocated and released again for each map."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: np.dtype, zeroed: bool = False) -> np.ndarray:
+        """A flat buffer ``(size,)`` of ``dtype``: whatever it last held, or zeros when new
+        and ``zeroed``."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size or buffer.dtype != dtype:
+            buffer = self._buffers[name] = (np.zeros if zeroed else np.empty)(size, dtype)
+        return buffer[:size]
+
+
+def _values_reaching(
+    row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch
+) -> np.ndarray:
+    """The values of the flat map ``row`` at or above ``level`` (in no useful order, in
+    ``scratch``), read only from the blocks whose maximum reaches it (explanation maps
+    are mostly zero)."""
+    runs = _runs(read, level, row.size)
+    flags = scratch.get("flags", row.size, np.dtype(bool))
+    values = scratch.get("values", sum(stop - start for start, stop in runs), row.dtype)
+    n = 0
+    for start, stop in runs:
+        seg = row[start:stop]
+        found = seg[np.greater_equal(seg, level, out=flags[start:stop])]
+        values[n : n + found.size] = found
+        n += found.size
+    return values[:n]
+
+
+def _map_box(
+    row: np.ndarray,
+    read: _Read,
+    level: np.ndarray,
+    shape: tuple[int, ...],
+    connectivity: int,
+    scratch: _Scratch,
+) -> list[list[int]]:
+    """The Grad-CAM box (:func:`_component_box`) of the voxels of the flat map ``row`` (of
+    ``shape``) at or above ``level``, compared only in the blocks whose maximum reaches
+    it, into a volume in ``scratch`` that is all False again when this returns."""
+    selected = scratch.get("selected", row.size, np.dtype(bool), zeroed=True)
+    runs = _runs(read, level, row.size)
+    for start, stop in runs:
+        np.greater_equal(row[start:stop], level, out=selected[start:stop])
+    try:
+        return _component_box(selected.reshape(shape), connectivity)
+    finally:
+        for start, stop in runs:
+            selected[start:stop] = False
+
+
+def _counts_reaching(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``(T,)`` how many of ``values`` (sorted here, in place) are at or above each of the
+    ascending ``levels``."""
+    values.sort()
+    return values.size - np.searchsorted(values, levels, side="left")
 
 
 def _iou_row(
-    reached: np.ndarray, in_mask: np.ndarray, mask_size: int, levels: np.ndarray
+    reached: np.ndarray, inside: np.ndarray, mask_size: int, levels: np.ndarray
 ) -> np.ndarray:
     """``(T,)`` IoU of ``{map >= level}`` with a mask of ``mask_size`` voxels for ascending
-    ``levels`` in the map's dtype; ``reached``: the map's values at or above ``levels[0]``,
-    ``in_mask``: whether each of those voxels lies in the mask. One histogram of how many
-    levels each voxel reaches, summed from the top, counts every level's voxels."""
-    counts = np.searchsorted(levels, reached, side="right")  # levels each value reaches
-    pred = _from_top(np.bincount(counts, minlength=levels.size + 1))
-    inter = _from_top(np.bincount(counts[in_mask], minlength=levels.size + 1))
+    ``levels`` in the map's dtype; ``reached``, ``inside``: the map's values at or above
+    ``levels[0]``, all and inside the mask (both sorted here, in place). Each level's
+    counts come from the sorted values (a binary search per level)."""
+    pred = _counts_reaching(reached, levels)
+    inter = _counts_reaching(inside, levels)
     union = pred + mask_size - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def _component_box(
-    chosen: np.ndarray, shape: tuple[int, ...], connectivity: int
-) -> list[list[int]]:
-    """Inclusive box of the largest component (the first in C order on ties) of the voxels
-    at the flat positions ``chosen`` (ascending, not empty) of a map of ``shape``.
+def _largest(slab: np.ndarray, connectivity: int) -> tuple[int, list[list[int]]]:
+    """The size and inclusive box of the largest component (the first in C order on ties)
+    of the True voxels of bool ``slab`` ``(*S)`` (at least one in every index of its
+    first axis).
 
     ``cc3d`` labels the components inside the box of those voxels, in C order as
     ``scipy.ndimage.label`` does, about four times faster; ``connectivity`` is its 3D
     neighbourhood (6, 18 or 26), the crop padded to 3D."""
     import cc3d
 
-    coords = np.unravel_index(chosen, shape)
-    local = tuple(c - c.min() for c in coords)
-    crop = np.zeros([int(c.max()) + 1 for c in local], dtype=bool)
-    crop[local] = True
-    as_3d = crop.reshape((1,) * (3 - crop.ndim) + crop.shape)
+    box = _projection_box(slab)
+    crop = np.ascontiguousarray(slab[tuple(slice(first, last + 1) for first, last in box)])
+    # As uint8, cc3d takes its multi-label path: its binary 26-connected one (cc3d 4.1)
+    # fails on some thin or odd-sized crops ("maximum length exception").
+    as_3d = crop.view(np.uint8).reshape((1,) * (3 - crop.ndim) + crop.shape)
     labels, n_found = cc3d.connected_components(as_3d, connectivity=connectivity, return_N=True)
-    if n_found > 1:
-        own = labels.reshape(crop.shape)[local]  # each chosen voxel's component
-        biggest = int(np.argmax(np.bincount(own, minlength=n_found + 1)[1:])) + 1
-        coords = tuple(c[own == biggest] for c in coords)
-    return [[int(c.min()), int(c.max())] for c in coords]
+    labels = labels.reshape(crop.shape)
+    if n_found == 1:
+        return int(np.count_nonzero(crop)), box
+    sizes = np.bincount(labels[crop], minlength=n_found + 1)
+    biggest = int(np.argmax(sizes[1:])) + 1
+    inner = _projection_box(labels == biggest)
+    shifted = [[first + a, first + z] for (first, _), (a, z) in zip(box, inner, strict=True)]
+    return int(sizes[biggest]), shifted
+
+
+def _component_box(selected: np.ndarray, connectivity: int) -> list[list[int]]:
+    """Inclusive box of the largest component (the first in C order on ties) of the True
+    voxels of bool ``selected`` ``(*S)`` (at least one).
+
+    No component spans an empty index of the first axis, so the voxels are labelled in
+    groups between such gaps (:func:`_largest`, each inside its own, smaller box); groups
+    come in C order, so the first of the largest wins ties as a whole-volume labelling
+    would have it. In 1D each group is one component."""
+    occupied = np.logical_or.reduce(selected.reshape(len(selected), -1), axis=1)
+    groups = _groups(occupied.nonzero()[0], 1)
+    if selected.ndim == 1:
+        start, stop = max(groups, key=lambda g: g[1] - g[0])  # the first of the longest
+        return [[start, stop - 1]]
+    best_size, best_box = 0, []
+    for start, stop in groups:
+        size, box = _largest(selected[start:stop], connectivity)
+        if size > best_size:
+            best_size, best_box = size, [[start + box[0][0], start + box[0][1]], *box[1:]]
+    return best_box
 
 
 def _score_row(
     r: int,
     row: np.ndarray,
+    read: _Read,
     masks: _MaskRows,
     parts: frozenset[str],
     thresholds: _Thresholds | None,
     box_rule: _BoxRule | None,
     out: _RowScores,
+    scratch: _Scratch,
 ) -> None:
-    """Fill row ``r`` of ``out`` with the metrics in ``parts`` of the flat map ``row``."""
+    """Fill row ``r`` of ``out`` with the metrics in ``parts`` of the flat map ``row``,
+    given its :func:`_read`."""
     i = masks.of_map(r)
-    read = _read(row)
-    first = read.first
-    top = row[first]
-    out.pointing[r] = masks.rows[i, first]
+    top = row[read.first]
+    out.pointing[r] = masks.rows[i, read.first]
     if not parts & {"mass", "iou", "box"}:
         return
     where, m_box = masks.voxels(i)
@@ -340,23 +503,21 @@ def _score_row(
         out.mask_boxes[r] = m_box
     if not top > 0:  # no positive value (or NaN): NaN metrics
         return
+    if parts & {"iou", "mass"}:
+        inside = np.take(row, where, out=scratch.get("inside", where.size, row.dtype),
+                         mode="clip")  # fmt: skip
+    if "iou" in parts:
+        levels = thresholds.values * top  # map >= t * max
+        reached = _values_reaching(row, read, levels[0], scratch)
+        out.curve[r] = _iou_row(reached, inside[inside >= levels[0]], where.size, levels)
     if "mass" in parts:
-        inside = row[where]
-        out.mass[r] = float(np.maximum(inside, 0).sum(dtype=np.float64)) / read.positive
-    levels = thresholds.values * top if "iou" in parts else None  # map >= t * max
-    box_level = box_rule.threshold * top if "box" in parts else None
-    wanted = [x for x in (None if levels is None else levels[0], box_level) if x is not None]
-    if not wanted:
-        return
-    reached = _reaching(row, read, min(wanted))  # one read of the chunks for both
-    if levels is not None:
-        keep = reached.values >= levels[0]
-        in_mask = masks.rows[i][reached.where[keep]]
-        out.curve[r] = _iou_row(reached.values[keep], in_mask, where.size, levels)
-    if box_level is not None:
-        chosen = reached.where[reached.values >= box_level]
-        out.map_boxes[r] = _component_box(chosen, masks.shape, box_rule.connectivity)
-        out.box[r] = _box_iou(out.map_boxes[r], out.mask_boxes[r]) if where.size else 0.0
+        positive = np.maximum(inside, 0, out=inside).sum(dtype=np.float64)
+        out.mass[r] = float(positive) / read.positive
+    if "box" in parts:
+        level = box_rule.threshold * top
+        box = _map_box(row, read, level, masks.shape, box_rule.connectivity, scratch)
+        out.map_boxes[r] = box
+        out.box[r] = _box_iou(box, m_box) if where.size else 0.0
 
 
 def _as_tensors(
@@ -400,14 +561,15 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    Map by map, on the CPU (``numpy``): each map is read in full once, a chunk at a time
-    (:func:`_read`: its first maximum, each chunk's maximum and its positive mass); each
-    distinct mask once (its voxel list, and its box from per-axis projections). Then the
-    voxels at or above the lower of the lowest IoU level and the box level are listed,
-    from the chunks whose maximum reaches it (:func:`_reaching`). The IoU curve is one
-    histogram of "how many levels ``t * max`` a voxel reaches" over those voxels, and one
-    over those inside the mask, summed from the top; the Grad-CAM box labels components
-    (``cc3d``) only inside the box of its selected voxels.
+    Map by map, on the CPU (``numpy``), on threads for large maps. The distinct masks are
+    found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and box)
+    while the maps are read (:func:`_read`: each from memory once, a chunk at a time: its
+    first maximum, its blocks' maxima, its positive mass). Then, per map, only the blocks
+    whose maximum reaches a level are read again: the values at or above the lowest IoU
+    level, sorted with the map's values inside the mask, give every threshold's
+    prediction and overlap by binary search (:func:`_iou_row`); the voxels at or above
+    the box level fill a volume whose components ``cc3d`` labels group by group
+    (:func:`_component_box`). Each worker reuses its buffers from map to map.
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
@@ -420,21 +582,39 @@ def _localise(
         rule = _box_rule(box_threshold, connectivity, len(shape), rows.dtype)
     scores = _RowScores.unscored(b * k, 0 if levels is None else levels.values.size, len(shape))
     workers = min(torch.get_num_threads(), b * k) if n >= _THREADED_VOXELS else 1
-    with ThreadPoolExecutor(workers) as pool:  # NumPy and cc3d release the GIL
-        if parts & {"mass", "iou", "box"}:
-            list(pool.map(mask_rows.find, sorted(set(mask_rows.first))))
-        list(pool.map(lambda r: _score_row(r, rows[r], mask_rows, parts, levels, rule, scores),
-                      range(b * k)))  # fmt: skip
+    scratches: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()  # one per worker, at most
+    with ThreadPoolExecutor(workers) as pool:  # NumPy releases the GIL (cc3d does not)
+        # Submitted in this order, a task only ever waits for tasks already started: the
+        # masks are found while the first maps are read.
+        found = pool.submit(mask_rows.find if parts & {"mass", "iou", "box"} else lambda: None)
+        reads = [pool.submit(_read, row) for row in rows]
+
+        def score(r: int) -> None:
+            found.result()
+            try:
+                scratch = scratches.get_nowait()
+            except queue.Empty:
+                scratch = _Scratch()
+            _score_row(r, rows[r], reads[r].result(), mask_rows, parts, levels, rule, scores,
+                       scratch)  # fmt: skip
+            scratches.put(scratch)
+
+        list(pool.map(score, range(b * k)))
     return _as_tensors(scores, parts, levels, b, k, flat.device)
 
 
 def _best(curve: torch.Tensor, t_sorted: torch.Tensor) -> BestIoU:
-    """Best IoU and the lowest threshold reaching it, from a curve over sorted thresholds."""
-    valid = ~torch.isnan(curve[..., 0])
-    best, where = torch.nan_to_num(curve, nan=-1.0).max(-1)  # first maximum: lowest t
-    thr = t_sorted.to(torch.float32)[where]
-    nan = torch.tensor(math.nan, device=curve.device)
-    return BestIoU(torch.where(valid, best, nan), torch.where(valid, thr, nan))
+    """Best IoU and the lowest threshold reaching it, from a curve over sorted thresholds.
+    In NumPy: torch's ``max(-1)``, even on a few hundred values, starts its OpenMP
+    workers, which then spin for milliseconds on the cores the next call needs."""
+    c = curve.cpu().numpy()
+    where = np.argmax(np.nan_to_num(c, nan=-1.0), axis=-1)  # first maximum: lowest t
+    best = np.take_along_axis(c, where[..., None], axis=-1)[..., 0]
+    thr = t_sorted.cpu().numpy().astype(np.float32)[where]
+    valid = ~np.isnan(c[..., 0])
+    nan = np.float32(math.nan)
+    return BestIoU(*(torch.from_numpy(np.where(valid, a, nan)).to(curve.device)
+                     for a in (best, thr)))  # fmt: skip
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -479,11 +659,10 @@ def iou_curve(
         no positive value; 0 where the mask is empty.
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
-    dtype. Each voxel at or above its map's lowest level is given the number of levels
-    ``t * max`` it reaches (a binary search among the levels); one histogram of those
-    numbers, and one of those inside the mask, summed from the top, give every
-    threshold's prediction and overlap. Cost: one read of each map, then work on the
-    voxels above the lowest threshold.
+    dtype: the map's values at or above its lowest level ``t * max`` are sorted, all and
+    those inside the mask, and a binary search per level counts every threshold's
+    prediction and overlap. Cost: one read of each map, then work on the blocks of
+    voxels that reach the lowest threshold.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
     return res["curve"].index_select(-1, torch.argsort(res["order"]))
@@ -531,7 +710,8 @@ def gradcam_box(
     its bounding box is compared with the bounding box of all of the mask's voxels. IoU
     is counted in voxels (boxes are inclusive). Components are labelled with
     ``cc3d`` (the same labels as ``scipy.ndimage.label``) on the CPU, inside the box
-    around the map's selected voxels.
+    around each group of the map's selected voxels between empty indices of the first
+    axis.
 
     Args:
         maps: ``(B, K, *S)``.
