@@ -165,7 +165,8 @@ def scan_in_memory() -> None:
 
 
 class BackgroundWriter:
-    """Write jobs run in order in one thread; at most one running while the caller works."""
+    """Write jobs run in order in one thread. :meth:`submit` waits for the job before, so
+    at most one runs while the caller works; :meth:`then` queues one more behind it."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hirescam3d-writer")
