@@ -34,14 +34,14 @@ class MapsWritten(NamedTuple):
     """``written``: ``{key: path}`` of the files written so far (in their staging folder);
     ``dicom``: the :class:`~hirescam3d.io.outputs.DicomMaps` or None; ``timings``:
     ``invert_s`` (placing the maps) and ``write_s`` (writing them); ``last``: the last
-    map's write while it runs on a batch's writer (:func:`stages.scan_writer`), else None;
-    ``spare``: map arrays to keep for the next scan once that write is done."""
+    map's write (still running on a batch's writer, :func:`stages.scan_writer`; None if
+    no map); ``spare``: its array, to keep for the next scan once that write is done."""
 
     written: dict[str, Path]
     dicom: Any
     timings: dict[str, float]
-    last: Future | None = None
-    spare: list[np.ndarray] | None = None
+    last: Future | None
+    spare: list[np.ndarray]
 
 
 class _TwoBuffers:
@@ -63,8 +63,8 @@ class _TwoBuffers:
         return self.arrays[(self.turn - 1) % 2]
 
     def in_flight(self) -> list[np.ndarray]:
-        """Keep (:func:`scan_memory.keep`) the arrays but the one last handed out; return
-        that one in a list, to keep once its map is written."""
+        """Keep (:func:`scan_memory.keep`) the arrays but the one last handed out (its map
+        may still be being written); return that one in a list, to keep once it is."""
         if not self.arrays:
             return []
         last = self.arrays.pop((self.turn - 1) % len(self.arrays))
@@ -151,9 +151,6 @@ def _write_maps(
             last = writer.submit(write_pair, *pair, volume, volume_affine, on_scan, clean,
                                  sink=sink)  # fmt: skip
             del volume, on_scan
-    if stages.shared_writer() is None:
-        scan_memory.keep(buffers.arrays)  # for the next scan of a batch
-        return MapsWritten(written, dicom, timings)
     return MapsWritten(written, dicom, timings, last, buffers.in_flight())
 
 
@@ -168,9 +165,9 @@ def start_outputs(
     :meth:`PendingOutputs.finish` writes the predicted masks (on the scan's grid) and
     ``report.json`` last, and moves them all into place. ``start``: when the run began
     (``perf_counter``), for its total time. Nothing is left behind if any write fails.
-    On a batch's writer
-    (:func:`stages.batch_writer`) the last map is still being written on return, so
-    ``finish`` may run as the writer's next job while the next scan is explained."""
+    On a batch's writer (:func:`stages.batch_writer`) the last map is still being written
+    on return, so ``finish`` may run as the writer's next job while the next scan is
+    explained."""
     from hirescam3d.io.staging import Staging
 
     paths = options.paths(result.explained)
@@ -234,10 +231,8 @@ class PendingOutputs:
     def _last_write(self) -> None:
         """Wait for the last map's write (raising its error); keep its array for the next
         scan."""
-        maps = self.maps
-        if maps.last is None:
-            return
         try:
-            maps.last.result()
+            if self.maps.last is not None:
+                self.maps.last.result()
         finally:
-            scan_memory.keep(maps.spare or [], self.memory)
+            scan_memory.keep(self.maps.spare, self.memory)
