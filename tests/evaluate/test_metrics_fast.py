@@ -1,9 +1,9 @@
-"""The fast mask metrics (issue 25: blocks' maxima, the IoU curve from sorted values, the
-Grad-CAM box labelled group by group) against straightforward references written here:
-one comparison per threshold, the positive mass summed directly, the Grad-CAM box from
-``scipy.ndimage`` labelling the whole volume. Random maps (ties, values exactly on the
-levels, negative values, sign bits, float64), maps of a chest phantom's findings, and
-selections made to test the box's groups and cc3d's thin crops."""
+"""The fast mask metrics (issue 25: blocks' maxima, the IoU curve from the levels each value
+reaches, the Grad-CAM box labelled group by group) against straightforward references
+written here: one comparison per threshold, the positive mass summed directly, the
+Grad-CAM box from ``scipy.ndimage`` labelling the whole volume. Random maps (ties, values
+exactly on the levels, negative values, sign bits, float64), maps of a chest phantom's
+findings, and selections made to test the box's groups and cc3d's thin crops."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from hirescam3d.evaluate import metrics
 
 UNEVEN = (0.013, 0.05, 0.1, 0.1, 0.33, 0.5, 0.77, 0.9, 0.999)
 NOT_POSITIVE = (0.5, 0.0, -0.2)  # levels at or below zero select zeros and negatives too
+CLOSE = (0.2, 0.3, 0.3001, 0.9)  # two levels under one key of the lookup: a binary search
 
 
 def ref_metrics(m: np.ndarray, k: np.ndarray, thresholds, box_t: float = 0.15) -> dict:
@@ -83,8 +84,8 @@ def check(maps: torch.Tensor, masks: torch.Tensor, thresholds=metrics.DEFAULT_TH
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "thresholds", [metrics.DEFAULT_THRESHOLDS, UNEVEN, NOT_POSITIVE],
-    ids=["even", "uneven", "not-positive"],
+    "thresholds", [metrics.DEFAULT_THRESHOLDS, UNEVEN, NOT_POSITIVE, CLOSE],
+    ids=["even", "uneven", "not-positive", "close"],
 )  # fmt: skip
 def test_random_maps_equal_the_reference(dtype, thresholds):
     g = torch.Generator().manual_seed(11)
@@ -186,6 +187,25 @@ def test_connectivity_out_of_range_is_refused(connectivity):
         metrics.gradcam_box(maps, maps > 0.5, connectivity=connectivity)
 
 
+@pytest.mark.parametrize("threshold", [1.01, math.inf, math.nan])
+def test_box_threshold_above_one_is_refused(threshold):
+    """Above 1 no voxel reaches ``threshold * max``: one clear error, not a box of
+    nothing."""
+    maps = torch.rand(1, 1, 4, 5, 6)
+    with pytest.raises(InputError, match="threshold must be at most 1"):
+        metrics.gradcam_box(maps, maps > 0.5, threshold=threshold)
+
+
+def test_iou_thresholds_above_one_select_nothing():
+    """Levels above the maximum select no voxel: IoU 0 there, whatever the mask (the
+    reference: one comparison per threshold)."""
+    g = torch.Generator().manual_seed(8)
+    maps = torch.rand((1, 2, 10, 12, 14), generator=g)
+    masks = torch.rand(maps.shape, generator=g) > 0.6
+    check(maps, masks, [0.3, 1.0, 1.5, 2.0])
+    assert metrics.iou_curve(maps, masks, thresholds=[1.5, 3.0]).eq(0).all()
+
+
 def first_axis_groups(dims: int) -> torch.Tensor:
     """Maps ``(1, 4, *S)`` of ``dims`` spatial dims whose voxels at 15 % come in groups
     apart along the first axis: two equal blocks (a tie: the first wins), a small and a
@@ -257,3 +277,29 @@ def test_sign_bits_and_infinities_equal_the_reference(dtype):
     with np.errstate(invalid="ignore"):  # the reference's inf / inf: NaN, as it should
         check(maps, masks)
         check(maps, masks, list(UNEVEN))
+
+
+def _metrics_in_child(maps, masks, out) -> None:
+    out.put(metrics.localisation_metrics(maps, masks).iou_curve.numpy())
+
+
+def test_a_forked_child_scores_after_its_parent():
+    """The worker threads are kept between calls; a child forked after a call has none
+    of them, and must make its own rather than wait forever on its parent's."""
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(9)
+    maps = torch.rand((1, 4, 24, 48, 64), generator=g)  # large enough for threads
+    masks = torch.rand(maps.shape, generator=g) > 0.7
+    want = metrics.localisation_metrics(maps, masks).iou_curve
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_metrics_in_child, args=(maps, masks, out))
+    child.start()
+    try:
+        got = out.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        child.kill()
+    np.testing.assert_array_equal(got, want.numpy())
+

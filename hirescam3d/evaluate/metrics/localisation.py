@@ -5,15 +5,17 @@ The mask metrics run map by map on the CPU with NumPy and return ``(B, K)`` floa
 tensors on the maps' device. Each map is read from memory once, a cache-sized chunk at a
 time (its first maximum, the maximum of each block of 4096 voxels, its positive mass);
 after that only the blocks whose maximum reaches a level are read again (explanation
-maps are mostly zero): the IoU curve comes from the sorted values at or above the lowest
-level, all and inside the mask (a binary search per threshold); the Grad-CAM box's
-components are labelled by ``cc3d`` group by group of the selected voxels (no component
-crosses an empty index of the first axis), each inside its own box. Each distinct mask
-is listed once, while the first maps are read; large maps run on
-``torch.get_num_threads()`` threads. :func:`localisation_metrics` computes every mask metric at
-once, sharing the passes over the maps: use it when you need more than one. Masks are
-boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
-to the maps' device.
+maps are mostly zero). The IoU curve counts, for the values at or above the lowest
+level, all and inside the mask, how many levels each one reaches (looked up by the
+value's upper bits, or a binary search over the levels; no sort). The Grad-CAM box's
+components are labelled by ``cc3d`` group by group of the selected voxels' positions (no
+component crosses an empty index of the first axis), each inside its own box. Each
+distinct mask is listed once, while the first maps are read. Large maps run on
+``torch.get_num_threads()`` worker threads, which are kept between calls with their
+buffers. :func:`localisation_metrics` computes every mask metric at once, sharing the
+passes over the maps: use it when you need more than one. Masks are boolean
+``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved to the
+maps' device.
 
 Conventions, the same for every mask metric:
 
@@ -27,9 +29,12 @@ Conventions, the same for every mask metric:
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import queue
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -74,6 +79,15 @@ _WORDS = 1 << 15
 #: One in this many uint64 words of each mask is compared before the whole masks
 #: (:func:`_first_equal_rows`).
 _SAMPLE = 1 << 11
+#: A worker's buffers are kept for the next call up to this many bytes (page faults on
+#: fresh buffers cost more than the metrics' own work on small maps).
+_KEEP_BYTES = 64 << 20
+
+#: Buffers kept between calls, and worker threads by their number (kept too: a thread's
+#: allocator arena stays warm), both reset in a forked child.
+_kept: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
 def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +207,11 @@ class _BoxRule(NamedTuple):
 def _box_rule(threshold: float, connectivity: int | None, nd: int, dtype: np.dtype) -> _BoxRule:
     """The :class:`_BoxRule` of a relative ``threshold`` and ``connectivity`` (as in
     ``scipy.ndimage.generate_binary_structure``, 1 to ``nd``; default ``nd``: faces,
-    edges and corners) for ``nd``-D maps of ``dtype``."""
+    edges and corners) for ``nd``-D maps of ``dtype``. A threshold above 1 would select
+    no voxel: refused."""
+    if not threshold <= 1:
+        raise InputError(f"threshold must be at most 1 (a share of the map's maximum); got "
+                         f"{threshold}")  # fmt: skip
     c = nd if connectivity is None else connectivity
     if not 1 <= c <= nd:
         raise InputError(f"connectivity must be 1 to {nd} for {nd}-D maps; got {connectivity}")
@@ -351,15 +369,20 @@ def _read(row: np.ndarray) -> _Read:
 
 def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
     """``[start, stop)`` voxel ranges of the runs of blocks whose maximum reaches
-    ``level``, in a flat map of ``n`` voxels; runs less than :data:`_GAP` blocks apart
-    are joined (fewer, longer NumPy calls: less waiting for the GIL between threads)."""
-    blocks = _groups((read.block_max >= level).nonzero()[0], _GAP)
-    return [(start * _BLOCK, min(stop * _BLOCK, n)) for start, stop in blocks]
+    ``level``, in a flat map of ``n`` voxels, cut into pieces of at most :data:`_CHUNK`
+    voxels (what is made from a piece stays small enough for the allocator to reuse).
+    Runs less than :data:`_GAP` blocks apart are joined (fewer NumPy calls: less waiting
+    for the GIL between threads)."""
+    runs = [(start * _BLOCK, min(stop * _BLOCK, n))
+            for start, stop in _groups((read.block_max >= level).nonzero()[0], _GAP)]  # fmt: skip
+    return [(first, min(first + _CHUNK, stop)) for start, stop in runs
+            for first in range(start, stop, _CHUNK)]  # fmt: skip
 
 
 class _Scratch:
-    """Buffers one worker reuses from map to map (grown when a map needs more), so that
-    the large temporaries of a map are not allocated and released again for each map."""
+    """Buffers one worker reuses from map to map and from call to call (grown when a map
+    needs more; see :data:`_KEEP_BYTES`), so that the large temporaries of a map are not
+    allocated, faulted in and released again for each map."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
@@ -372,111 +395,158 @@ class _Scratch:
             buffer = self._buffers[name] = (np.zeros if zeroed else np.empty)(size, dtype)
         return buffer[:size]
 
-
-def _values_reaching(
-    row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch
-) -> np.ndarray:
-    """The values of the flat map ``row`` at or above ``level`` (in no useful order, in
-    ``scratch``), read only from the blocks whose maximum reaches it (explanation maps
-    are mostly zero)."""
-    runs = _runs(read, level, row.size)
-    flags = scratch.get("flags", row.size, np.dtype(bool))
-    values = scratch.get("values", sum(stop - start for start, stop in runs), row.dtype)
-    n = 0
-    for start, stop in runs:
-        seg = row[start:stop]
-        found = seg[np.greater_equal(seg, level, out=flags[start:stop])]
-        values[n : n + found.size] = found
-        n += found.size
-    return values[:n]
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.nbytes for b in self._buffers.values())
 
 
-def _map_box(
-    row: np.ndarray,
-    read: _Read,
-    level: np.ndarray,
-    shape: tuple[int, ...],
-    connectivity: int,
-    scratch: _Scratch,
-) -> list[list[int]]:
-    """The Grad-CAM box (:func:`_component_box`) of the voxels of the flat map ``row`` (of
-    ``shape``) at or above ``level``, compared only in the blocks whose maximum reaches
-    it, into a volume in ``scratch`` that is all False again when this returns."""
-    selected = scratch.get("selected", row.size, np.dtype(bool), zeroed=True)
-    runs = _runs(read, level, row.size)
-    for start, stop in runs:
-        np.greater_equal(row[start:stop], level, out=selected[start:stop])
-    try:
-        return _component_box(selected.reshape(shape), connectivity)
-    finally:
-        for start, stop in runs:
-            selected[start:stop] = False
+def _reaching(
+    row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch, *, where: bool = False
+) -> Iterator[np.ndarray]:
+    """The values of the flat map ``row`` at or above ``level`` (or, with ``where``, their
+    flat positions), a piece of :func:`_runs` at a time, in order; compared only in the
+    blocks whose maximum reaches ``level`` (explanation maps are mostly zero)."""
+    flags = scratch.get("flags", _CHUNK, np.dtype(bool))
+    for start, stop in _runs(read, level, row.size):
+        hit = np.greater_equal(row[start:stop], level, out=flags[: stop - start])
+        yield np.flatnonzero(hit) + start if where else row[start:stop][hit]
 
 
-def _counts_reaching(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """``(T,)`` how many of ``values`` (sorted here, in place) are at or above each of the
-    ascending ``levels``."""
-    values.sort()
-    return values.size - np.searchsorted(values, levels, side="left")
+class _LevelIndex(NamedTuple):
+    """How many of T ascending positive float32 levels lie at or below a value, looked up
+    by the value's upper 16 bits (sign, exponent and 7 mantissa bits: its key), as keys
+    order as the values: ``below[k]``, the levels whose key is under ``low + k``;
+    ``at[k]``, the level whose key is ``low + k`` (+inf if none). The last entries stand
+    for every key above the highest level's."""
+
+    low: np.uint32
+    below: np.ndarray  # (K + 1,) uint8
+    at: np.ndarray  # (K + 1,) float32
 
 
-def _iou_row(
-    reached: np.ndarray, inside: np.ndarray, mask_size: int, levels: np.ndarray
-) -> np.ndarray:
-    """``(T,)`` IoU of ``{map >= level}`` with a mask of ``mask_size`` voxels for ascending
-    ``levels`` in the map's dtype; ``reached``, ``inside``: the map's values at or above
-    ``levels[0]``, all and inside the mask (both sorted here, in place). Each level's
-    counts come from the sorted values (a binary search per level)."""
-    pred = _counts_reaching(reached, levels)
-    inter = _counts_reaching(inside, levels)
+def _level_index(levels: np.ndarray) -> _LevelIndex | None:
+    """The :class:`_LevelIndex` of ascending ``levels`` ``(T,)``; None where it does not
+    apply (not float32, not all positive and finite, more than 255, or two levels under
+    one key: less than 1/128 of their value apart)."""
+    if levels.dtype != np.float32 or levels.size > 255 or not 0 < levels[0] <= levels[-1] < np.inf:
+        return None
+    keys = levels.view(np.uint32) >> 16
+    if not (keys[1:] > keys[:-1]).all():
+        return None
+    low, high = int(keys[0]), int(keys[-1])
+    below = np.searchsorted(keys, np.arange(low, high + 2, dtype=np.uint32)).astype(np.uint8)
+    at = np.full(high - low + 2, np.inf, np.float32)
+    at[keys - low] = levels
+    return _LevelIndex(np.uint32(low), below, at)
+
+
+def _level_counts(values: np.ndarray, levels: np.ndarray, index: _LevelIndex | None) -> np.ndarray:
+    """``(T + 1,)``: how many of ``values`` (all at or above ``levels[0]``) have 0, 1, ...,
+    T of the ascending ``levels`` at or below them: from the :func:`_level_index` (a
+    lookup by key and one comparison per value), else a binary search over the levels
+    per value. No sort."""
+    if index is None:
+        reached = np.searchsorted(levels, values, side="right")
+    else:
+        key = values.view(np.uint32) >> 16
+        key -= index.low
+        np.minimum(key, index.below.size - 1, out=key)
+        reached = index.below.take(key)
+        reached += values >= index.at.take(key)
+    return np.bincount(reached, minlength=levels.size + 1)
+
+
+def _iou_row(reached: np.ndarray, inside: np.ndarray, mask_size: int) -> np.ndarray:
+    """``(T,)`` IoU of ``{map >= level}`` with a mask of ``mask_size`` voxels for T
+    ascending levels, from the :func:`_level_counts` of the map's values, all
+    (``reached``) and inside the mask (``inside``)."""
+    pred, inter = (c[:0:-1].cumsum()[::-1] for c in (reached, inside))  # at or above each
     union = pred + mask_size - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def _largest(slab: np.ndarray, connectivity: int) -> tuple[int, list[list[int]]]:
+def _coordinates(positions: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The voxel indices ``D x (M,)`` of the flat (C order) ``positions`` ``(M,)`` in a
+    volume of ``shape``: ``np.unravel_index``, in floor divisions by each stride (NumPy
+    divides by one number faster than ``unravel_index`` does)."""
+    coords, rest = [], positions
+    for stride in [math.prod(shape[d + 1 :]) for d in range(len(shape) - 1)]:
+        index = rest // stride
+        coords.append(index)
+        rest = rest - index * stride
+    return [*coords, rest]
+
+
+def _largest(
+    coords: tuple[np.ndarray, ...], connectivity: int, scratch: _Scratch
+) -> tuple[int, list[list[int]]]:
     """The size and inclusive box of the largest component (the first in C order on ties)
-    of the True voxels of bool ``slab`` ``(*S)`` (at least one in every index of its
-    first axis).
+    of the voxels at ``coords`` (``D`` <= 3 index arrays ``(M,)``, in C order).
 
     ``cc3d`` labels the components inside the box of those voxels, in C order as
     ``scipy.ndimage.label`` does, about four times faster; ``connectivity`` is its 3D
-    neighbourhood (6, 18 or 26), the crop padded to 3D."""
+    neighbourhood (6, 18 or 26), the crop padded to 3D. The crop is a buffer of
+    ``scratch``, all zeros between uses."""
     import cc3d
 
-    box = _projection_box(slab)
-    crop = np.ascontiguousarray(slab[tuple(slice(first, last + 1) for first, last in box)])
-    # As uint8, cc3d takes its multi-label path: its binary 26-connected one (cc3d 4.1)
-    # fails on some thin or odd-sized crops ("maximum length exception").
-    as_3d = crop.view(np.uint8).reshape((1,) * (3 - crop.ndim) + crop.shape)
-    labels, n_found = cc3d.connected_components(as_3d, connectivity=connectivity, return_N=True)
-    labels = labels.reshape(crop.shape)
+    low = [int(c.min()) for c in coords]
+    high = [int(c.max()) for c in coords]
+    dims = [last - first + 1 for first, last in zip(low, high, strict=True)]
+    local = coords[0] - low[0]  # the flat positions in the crop
+    for c, first, size in zip(coords[1:], low[1:], dims[1:], strict=True):
+        local *= size
+        local += c
+        local -= first
+    # uint8: cc3d takes its multi-label path; its binary 26-connected one (cc3d 4.1) fails
+    # on some thin or odd-sized crops ("maximum length exception").
+    flat = scratch.get("crop", math.prod(dims), np.dtype(np.uint8), zeroed=True)
+    flat[local] = 1
+    try:
+        labels, n_found = cc3d.connected_components(
+            flat.reshape((1,) * (3 - len(dims)) + tuple(dims)),
+            connectivity=connectivity,
+            return_N=True,
+            max_labels=local.size,
+        )
+    finally:
+        flat[local] = 0
     if n_found == 1:
-        return int(np.count_nonzero(crop)), box
-    sizes = np.bincount(labels[crop], minlength=n_found + 1)
-    biggest = int(np.argmax(sizes[1:])) + 1
-    inner = _projection_box(labels == biggest)
-    shifted = [[first + a, first + z] for (first, _), (a, z) in zip(box, inner, strict=True)]
-    return int(sizes[biggest]), shifted
+        return local.size, [[first, last] for first, last in zip(low, high, strict=True)]
+    label_of = labels.reshape(-1)[local]
+    sizes = np.bincount(label_of, minlength=n_found + 1)
+    inner = [c[label_of == int(np.argmax(sizes[1:])) + 1] for c in coords]
+    return int(sizes[1:].max()), [[int(c.min()), int(c.max())] for c in inner]
 
 
-def _component_box(selected: np.ndarray, connectivity: int) -> list[list[int]]:
-    """Inclusive box of the largest component (the first in C order on ties) of the True
-    voxels of bool ``selected`` ``(*S)`` (at least one).
+def _component_box(
+    positions: np.ndarray, shape: tuple[int, ...], connectivity: int, scratch: _Scratch
+) -> list[list[int]]:
+    """Inclusive box of the largest component (the first in C order on ties) of the
+    voxels at the flat ``positions`` ``(M,)`` (ascending, at least one) of a volume of
+    ``shape``.
 
     No component spans an empty index of the first axis, so the voxels are labelled in
-    groups between such gaps (:func:`_largest`, each inside its own, smaller box); groups
-    come in C order, so the first of the largest wins ties as a whole-volume labelling
-    would have it. In 1D each group is one component."""
-    occupied = np.logical_or.reduce(selected.reshape(len(selected), -1), axis=1)
-    groups = _groups(occupied.nonzero()[0], 1)
-    if selected.ndim == 1:
+    groups between such gaps (:func:`_largest`, each inside its own, smaller box), the
+    groups of most voxels first. A group whose voxels are fewer than the largest
+    component found so far is not labelled, nor one with as many that comes later in C
+    order (the first wins ties, as a whole-volume labelling would have it). In 1D each
+    group is one component."""
+    coords = _coordinates(positions, shape)
+    cuts = [0, *(np.flatnonzero(np.diff(coords[0]) > 1) + 1).tolist(), positions.size]
+    groups = list(itertools.pairwise(cuts))
+    if len(shape) == 1:
         start, stop = max(groups, key=lambda g: g[1] - g[0])  # the first of the longest
-        return [[start, stop - 1]]
-    best_size, best_box = 0, []
-    for start, stop in groups:
-        size, box = _largest(selected[start:stop], connectivity)
-        if size > best_size:
-            best_size, best_box = size, [[start + box[0][0], start + box[0][1]], *box[1:]]
+        return [[int(coords[0][start]), int(coords[0][stop - 1])]]
+    best: tuple[int, int] = (0, 0)  # (size, -group) of the largest component so far
+    best_box: list[list[int]] = []
+    for g in sorted(range(len(groups)), key=lambda g: groups[g][0] - groups[g][1]):
+        start, stop = groups[g]
+        if (stop - start, -g) <= best:
+            continue
+        size, box = _largest(tuple(c[start:stop] for c in coords), connectivity, scratch)
+        if (size, -g) > best:
+            best, best_box = (size, -g), box
     return best_box
 
 
@@ -508,14 +578,19 @@ def _score_row(
                          mode="clip")  # fmt: skip
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
-        reached = _values_reaching(row, read, levels[0], scratch)
-        out.curve[r] = _iou_row(reached, inside[inside >= levels[0]], where.size, levels)
+        index = _level_index(levels)
+        reached = np.zeros(levels.size + 1, np.int64)
+        for values in _reaching(row, read, levels[0], scratch):
+            reached += _level_counts(values, levels, index)
+        inter = _level_counts(inside[inside >= levels[0]], levels, index)
+        out.curve[r] = _iou_row(reached, inter, where.size)
     if "mass" in parts:
         positive = np.maximum(inside, 0, out=inside).sum(dtype=np.float64)
         out.mass[r] = float(positive) / read.positive
     if "box" in parts:
         level = box_rule.threshold * top
-        box = _map_box(row, read, level, masks.shape, box_rule.connectivity, scratch)
+        selected = np.concatenate([*_reaching(row, read, level, scratch, where=True)])
+        box = _component_box(selected, masks.shape, box_rule.connectivity, scratch)
         out.map_boxes[r] = box
         out.box[r] = _box_iou(box, m_box) if where.size else 0.0
 
@@ -551,6 +626,46 @@ def _as_tensors(
     return out
 
 
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads for ``workers`` workers, made on first use and kept."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hirescam3d-metrics")
+        return _pools[workers]
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's threads are not there."""
+    global _pools_lock, _kept
+    _pools.clear()
+    _pools_lock = threading.Lock()
+    _kept = queue.SimpleQueue()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _scratch() -> _Scratch:
+    """Buffers kept from an earlier map or call, or new ones."""
+    try:
+        return _kept.get_nowait()
+    except queue.Empty:
+        return _Scratch()
+
+
+def _drop_large_scratches() -> None:
+    """Keep for later calls only buffers of at most :data:`_KEEP_BYTES`, and no more sets
+    of them than there are worker threads."""
+    kept = []
+    while True:
+        try:
+            kept.append(_kept.get_nowait())
+        except queue.Empty:
+            break
+    for scratch in [s for s in kept if s.nbytes <= _KEEP_BYTES][: sum(_pools)]:
+        _kept.put(scratch)
+
+
 def _localise(
     maps: torch.Tensor,
     masks: torch.Tensor,
@@ -565,11 +680,13 @@ def _localise(
     found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and box)
     while the maps are read (:func:`_read`: each from memory once, a chunk at a time: its
     first maximum, its blocks' maxima, its positive mass). Then, per map, only the blocks
-    whose maximum reaches a level are read again: the values at or above the lowest IoU
-    level, sorted with the map's values inside the mask, give every threshold's
-    prediction and overlap by binary search (:func:`_iou_row`); the voxels at or above
-    the box level fill a volume whose components ``cc3d`` labels group by group
-    (:func:`_component_box`). Each worker reuses its buffers from map to map.
+    whose maximum reaches a level are read again, a piece of at most :data:`_CHUNK`
+    voxels at a time: the values at or above the lowest IoU level, and the map's values
+    inside the mask, counted by how many levels each reaches, give every threshold's
+    prediction and overlap (:func:`_level_counts`, :func:`_iou_row`); the positions of
+    the voxels at or above the box level go to ``cc3d`` group by group
+    (:func:`_component_box`). Workers reuse their buffers from map to map and call to
+    call, and the worker threads are kept too (:func:`_pool`).
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
@@ -582,24 +699,25 @@ def _localise(
         rule = _box_rule(box_threshold, connectivity, len(shape), rows.dtype)
     scores = _RowScores.unscored(b * k, 0 if levels is None else levels.values.size, len(shape))
     workers = min(torch.get_num_threads(), b * k) if n >= _THREADED_VOXELS else 1
-    scratches: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()  # one per worker, at most
-    with ThreadPoolExecutor(workers) as pool:  # NumPy releases the GIL (cc3d does not)
-        # Submitted in this order, a task only ever waits for tasks already started: the
-        # masks are found while the first maps are read.
-        found = pool.submit(mask_rows.find if parts & {"mass", "iou", "box"} else lambda: None)
-        reads = [pool.submit(_read, row) for row in rows]
+    pool = _pool(workers)  # NumPy releases the GIL (cc3d does not)
+    # Submitted in this order, a task only ever waits for tasks already started: the masks
+    # are found while the first maps are read.
+    found = pool.submit(mask_rows.find if parts & {"mass", "iou", "box"} else lambda: None)
+    reads = [pool.submit(_read, row) for row in rows]
 
-        def score(r: int) -> None:
-            found.result()
-            try:
-                scratch = scratches.get_nowait()
-            except queue.Empty:
-                scratch = _Scratch()
+    def score(r: int) -> None:
+        found.result()
+        scratch = _scratch()
+        try:
             _score_row(r, rows[r], reads[r].result(), mask_rows, parts, levels, rule, scores,
                        scratch)  # fmt: skip
-            scratches.put(scratch)
+        finally:
+            _kept.put(scratch)
 
+    try:
         list(pool.map(score, range(b * k)))
+    finally:
+        _drop_large_scratches()
     return _as_tensors(scores, parts, levels, b, k, flat.device)
 
 
@@ -659,10 +777,12 @@ def iou_curve(
         no positive value; 0 where the mask is empty.
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
-    dtype: the map's values at or above its lowest level ``t * max`` are sorted, all and
-    those inside the mask, and a binary search per level counts every threshold's
-    prediction and overlap. Cost: one read of each map, then work on the blocks of
-    voxels that reach the lowest threshold.
+    dtype: for the map's values at or above its lowest level ``t * max``, all and those
+    inside the mask, a lookup by the value's upper 16 bits and one comparison (or a
+    binary search over the levels, for float64 maps, levels at or below zero, or levels
+    less than 1/128 of their value apart) finds how many levels each reaches, which
+    counts every threshold's prediction and overlap. Cost: one read of each map, then
+    work on the blocks of voxels that reach the lowest threshold.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
     return res["curve"].index_select(-1, torch.argsort(res["order"]))
