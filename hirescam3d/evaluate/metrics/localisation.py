@@ -573,9 +573,9 @@ def _score_row(
         out.mask_boxes[r] = m_box
     if not top > 0:  # no positive value (or NaN): NaN metrics
         return
-    if parts & {"iou", "mass"}:
+    if parts & {"iou", "mass"}:  # positions in range: "wrap" is the fastest mode with out=
         inside = np.take(row, where, out=scratch.get("inside", where.size, row.dtype),
-                         mode="clip")  # fmt: skip
+                         mode="wrap")  # fmt: skip
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
         index = _level_index(levels)
