@@ -642,7 +642,8 @@ def _forget_pools() -> None:
     _kept = queue.SimpleQueue()
 
 
-os.register_at_fork(after_in_child=_forget_pools)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _scratch() -> _Scratch:
