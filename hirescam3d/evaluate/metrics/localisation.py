@@ -34,7 +34,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -369,14 +369,10 @@ def _read(row: np.ndarray) -> _Read:
 
 def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
     """``[start, stop)`` voxel ranges of the runs of blocks whose maximum reaches
-    ``level``, in a flat map of ``n`` voxels, cut into pieces of at most :data:`_CHUNK`
-    voxels (what is made from a piece stays small enough for the allocator to reuse).
-    Runs less than :data:`_GAP` blocks apart are joined (fewer NumPy calls: less waiting
-    for the GIL between threads)."""
-    runs = [(start * _BLOCK, min(stop * _BLOCK, n))
-            for start, stop in _groups((read.block_max >= level).nonzero()[0], _GAP)]  # fmt: skip
-    return [(first, min(first + _CHUNK, stop)) for start, stop in runs
-            for first in range(start, stop, _CHUNK)]  # fmt: skip
+    ``level``, in a flat map of ``n`` voxels; runs less than :data:`_GAP` blocks apart
+    are joined (fewer, longer NumPy calls: less waiting for the GIL between threads)."""
+    blocks = _groups((read.block_max >= level).nonzero()[0], _GAP)
+    return [(start * _BLOCK, min(stop * _BLOCK, n)) for start, stop in blocks]
 
 
 class _Scratch:
@@ -403,14 +399,18 @@ class _Scratch:
 
 def _reaching(
     row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch, *, where: bool = False
-) -> Iterator[np.ndarray]:
+) -> np.ndarray:
     """The values of the flat map ``row`` at or above ``level`` (or, with ``where``, their
-    flat positions), a piece of :func:`_runs` at a time, in order; compared only in the
-    blocks whose maximum reaches ``level`` (explanation maps are mostly zero)."""
-    flags = scratch.get("flags", _CHUNK, np.dtype(bool))
+    flat positions), in order, compared only in the blocks whose maximum reaches ``level``
+    (explanation maps are mostly zero)."""
+    flags = scratch.get("flags", row.size, np.dtype(bool))
+    found = []
     for start, stop in _runs(read, level, row.size):
-        hit = np.greater_equal(row[start:stop], level, out=flags[: stop - start])
-        yield np.flatnonzero(hit) + start if where else row[start:stop][hit]
+        hit = np.greater_equal(row[start:stop], level, out=flags[start:stop])
+        found.append(np.flatnonzero(hit) + start if where else row[start:stop][hit])
+    if len(found) == 1:
+        return found[0]
+    return np.concatenate(found) if found else np.empty(0, np.int64 if where else row.dtype)
 
 
 class _LevelIndex(NamedTuple):
@@ -579,9 +579,7 @@ def _score_row(
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
         index = _level_index(levels)
-        reached = np.zeros(levels.size + 1, np.int64)
-        for values in _reaching(row, read, levels[0], scratch):
-            reached += _level_counts(values, levels, index)
+        reached = _level_counts(_reaching(row, read, levels[0], scratch), levels, index)
         inter = _level_counts(inside[inside >= levels[0]], levels, index)
         out.curve[r] = _iou_row(reached, inter, where.size)
     if "mass" in parts:
@@ -589,7 +587,7 @@ def _score_row(
         out.mass[r] = float(positive) / read.positive
     if "box" in parts:
         level = box_rule.threshold * top
-        selected = np.concatenate([*_reaching(row, read, level, scratch, where=True)])
+        selected = _reaching(row, read, level, scratch, where=True)
         box = _component_box(selected, masks.shape, box_rule.connectivity, scratch)
         out.map_boxes[r] = box
         out.box[r] = _box_iou(box, m_box) if where.size else 0.0
@@ -681,10 +679,10 @@ def _localise(
     found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and box)
     while the maps are read (:func:`_read`: each from memory once, a chunk at a time: its
     first maximum, its blocks' maxima, its positive mass). Then, per map, only the blocks
-    whose maximum reaches a level are read again, a piece of at most :data:`_CHUNK`
-    voxels at a time: the values at or above the lowest IoU level, and the map's values
-    inside the mask, counted by how many levels each reaches, give every threshold's
-    prediction and overlap (:func:`_level_counts`, :func:`_iou_row`); the positions of
+    whose maximum reaches a level are read again: the values at or above the lowest IoU
+    level, and the map's values inside the mask, counted by how many levels each
+    reaches, give every threshold's prediction and overlap (:func:`_level_counts`,
+    :func:`_iou_row`); the positions of
     the voxels at or above the box level go to ``cc3d`` group by group
     (:func:`_component_box`). Workers reuse their buffers from map to map and call to
     call, and the worker threads are kept too (:func:`_pool`).
