@@ -163,15 +163,19 @@ def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
     return box
 
 
+def _breaks(values: np.ndarray, gap: int) -> list[int]:
+    """Positions ``[0, ..., M]`` that cut the ascending ``values`` ``(M,)`` into groups: a
+    new group begins where the next value is more than ``gap`` above the last."""
+    return [0, *(np.flatnonzero(np.diff(values) > gap) + 1).tolist(), values.size]
+
+
 def _groups(where: np.ndarray, gap: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of the groups of the ascending indices ``where``: a new group
     begins after more than ``gap - 1`` missing indices."""
     if where.size == 0:
         return []
-    cut = (where[1:] - where[:-1] > gap).nonzero()[0]
-    starts = [int(where[0]), *where[cut + 1].tolist()]
-    stops = [*(where[cut] + 1).tolist(), int(where[-1]) + 1]
-    return list(zip(starts, stops, strict=True))
+    return [(int(where[first]), int(where[last - 1]) + 1)
+            for first, last in itertools.pairwise(_breaks(where, gap))]  # fmt: skip
 
 
 class _Thresholds(NamedTuple):
@@ -533,8 +537,7 @@ def _component_box(
     order (the first wins ties, as a whole-volume labelling would have it). In 1D each
     group is one component."""
     coords = _coordinates(positions, shape)
-    cuts = [0, *(np.flatnonzero(np.diff(coords[0]) > 1) + 1).tolist(), positions.size]
-    groups = list(itertools.pairwise(cuts))
+    groups = list(itertools.pairwise(_breaks(coords[0], 1)))
     if len(shape) == 1:
         start, stop = max(groups, key=lambda g: g[1] - g[0])  # the first of the longest
         return [[int(coords[0][start]), int(coords[0][stop - 1])]]
@@ -682,10 +685,9 @@ def _localise(
     whose maximum reaches a level are read again: the values at or above the lowest IoU
     level, and the map's values inside the mask, counted by how many levels each
     reaches, give every threshold's prediction and overlap (:func:`_level_counts`,
-    :func:`_iou_row`); the positions of
-    the voxels at or above the box level go to ``cc3d`` group by group
-    (:func:`_component_box`). Workers reuse their buffers from map to map and call to
-    call, and the worker threads are kept too (:func:`_pool`).
+    :func:`_iou_row`); the positions of the voxels at or above the box level go to
+    ``cc3d`` group by group (:func:`_component_box`). Workers reuse their buffers from map
+    to map and call to call, and the worker threads are kept too (:func:`_pool`).
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
