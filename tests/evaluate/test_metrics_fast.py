@@ -1,5 +1,5 @@
 """The fast mask metrics (issue 25: blocks' maxima, the IoU curve from the levels each value
-reaches, the Grad-CAM box labelled group by group) against straightforward references
+reaches, the Grad-CAM box labelled band by band) against straightforward references
 written here: one comparison per threshold, the positive mass summed directly, the
 Grad-CAM box from ``scipy.ndimage`` labelling the whole volume. Random maps (ties, values
 exactly on the levels, negative values, sign bits, float64), maps of a chest phantom's
@@ -164,6 +164,17 @@ def scipy_largest_box(binary: np.ndarray, connectivity: int) -> list[list[int]]:
     return [[int(a), int(z)] for a, z in zip(idx.min(0), idx.max(0), strict=True)]
 
 
+def assert_boxes_like_scipy(maps: torch.Tensor, masks: torch.Tensor) -> None:
+    """The Grad-CAM box of each map ``(1, K, *S)`` at 15 % is SciPy's, for every
+    connectivity."""
+    for connectivity in range(1, maps.ndim - 1):
+        _, boxes, _ = metrics.gradcam_box(maps, masks, connectivity=connectivity,
+                                          return_boxes=True)  # fmt: skip
+        for j in range(maps.shape[1]):
+            binary = maps[0, j].numpy() >= np.float32(0.15) * maps[0, j].numpy().max()
+            assert boxes[0, j].tolist() == scipy_largest_box(binary, connectivity)
+
+
 @pytest.mark.parametrize("shape", [(300, 300), (40, 48, 48)], ids=["2d", "3d"])
 def test_every_connectivity_boxes_like_scipy(shape):
     """Speckled maps (many components that touch by faces, edges or corners only), large
@@ -172,12 +183,7 @@ def test_every_connectivity_boxes_like_scipy(shape):
     maps = (torch.rand((1, 6, *shape), generator=g) > 0.75).float()
     maps *= torch.rand(maps.shape, generator=g) * 0.1 + 0.9  # all selected at 15 %
     masks = torch.rand(maps.shape, generator=g) > 0.5
-    for connectivity in range(1, len(shape) + 1):
-        _, boxes, _ = metrics.gradcam_box(maps, masks, connectivity=connectivity,
-                                          return_boxes=True)  # fmt: skip
-        for j in range(maps.shape[1]):
-            binary = maps[0, j].numpy() >= np.float32(0.15) * maps[0, j].numpy().max()
-            assert boxes[0, j].tolist() == scipy_largest_box(binary, connectivity)
+    assert_boxes_like_scipy(maps, masks)
 
 
 @pytest.mark.parametrize("connectivity", [0, -1, 4])
@@ -235,12 +241,52 @@ def test_groups_apart_on_the_first_axis_box_like_scipy(dims):
     every connectivity."""
     maps = first_axis_groups(dims)
     masks = maps > 0
-    for connectivity in range(1, dims + 1):
-        _, boxes, _ = metrics.gradcam_box(maps, masks, connectivity=connectivity,
-                                          return_boxes=True)  # fmt: skip
-        for j in range(maps.shape[1]):
-            binary = maps[0, j].numpy() >= np.float32(0.15) * maps[0, j].numpy().max()
-            assert boxes[0, j].tolist() == scipy_largest_box(binary, connectivity)
+    assert_boxes_like_scipy(maps, masks)
+
+
+def blobs_in_bands(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Maps ``(1, 4, *S)`` larger than one block of the metrics' read, whose voxels at 15 %
+    lie in several groups along the first axis: two equal blocks far apart (a tie: the
+    first wins), a small block then a larger one, a large block then small ones (these
+    need not be labelled), and blurred noise (many components of every size)."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.zeros(1, 4, *shape)
+    n = shape[0]
+    rest = [slice(1, 6)] * (len(shape) - 1)
+
+    def put(j: int, first: int, last: int) -> None:
+        maps[(0, j, slice(first, last + 1), *rest)] = 1.0
+
+    put(0, 1, 3), put(0, n - 4, n - 2)
+    put(1, 1, 2), put(1, n // 2, n // 2 + 4)
+    put(2, 1, 6), put(2, n // 2, n // 2), put(2, n - 2, n - 2)
+    noise = torch.rand(shape, generator=g).numpy()
+    maps[0, 3] = torch.from_numpy(ndimage.gaussian_filter(noise, 1.5).astype(np.float32))
+    maps[0, 3] -= maps[0, 3].min()
+    maps[0, 3] = torch.relu(maps[0, 3] - 0.6 * maps[0, 3].max())
+    return maps
+
+
+@pytest.mark.parametrize(
+    "shape", [(60, 40, 64), (30, 37, 53), (700, 53), (20000,)], ids=["3d", "odd", "2d", "1d"]
+)  # fmt: skip
+def test_components_in_several_bands_box_like_scipy(shape):
+    """The box's voxels are compared and labelled band by band, from the blocks' maxima
+    (blocks of whole lines, which may span several first-axis indices): ties between
+    bands, larger components in later bands, bands skipped as too small, and many
+    components give SciPy's box, for every connectivity."""
+    maps = blobs_in_bands(shape, seed=len(shape))
+    masks = maps > 0
+    assert_boxes_like_scipy(maps, masks)
+
+
+def test_more_than_255_levels_equal_the_reference():
+    """300 thresholds, each 2 % above the last (one per key of the lookup), the highest
+    above 1: the IoU curve is the reference's, one comparison per threshold."""
+    g = torch.Generator().manual_seed(11)
+    maps = torch.rand((1, 2, 12, 20, 24), generator=g) ** 2
+    masks = torch.rand(maps.shape, generator=g) > 0.6
+    check(maps, masks, [0.003 * 1.02**i for i in range(300)])
 
 
 @pytest.mark.parametrize(
@@ -302,4 +348,3 @@ def test_a_forked_child_scores_after_its_parent():
         child.join(timeout=10)
         child.kill()
     np.testing.assert_array_equal(got, want.numpy())
-

@@ -3,13 +3,14 @@ IoU over thresholds, the Grad-CAM box).
 
 The mask metrics run map by map on the CPU with NumPy and return ``(B, K)`` float32
 tensors on the maps' device. Each map is read from memory once, a cache-sized chunk at a
-time (its first maximum, the maximum of each block of 4096 voxels, its positive mass);
-after that only the blocks whose maximum reaches a level are read again (explanation
-maps are mostly zero). The IoU curve counts, for the values at or above the lowest
-level, all and inside the mask, how many levels each one reaches (looked up by the
-value's upper bits, or a binary search over the levels; no sort). The Grad-CAM box's
-components are labelled by ``cc3d`` group by group of the selected voxels' positions (no
-component crosses an empty index of the first axis), each inside its own box. Each
+time (its first maximum, the maximum of each block of whole lines along the last axis,
+about 4096 voxels, its positive mass); after that only the blocks whose maximum reaches
+a level are read again (explanation maps are mostly zero). The IoU curve counts, for the
+values at or above the lowest level, all and inside the mask, how many levels each one
+reaches (looked up by the value's upper bits, or a binary search over the levels; no
+sort). The Grad-CAM box's components are labelled by ``cc3d`` band by band: the first-axis
+indices whose lines lie in blocks that reach the box's level, between indices that have
+none (no component crosses those), each band inside the box of its selected voxels. Each
 distinct mask is listed once, while the first maps are read. Large maps run on
 ``torch.get_num_threads()`` worker threads, which are kept between calls with their
 buffers. :func:`localisation_metrics` computes every mask metric at once, sharing the
@@ -29,6 +30,7 @@ Conventions, the same for every mask metric:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -62,13 +64,14 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(
 
 #: Maps of this many voxels or more are scored on ``torch.get_num_threads()`` threads.
 _THREADED_VOXELS = 1 << 16
-#: Voxels per block: each block's maximum is kept, and later passes read only the blocks
-#: whose maximum reaches their level.
+#: Voxels per block, about: each block's maximum is kept, and later passes read only the
+#: blocks whose maximum reaches their level. A block is made of whole lines along the
+#: last axis (:func:`_block_size`), so the blocks also tell which lines may hold a voxel.
 _BLOCK = 1 << 12
-#: Voxels per chunk of the first read of a map (1 MB of float32: within a core's cache,
-#: so the passes after the first one over the same chunk do not wait on memory; larger
-#: than that measured slower on one thread, smaller slower on two); a multiple of
-#: :data:`_BLOCK`.
+#: Voxels per chunk of the first read of a map, about (1 MB of float32: within a core's
+#: cache, so the passes after the first one over the same chunk do not wait on memory;
+#: larger than that measured slower on one thread, smaller slower on two); a multiple of
+#: the block.
 _CHUNK = 1 << 18
 #: Rows of a chunk's column-wise sum (:func:`_sum`).
 _ROWS = 16
@@ -312,25 +315,34 @@ class _RowScores:
         )
 
 
+def _block_size(shape: tuple[int, ...]) -> int:
+    """Voxels per block of maps of ``shape``: whole lines along the last axis, about
+    :data:`_BLOCK` voxels (one line if longer; :data:`_BLOCK` voxels in 1D)."""
+    line = shape[-1] if len(shape) > 1 else 1
+    return line * max(1, _BLOCK // line)
+
+
 class _Read(NamedTuple):
     """What one read of a flat map gives: its first maximum (flat position; NaN counts as
-    one, as in torch), each block's maximum ``(n_blocks,)`` and its positive mass."""
+    one, as in torch), each block's maximum ``(n_blocks,)``, its positive mass, and the
+    voxels per block."""
 
     first: int
     block_max: np.ndarray
     positive: float
+    block: int
 
 
-def _maxima(values: np.ndarray, out: np.ndarray) -> None:
-    """Write the maximum of each block of :data:`_BLOCK` of the flat ``values`` (the last
-    block may be shorter) into ``out`` ``(n_blocks,)``."""
-    full = values.size - values.size % _BLOCK
-    np.maximum.reduce(values[:full].reshape(-1, _BLOCK), axis=1, out=out[: full // _BLOCK])
+def _maxima(values: np.ndarray, out: np.ndarray, block: int) -> None:
+    """Write the maximum of each block of ``block`` voxels of the flat ``values`` (the
+    last block may be shorter) into ``out`` ``(n_blocks,)``."""
+    full = values.size - values.size % block
+    np.maximum.reduce(values[:full].reshape(-1, block), axis=1, out=out[: full // block])
     if full < values.size:
         out[-1] = np.maximum.reduce(values[full:])
 
 
-def _block_maxima(chunk: np.ndarray, out: np.ndarray) -> bool:
+def _block_maxima(chunk: np.ndarray, out: np.ndarray, block: int) -> bool:
     """Write the maximum of each block of ``chunk`` into ``out`` (:func:`_maxima`); return
     whether a value of ``chunk`` has its sign bit set (negative, -0.0 or such a NaN).
 
@@ -339,10 +351,10 @@ def _block_maxima(chunk: np.ndarray, out: np.ndarray) -> bool:
     NaN counts as a maximum, as in torch). Only a chunk with a sign bit set is read again
     for its maxima as values."""
     bits = np.dtype(f"u{chunk.itemsize}")
-    _maxima(chunk.view(bits), out.view(bits))
+    _maxima(chunk.view(bits), out.view(bits), block)
     signed = int(np.maximum.reduce(out.view(bits))) >> (8 * chunk.itemsize - 1) == 1
     if signed:
-        _maxima(chunk, out)
+        _maxima(chunk, out, block)
     return signed
 
 
@@ -356,19 +368,21 @@ def _sum(values: np.ndarray) -> float:
     return float(np.add.reduce(values.reshape(_ROWS, -1), axis=0).sum(dtype=np.float64))
 
 
-def _read(row: np.ndarray) -> _Read:
-    """Read the flat map ``row`` once, a chunk of :data:`_CHUNK` voxels at a time: each
-    chunk comes from memory once and the passes over it reuse what the cache holds."""
-    block_max, positive = np.empty(-(-row.size // _BLOCK), row.dtype), 0.0
-    for start in range(0, row.size, _CHUNK):
-        chunk = row[start : start + _CHUNK]
-        tops = block_max[start // _BLOCK : -(-(start + chunk.size) // _BLOCK)]
-        signed = _block_maxima(chunk, tops)
+def _read(row: np.ndarray, block: int) -> _Read:
+    """Read the flat map ``row`` once, in blocks of ``block`` voxels, a chunk of about
+    :data:`_CHUNK` voxels at a time: each chunk comes from memory once and the passes over
+    it reuse what the cache holds."""
+    block_max, positive = np.empty(-(-row.size // block), row.dtype), 0.0
+    chunk_size = block * max(1, _CHUNK // block)
+    for start in range(0, row.size, chunk_size):
+        chunk = row[start : start + chunk_size]
+        tops = block_max[start // block : -(-(start + chunk.size) // block)]
+        signed = _block_maxima(chunk, tops, block)
         if np.maximum.reduce(tops) > 0:  # chunks add in float64
             positive += _sum(np.maximum(chunk, 0) if signed else chunk)
     b = int(block_max.argmax())  # the first block holding the (first) maximum
-    first = b * _BLOCK + int(row[b * _BLOCK : (b + 1) * _BLOCK].argmax())
-    return _Read(first, block_max, positive)
+    first = b * block + int(row[b * block : (b + 1) * block].argmax())
+    return _Read(first, block_max, positive, block)
 
 
 def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -376,7 +390,7 @@ def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
     ``level``, in a flat map of ``n`` voxels; runs less than :data:`_GAP` blocks apart
     are joined (fewer, longer NumPy calls: less waiting for the GIL between threads)."""
     blocks = _groups((read.block_max >= level).nonzero()[0], _GAP)
-    return [(start * _BLOCK, min(stop * _BLOCK, n)) for start, stop in blocks]
+    return [(start * read.block, min(stop * read.block, n)) for start, stop in blocks]
 
 
 class _Scratch:
@@ -387,12 +401,11 @@ class _Scratch:
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
 
-    def get(self, name: str, size: int, dtype: np.dtype, zeroed: bool = False) -> np.ndarray:
-        """A flat buffer ``(size,)`` of ``dtype``: whatever it last held, or zeros when new
-        and ``zeroed``."""
+    def get(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+        """A flat buffer ``(size,)`` of ``dtype``, holding whatever it last held."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer.size < size or buffer.dtype != dtype:
-            buffer = self._buffers[name] = (np.zeros if zeroed else np.empty)(size, dtype)
+            buffer = self._buffers[name] = np.empty(size, dtype)
         return buffer[:size]
 
     @property
@@ -401,20 +414,17 @@ class _Scratch:
         return sum(b.nbytes for b in self._buffers.values())
 
 
-def _reaching(
-    row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch, *, where: bool = False
-) -> np.ndarray:
-    """The values of the flat map ``row`` at or above ``level`` (or, with ``where``, their
-    flat positions), in order, compared only in the blocks whose maximum reaches ``level``
-    (explanation maps are mostly zero)."""
+def _reaching(row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """The values of the flat map ``row`` at or above ``level``, in order, compared only in
+    the blocks whose maximum reaches ``level`` (explanation maps are mostly zero)."""
     flags = scratch.get("flags", row.size, np.dtype(bool))
     found = []
     for start, stop in _runs(read, level, row.size):
         hit = np.greater_equal(row[start:stop], level, out=flags[start:stop])
-        found.append(np.flatnonzero(hit) + start if where else row[start:stop][hit])
+        found.append(row[start:stop][hit])  # faster than np.compress with out=
     if len(found) == 1:
         return found[0]
-    return np.concatenate(found) if found else np.empty(0, np.int64 if where else row.dtype)
+    return np.concatenate(found) if found else np.empty(0, row.dtype)
 
 
 class _LevelIndex(NamedTuple):
@@ -424,40 +434,52 @@ class _LevelIndex(NamedTuple):
     ``at[k]``, the level whose key is ``low + k`` (+inf if none). The last entries stand
     for every key above the highest level's."""
 
-    low: np.uint32
-    below: np.ndarray  # (K + 1,) uint8
+    low: int
+    below: np.ndarray  # (K + 1,) intp
     at: np.ndarray  # (K + 1,) float32
 
 
 def _level_index(levels: np.ndarray) -> _LevelIndex | None:
     """The :class:`_LevelIndex` of ascending ``levels`` ``(T,)``; None where it does not
-    apply (not float32, not all positive and finite, more than 255, or two levels under
-    one key: less than 1/128 of their value apart)."""
-    if levels.dtype != np.float32 or levels.size > 255 or not 0 < levels[0] <= levels[-1] < np.inf:
+    apply (not float32, not all positive and finite, or two levels under one key: less
+    than 1/128 of their value apart)."""
+    if levels.dtype != np.float32 or not 0 < levels[0] <= levels[-1] < np.inf:
         return None
     keys = levels.view(np.uint32) >> 16
     if not (keys[1:] > keys[:-1]).all():
         return None
     low, high = int(keys[0]), int(keys[-1])
-    below = np.searchsorted(keys, np.arange(low, high + 2, dtype=np.uint32)).astype(np.uint8)
+    below = np.searchsorted(keys, np.arange(low, high + 2, dtype=np.uint32))
     at = np.full(high - low + 2, np.inf, np.float32)
     at[keys - low] = levels
-    return _LevelIndex(np.uint32(low), below, at)
+    return _LevelIndex(low, below, at)
 
 
-def _level_counts(values: np.ndarray, levels: np.ndarray, index: _LevelIndex | None) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _cached_level_index(raw: bytes, dtype: str) -> _LevelIndex | None:
+    """:func:`_level_index` of the levels ``np.frombuffer(raw, dtype)``, kept: maps with
+    the same maximum (such as maps scaled to 1) share it."""
+    return _level_index(np.frombuffer(raw, dtype))
+
+
+def _level_counts(
+    values: np.ndarray, levels: np.ndarray, index: _LevelIndex | None, scratch: _Scratch
+) -> np.ndarray:
     """``(T + 1,)``: how many of ``values`` (all at or above ``levels[0]``) have 0, 1, ...,
     T of the ascending ``levels`` at or below them: from the :func:`_level_index` (a
     lookup by key and one comparison per value), else a binary search over the levels
-    per value. No sort."""
+    per value. No sort. The lookup's arrays are buffers of ``scratch``, in the types that
+    ``take`` and ``bincount`` use without a converted copy."""
     if index is None:
         reached = np.searchsorted(levels, values, side="right")
     else:
-        key = values.view(np.uint32) >> 16
+        n = values.size
+        key = np.right_shift(values.view(np.uint32), 16, out=scratch.get("key", n, np.dtype(int)))
         key -= index.low
         np.minimum(key, index.below.size - 1, out=key)
-        reached = index.below.take(key)
-        reached += values >= index.at.take(key)
+        reached = np.take(index.below, key, out=scratch.get("reached", n, np.dtype(int)))
+        level = np.take(index.at, key, out=scratch.get("level", n, np.dtype(np.float32)))
+        reached += np.greater_equal(values, level, out=scratch.get("above", n, np.dtype(bool)))
     return np.bincount(reached, minlength=levels.size + 1)
 
 
@@ -470,87 +492,108 @@ def _iou_row(reached: np.ndarray, inside: np.ndarray, mask_size: int) -> np.ndar
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def _coordinates(positions: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
-    """The voxel indices ``D x (M,)`` of the flat (C order) ``positions`` ``(M,)`` in a
-    volume of ``shape``: ``np.unravel_index``, in floor divisions by each stride (NumPy
-    divides by one number faster than ``unravel_index`` does)."""
-    coords, rest = [], positions
-    for stride in [math.prod(shape[d + 1 :]) for d in range(len(shape) - 1)]:
-        index = rest // stride
-        coords.append(index)
-        rest = rest - index * stride
-    return [*coords, rest]
+def _as_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Maps of ``shape`` (1 to 3 axes) as 3D: ``(Y, X)`` as ``(Y, 1, X)``, ``(N,)`` as
+    ``(N, 1, 1)``; lines run along the last axis, groups along the first."""
+    if len(shape) == 3:
+        return (shape[0], shape[1], shape[2])
+    return (shape[0], 1, shape[1] if len(shape) == 2 else 1)
 
 
-def _largest(
-    coords: tuple[np.ndarray, ...], connectivity: int, scratch: _Scratch
+class _Band(NamedTuple):
+    """Consecutive first-axis indices ``[first, stop)`` whose lines may hold a selected
+    voxel, and the middle-axis indices ``[low, high)`` of those lines."""
+
+    first: int
+    stop: int
+    low: int
+    high: int
+
+
+def _bands(shape: tuple[int, int, int], read: _Read, level: np.ndarray) -> list[_Band]:
+    """The :class:`_Band` of each group of consecutive first-axis indices of a 3D map of
+    ``shape`` with a line in a block whose maximum reaches ``level`` (blocks are whole
+    lines). No component of ``{map >= level}`` spans two bands."""
+    z, y, x = shape
+    lines = np.repeat(read.block_max >= level, read.block // x)[: z * y].reshape(z, y)
+    bands = []
+    for first, stop in _groups(np.flatnonzero(np.logical_or.reduce(lines, axis=1)), 1):
+        middle = np.flatnonzero(np.logical_or.reduce(lines[first:stop], axis=0))
+        bands.append(_Band(first, stop, int(middle[0]), int(middle[-1]) + 1))
+    return bands
+
+
+def _largest_in(
+    selected: np.ndarray, outer: list[list[int]], connectivity: int, scratch: _Scratch
 ) -> tuple[int, list[list[int]]]:
-    """The size and inclusive box of the largest component (the first in C order on ties)
-    of the voxels at ``coords`` (``D`` <= 3 index arrays ``(M,)``, in C order).
+    """Size and inclusive box (in ``selected``'s indices) of the largest component (the
+    first in C order on ties) of the bool ``selected`` ``(Z, Y, X)``, all of whose voxels
+    lie in the box ``outer``.
 
-    ``cc3d`` labels the components inside the box of those voxels, in C order as
+    ``cc3d`` labels the crop to ``outer`` (a buffer of ``scratch``) in C order, as
     ``scipy.ndimage.label`` does, about four times faster; ``connectivity`` is its 3D
-    neighbourhood (6, 18 or 26), the crop padded to 3D. The crop is a buffer of
-    ``scratch``, all zeros between uses."""
+    neighbourhood (6, 18 or 26)."""
     import cc3d
 
-    low = [int(c.min()) for c in coords]
-    high = [int(c.max()) for c in coords]
-    dims = [last - first + 1 for first, last in zip(low, high, strict=True)]
-    local = coords[0] - low[0]  # the flat positions in the crop
-    for c, first, size in zip(coords[1:], low[1:], dims[1:], strict=True):
-        local *= size
-        local += c
-        local -= first
-    # uint8: cc3d takes its multi-label path; its binary 26-connected one (cc3d 4.1) fails
-    # on some thin or odd-sized crops ("maximum length exception").
-    flat = scratch.get("crop", math.prod(dims), np.dtype(np.uint8), zeroed=True)
-    flat[local] = 1
-    try:
-        labels, n_found = cc3d.connected_components(
-            flat.reshape((1,) * (3 - len(dims)) + tuple(dims)),
-            connectivity=connectivity,
-            return_N=True,
-            max_labels=local.size,
-        )
-    finally:
-        flat[local] = 0
+    view = selected[tuple(slice(first, last + 1) for first, last in outer)]
+    crop = scratch.get("crop", view.size, np.dtype(bool)).reshape(view.shape)
+    np.copyto(crop, view)
+    # cc3d 4.1's binary labelling (bool input; twice as fast as its multi-label one) fails
+    # on lines, 26-connected ("maximum length exception"): those go as uint8.
+    line = sum(n == 1 for n in crop.shape) >= 2
+    labels, n_found = cc3d.connected_components(
+        crop.view(np.uint8) if line else crop, connectivity=connectivity, return_N=True
+    )
+    count = int(np.count_nonzero(crop))
     if n_found == 1:
-        return local.size, [[first, last] for first, last in zip(low, high, strict=True)]
-    label_of = labels.reshape(-1)[local]
-    sizes = np.bincount(label_of, minlength=n_found + 1)
-    inner = [c[label_of == int(np.argmax(sizes[1:])) + 1] for c in coords]
-    return int(sizes[1:].max()), [[int(c.min()), int(c.max())] for c in inner]
+        return count, outer
+    flat = scratch.get("labels", count, labels.dtype)
+    np.compress(crop.reshape(-1), labels.reshape(-1), out=flat)
+    sizes = np.bincount(flat, minlength=n_found + 1)
+    best = int(np.argmax(sizes[1:])) + 1  # the first of the largest
+    chosen = scratch.get("chosen", crop.size, np.dtype(bool))
+    np.equal(labels.reshape(-1), best, out=chosen)
+    inner = _projection_box(chosen.reshape(crop.shape))
+    box = [[a + first, a + last] for (a, _), (first, last) in zip(outer, inner, strict=True)]
+    return int(sizes[best]), box
 
 
 def _component_box(
-    positions: np.ndarray, shape: tuple[int, ...], connectivity: int, scratch: _Scratch
+    row: np.ndarray,
+    shape: tuple[int, ...],
+    read: _Read,
+    level: np.ndarray,
+    connectivity: int,
+    scratch: _Scratch,
 ) -> list[list[int]]:
-    """Inclusive box of the largest component (the first in C order on ties) of the
-    voxels at the flat ``positions`` ``(M,)`` (ascending, at least one) of a volume of
-    ``shape``.
+    """Inclusive box ``[[first, last], ...]`` per axis of ``shape`` of the largest
+    component (the first in C order on ties) of the voxels of the flat map ``row`` at or
+    above ``level``.
 
-    No component spans an empty index of the first axis, so the voxels are labelled in
-    groups between such gaps (:func:`_largest`, each inside its own, smaller box), the
-    groups of most voxels first. A group whose voxels are fewer than the largest
-    component found so far is not labelled, nor one with as many that comes later in C
-    order (the first wins ties, as a whole-volume labelling would have it). In 1D each
-    group is one component."""
-    coords = _coordinates(positions, shape)
-    groups = list(itertools.pairwise(_breaks(coords[0], 1)))
-    if len(shape) == 1:
-        start, stop = max(groups, key=lambda g: g[1] - g[0])  # the first of the longest
-        return [[int(coords[0][start]), int(coords[0][stop - 1])]]
-    best: tuple[int, int] = (0, 0)  # (size, -group) of the largest component so far
+    Each :func:`_bands` region is compared with the level (a buffer of ``scratch``) and
+    labelled inside the box of its selected voxels (:func:`_largest_in`), the regions of
+    most voxels first. A region with fewer voxels than the largest component found so far
+    is not labelled, nor one with as many that comes later in C order (the first wins
+    ties, as a whole-volume labelling would have it)."""
+    shape3 = _as_3d(shape)
+    volume = row.reshape(shape3)
+    bands = _bands(shape3, read, level)
+    bound = [(b.stop - b.first) * (b.high - b.low) * shape3[2] for b in bands]
+    best: tuple[int, int] = (0, 0)  # (size, -band) of the largest component so far
     best_box: list[list[int]] = []
-    for g in sorted(range(len(groups)), key=lambda g: groups[g][0] - groups[g][1]):
-        start, stop = groups[g]
-        if (stop - start, -g) <= best:
+    for g in sorted(range(len(bands)), key=lambda g: -bound[g]):
+        if (bound[g], -g) <= best:
             continue
-        size, box = _largest(tuple(c[start:stop] for c in coords), connectivity, scratch)
+        band = bands[g]
+        region = volume[band.first : band.stop, band.low : band.high]
+        buffer = scratch.get("selected", region.size, np.dtype(bool)).reshape(region.shape)
+        selected = np.greater_equal(region, level, out=buffer)
+        size, box = _largest_in(selected, _projection_box(selected), connectivity, scratch)
         if (size, -g) > best:
-            best, best_box = (size, -g), box
-    return best_box
+            corner = (band.first, band.low, 0)
+            best = (size, -g)
+            best_box = [[c + first, c + last] for c, (first, last) in zip(corner, box, strict=True)]
+    return best_box if len(shape) == 3 else [best_box[0], best_box[2]][: len(shape)]
 
 
 def _score_row(
@@ -581,17 +624,16 @@ def _score_row(
                          mode="wrap")  # fmt: skip
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
-        index = _level_index(levels)
-        reached = _level_counts(_reaching(row, read, levels[0], scratch), levels, index)
-        inter = _level_counts(inside[inside >= levels[0]], levels, index)
+        index = _cached_level_index(levels.tobytes(), levels.dtype.str)
+        reached = _level_counts(_reaching(row, read, levels[0], scratch), levels, index, scratch)
+        inter = _level_counts(inside[inside >= levels[0]], levels, index, scratch)
         out.curve[r] = _iou_row(reached, inter, where.size)
     if "mass" in parts:
         positive = np.maximum(inside, 0, out=inside).sum(dtype=np.float64)
         out.mass[r] = float(positive) / read.positive
     if "box" in parts:
         level = box_rule.threshold * top
-        selected = _reaching(row, read, level, scratch, where=True)
-        box = _component_box(selected, masks.shape, box_rule.connectivity, scratch)
+        box = _component_box(row, masks.shape, read, level, box_rule.connectivity, scratch)
         out.map_boxes[r] = box
         out.box[r] = _box_iou(box, m_box) if where.size else 0.0
 
@@ -685,8 +727,8 @@ def _localise(
     whose maximum reaches a level are read again: the values at or above the lowest IoU
     level, and the map's values inside the mask, counted by how many levels each
     reaches, give every threshold's prediction and overlap (:func:`_level_counts`,
-    :func:`_iou_row`); the positions of the voxels at or above the box level go to
-    ``cc3d`` group by group (:func:`_component_box`). Workers reuse their buffers from map
+    :func:`_iou_row`); the voxels at or above the box level are compared and labelled by
+    ``cc3d`` band by band (:func:`_component_box`). Workers reuse their buffers from map
     to map and call to call, and the worker threads are kept too (:func:`_pool`).
     """
     flat, mflat = _flat_pair(maps, masks)
@@ -704,7 +746,7 @@ def _localise(
     # Submitted in this order, a task only ever waits for tasks already started: the masks
     # are found while the first maps are read.
     found = pool.submit(mask_rows.find if parts & {"mass", "iou", "box"} else lambda: None)
-    reads = [pool.submit(_read, row) for row in rows]
+    reads = [pool.submit(_read, row, _block_size(shape)) for row in rows]
 
     def score(r: int) -> None:
         found.result()
@@ -830,9 +872,9 @@ def gradcam_box(
     max``), the largest connected component is kept (the first in C order on ties), and
     its bounding box is compared with the bounding box of all of the mask's voxels. IoU
     is counted in voxels (boxes are inclusive). Components are labelled with
-    ``cc3d`` (the same labels as ``scipy.ndimage.label``) on the CPU, inside the box
-    around each group of the map's selected voxels between empty indices of the first
-    axis.
+    ``cc3d`` (the same labels as ``scipy.ndimage.label``) on the CPU, band by band of
+    first-axis indices between indices with no selected voxel, each inside the box of
+    its band's selected voxels.
 
     Args:
         maps: ``(B, K, *S)``.
