@@ -524,11 +524,15 @@ def _bands(shape: tuple[int, int, int], read: _Read, level: np.ndarray) -> list[
 
 
 def _largest_in(
-    selected: np.ndarray, outer: list[list[int]], connectivity: int, scratch: _Scratch
+    selected: np.ndarray,
+    count: int,
+    outer: list[list[int]],
+    connectivity: int,
+    scratch: _Scratch,
 ) -> tuple[int, list[list[int]]]:
     """Size and inclusive box (in ``selected``'s indices) of the largest component (the
-    first in C order on ties) of the bool ``selected`` ``(Z, Y, X)``, all of whose voxels
-    lie in the box ``outer``.
+    first in C order on ties) of the bool ``selected`` ``(Z, Y, X)``, whose ``count``
+    voxels all lie in the box ``outer``.
 
     ``cc3d`` labels the crop to ``outer`` (a buffer of ``scratch``) in C order, as
     ``scipy.ndimage.label`` does, about four times faster; ``connectivity`` is its 3D
@@ -544,7 +548,6 @@ def _largest_in(
     labels, n_found = cc3d.connected_components(
         crop.view(np.uint8) if line else crop, connectivity=connectivity, return_N=True
     )
-    count = int(np.count_nonzero(crop))
     if n_found == 1:
         return count, outer
     flat = scratch.get("labels", count, labels.dtype)
@@ -572,9 +575,10 @@ def _component_box(
 
     Each :func:`_bands` region is compared with the level (a buffer of ``scratch``) and
     labelled inside the box of its selected voxels (:func:`_largest_in`), the regions of
-    most voxels first. A region with fewer voxels than the largest component found so far
-    is not labelled, nor one with as many that comes later in C order (the first wins
-    ties, as a whole-volume labelling would have it)."""
+    most voxels first. A region with fewer voxels, or fewer selected voxels, than the
+    largest component found so far is not compared or not labelled, nor one with as many
+    that comes later in C order (the first wins ties, as a whole-volume labelling would
+    have it)."""
     shape3 = _as_3d(shape)
     volume = row.reshape(shape3)
     bands = _bands(shape3, read, level)
@@ -588,7 +592,10 @@ def _component_box(
         region = volume[band.first : band.stop, band.low : band.high]
         buffer = scratch.get("selected", region.size, np.dtype(bool)).reshape(region.shape)
         selected = np.greater_equal(region, level, out=buffer)
-        size, box = _largest_in(selected, _projection_box(selected), connectivity, scratch)
+        count = int(np.count_nonzero(selected))
+        if (count, -g) <= best:  # too few voxels for a larger component
+            continue
+        size, box = _largest_in(selected, count, _projection_box(selected), connectivity, scratch)
         if (size, -g) > best:
             corner = (band.first, band.low, 0)
             best = (size, -g)
