@@ -428,66 +428,65 @@ def _reaching(row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch
 
 
 class _LevelIndex(NamedTuple):
-    """How many of T ascending positive float32 levels lie at or below a value, looked up
-    by the value's upper 16 bits (sign, exponent and 7 mantissa bits: its key), as keys
-    order as the values: ``below[k]``, the levels whose key is under ``low + k``;
-    ``at[k]``, the level whose key is ``low + k`` (+inf if none). The last entries stand
-    for every key above the highest level's."""
+    """T ascending positive float32 levels by their upper 16 bits (sign, exponent and 7
+    mantissa bits: their key; keys order as the values do), from ``low``, the lowest
+    level's key: ``keys``, each level's key less ``low``; ``at[k]``, the level whose key
+    is ``low + k`` (+inf if none), for every key up to the map's maximum's."""
 
     low: int
-    below: np.ndarray  # (K + 1,) intp
-    at: np.ndarray  # (K + 1,) float32
+    keys: np.ndarray  # (T,) intp
+    at: np.ndarray  # (K,) float32
 
 
-def _level_index(levels: np.ndarray) -> _LevelIndex | None:
-    """The :class:`_LevelIndex` of ascending ``levels`` ``(T,)``; None where it does not
-    apply (not float32, not all positive and finite, or two levels under one key: less
-    than 1/128 of their value apart)."""
+def _level_index(levels: np.ndarray, top: np.floating) -> _LevelIndex | None:
+    """The :class:`_LevelIndex` of ascending ``levels`` ``(T,)`` of a map whose maximum is
+    ``top``; None where it does not apply (not float32, not all positive and finite, or
+    two levels under one key: less than 1/128 of their value apart)."""
     if levels.dtype != np.float32 or not 0 < levels[0] <= levels[-1] < np.inf:
         return None
-    keys = levels.view(np.uint32) >> 16
+    keys = (levels.view(np.uint32) >> 16).astype(np.intp)
     if not (keys[1:] > keys[:-1]).all():
         return None
-    low, high = int(keys[0]), int(keys[-1])
-    below = np.searchsorted(keys, np.arange(low, high + 2, dtype=np.uint32))
-    at = np.full(high - low + 2, np.inf, np.float32)
+    low, high = int(keys[0]), max(int(keys[-1]), int(np.float32(top).view(np.uint32)) >> 16)
+    at = np.full(high - low + 1, np.inf, np.float32)
     at[keys - low] = levels
-    return _LevelIndex(low, below, at)
+    return _LevelIndex(low, keys - low, at)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_level_index(raw: bytes, dtype: str) -> _LevelIndex | None:
+def _cached_level_index(raw: bytes, dtype: str, top: float) -> _LevelIndex | None:
     """:func:`_level_index` of the levels ``np.frombuffer(raw, dtype)``, kept: maps with
     the same maximum (such as maps scaled to 1) share it."""
-    return _level_index(np.frombuffer(raw, dtype))
+    return _level_index(np.frombuffer(raw, dtype), np.float32(top))
 
 
 def _level_counts(
     values: np.ndarray, levels: np.ndarray, index: _LevelIndex | None, scratch: _Scratch
 ) -> np.ndarray:
-    """``(T + 1,)``: how many of ``values`` (all at or above ``levels[0]``) have 0, 1, ...,
-    T of the ascending ``levels`` at or below them: from the :func:`_level_index` (a
-    lookup by key and one comparison per value), else a binary search over the levels
-    per value. No sort. The lookup's arrays are buffers of ``scratch``, in the types that
-    ``take`` and ``bincount`` use without a converted copy."""
+    """``(T,)``: how many of ``values`` (all at or above ``levels[0]``, none above the
+    map's maximum) lie at or above each of the ascending ``levels``. From the
+    :func:`_level_index`: the values counted by key, and those in a level's key at or
+    above that level (one lookup and one comparison per value); else a binary search
+    over the levels per value. No sort. The lookup's arrays are buffers of ``scratch``,
+    in the types that ``take`` and ``bincount`` use without a converted copy."""
     if index is None:
-        reached = np.searchsorted(levels, values, side="right")
-    else:
-        n = values.size
-        key = np.right_shift(values.view(np.uint32), 16, out=scratch.get("key", n, np.dtype(int)))
-        key -= index.low
-        np.minimum(key, index.below.size - 1, out=key)
-        reached = np.take(index.below, key, out=scratch.get("reached", n, np.dtype(int)))
-        level = np.take(index.at, key, out=scratch.get("level", n, np.dtype(np.float32)))
-        reached += np.greater_equal(values, level, out=scratch.get("above", n, np.dtype(bool)))
-    return np.bincount(reached, minlength=levels.size + 1)
+        reached = np.searchsorted(levels, values, side="right")  # levels at or below
+        return np.bincount(reached, minlength=levels.size + 1)[:0:-1].cumsum()[::-1]
+    n = values.size
+    key = np.right_shift(values.view(np.uint32), 16, out=scratch.get("key", n, np.dtype(int)))
+    key -= index.low
+    per_key = np.bincount(key, minlength=index.at.size)
+    level = np.take(index.at, key, out=scratch.get("level", n, np.dtype(np.float32)))
+    above = np.greater_equal(values, level, out=scratch.get("above", n, np.dtype(bool)))
+    on_level = np.bincount(key[above], minlength=index.at.size)
+    beyond = np.append(per_key[:0:-1].cumsum()[::-1], 0)  # values in keys above each key
+    return beyond[index.keys] + on_level[index.keys]
 
 
-def _iou_row(reached: np.ndarray, inside: np.ndarray, mask_size: int) -> np.ndarray:
+def _iou_row(pred: np.ndarray, inter: np.ndarray, mask_size: int) -> np.ndarray:
     """``(T,)`` IoU of ``{map >= level}`` with a mask of ``mask_size`` voxels for T
-    ascending levels, from the :func:`_level_counts` of the map's values, all
-    (``reached``) and inside the mask (``inside``)."""
-    pred, inter = (c[:0:-1].cumsum()[::-1] for c in (reached, inside))  # at or above each
+    levels, from the :func:`_level_counts` of the map's values, all (``pred``) and
+    inside the mask (``inter``)."""
     union = pred + mask_size - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
@@ -631,7 +630,7 @@ def _score_row(
                          mode="wrap")  # fmt: skip
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
-        index = _cached_level_index(levels.tobytes(), levels.dtype.str)
+        index = _cached_level_index(levels.tobytes(), levels.dtype.str, float(top))
         reached = _level_counts(_reaching(row, read, levels[0], scratch), levels, index, scratch)
         inter = _level_counts(inside[inside >= levels[0]], levels, index, scratch)
         out.curve[r] = _iou_row(reached, inter, where.size)
