@@ -5,18 +5,18 @@ The mask metrics run map by map on the CPU with NumPy and return ``(B, K)`` floa
 tensors on the maps' device. Each map is read from memory once, a cache-sized chunk at a
 time (its first maximum, the maximum of each block of whole lines along the last axis,
 about 4096 voxels, its positive mass); after that only the blocks whose maximum reaches
-a level are read again (explanation maps are mostly zero). The IoU curve counts, for the
-values at or above the lowest level, all and inside the mask, how many levels each one
-reaches (looked up by the value's upper bits, or a binary search over the levels; no
-sort). The Grad-CAM box's components are labelled by ``cc3d`` band by band: the first-axis
-indices whose lines lie in blocks that reach the box's level, between indices that have
-none (no component crosses those), each band inside the box of its selected voxels. Each
-distinct mask is listed once, while the first maps are read. Large maps run on
-``torch.get_num_threads()`` worker threads, which are kept between calls with their
-buffers. :func:`localisation_metrics` computes every mask metric at once, sharing the
-passes over the maps: use it when you need more than one. Masks are boolean
-``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved to the
-maps' device.
+a level are read again (explanation maps are mostly zero). The IoU curve counts the
+values at or above the lowest level, all and inside the mask, by their upper bits, then
+each level's values from those counts and one comparison per value (or a binary search
+over the levels; no sort). The Grad-CAM box's components are labelled by ``cc3d`` band
+by band: the first-axis indices whose lines lie in blocks that reach the box's level,
+between indices that have none (no component crosses those), each band inside the box of
+its selected voxels. Each distinct mask is listed once, while the first maps are read.
+Large maps run on ``torch.get_num_threads()`` worker threads, which are kept between
+calls with their buffers. :func:`localisation_metrics` computes every mask metric at
+once, sharing the passes over the maps: use it when you need more than one. Masks are
+boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
+to the maps' device.
 
 Conventions, the same for every mask metric:
 
@@ -726,13 +726,13 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    Map by map, on the CPU (``numpy``), on threads for large maps. The distinct masks are
-    found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and box)
-    while the maps are read (:func:`_read`: each from memory once, a chunk at a time: its
-    first maximum, its blocks' maxima, its positive mass). Then, per map, only the blocks
-    whose maximum reaches a level are read again: the values at or above the lowest IoU
-    level, and the map's values inside the mask, counted by how many levels each
-    reaches, give every threshold's prediction and overlap (:func:`_level_counts`,
+    Map by map, on the CPU (``numpy``), on threads for large maps. The distinct masks
+    are found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and
+    box) while the maps are read (:func:`_read`: each from memory once, a chunk at a
+    time: its first maximum, its blocks' maxima, its positive mass). Then, per map, only
+    the blocks whose maximum reaches a level are read again: the values at or above the
+    lowest IoU level, and the map's values inside the mask, counted at or above each
+    level, give every threshold's prediction and overlap (:func:`_level_counts`,
     :func:`_iou_row`); the voxels at or above the box level are compared and labelled by
     ``cc3d`` band by band (:func:`_component_box`). Workers reuse their buffers from map
     to map and call to call, and the worker threads are kept too (:func:`_pool`).
@@ -826,11 +826,12 @@ def iou_curve(
         no positive value; 0 where the mask is empty.
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
-    dtype: for the map's values at or above its lowest level ``t * max``, all and those
-    inside the mask, a lookup by the value's upper 16 bits and one comparison (or a
-    binary search over the levels, for float64 maps, levels at or below zero, or levels
-    less than 1/128 of their value apart) finds how many levels each reaches, which
-    counts every threshold's prediction and overlap. Cost: one read of each map, then
+    dtype: the map's values at or above its lowest level ``t * max``, all and those
+    inside the mask, are counted by their upper 16 bits; each level's count is the
+    values under higher keys plus those under its own key at or above it, one
+    comparison per value (or a binary search over the levels, for float64 maps, levels
+    at or below zero, or levels less than 1/128 of their value apart). That counts
+    every threshold's prediction and overlap. Cost: one read of each map, then
     work on the blocks of voxels that reach the lowest threshold.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
