@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _active = threading.local()
-_capture = threading.local()  # the warnings of a read running ahead, per thread
+_capture = threading.local()  # the warnings kept by keep_warnings, per thread
 _passed_on: list[Callable[..., Any]] = []
 
 
 def _dispatch(msg: Any) -> None:
-    """``warnings._showwarnmsg``: a read-ahead thread keeps its warnings for the scan they
-    belong to; every other thread shows them as before."""
+    """``warnings._showwarnmsg``: a thread inside :func:`keep_warnings` (a read running
+    ahead, a write on a batch's writer) keeps its warnings for the scan they belong to;
+    every other thread shows them as before."""
     sink = getattr(_capture, "sink", None)
     if sink is not None:
         sink.append(msg)
@@ -59,13 +60,12 @@ def _install_dispatch() -> None:
 
 def _kept(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Any, list[Any]]:
     """``fn(*args)`` in a read-ahead thread: ``(result, error, warnings)``, never raising."""
-    _capture.sink = sink = []
-    try:
-        return fn(*args), None, sink
-    except Exception as err:  # noqa: BLE001 - raised again where the scan is read
-        return None, err, sink
-    finally:
-        _capture.sink = None
+    sink: list[Any] = []
+    with keep_warnings(sink):
+        try:
+            return fn(*args), None, sink
+        except Exception as err:  # noqa: BLE001 - raised again where the scan is read
+            return None, err, sink
 
 
 class ReadAhead:

@@ -316,9 +316,10 @@ class _RowScores:
 
 
 def _block_size(shape: tuple[int, ...]) -> int:
-    """Voxels per block of maps of ``shape``: whole lines along the last axis, about
-    :data:`_BLOCK` voxels (one line if longer; :data:`_BLOCK` voxels in 1D)."""
-    line = shape[-1] if len(shape) > 1 else 1
+    """Voxels per block of maps of ``shape``: whole lines along the last axis of
+    :func:`_as_3d`, about :data:`_BLOCK` voxels (one line if longer; :data:`_BLOCK`
+    voxels in 1D, whose lines are single voxels)."""
+    line = _as_3d(shape)[2]
     return line * max(1, _BLOCK // line)
 
 
