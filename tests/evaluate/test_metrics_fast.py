@@ -107,21 +107,18 @@ def test_random_maps_equal_the_reference(dtype, thresholds):
     check(maps, masks, list(thresholds))
 
 
-def test_maps_of_several_chunks_equal_the_reference(monkeypatch):
-    """Maps longer than one chunk of the read (made 65,536 voxels here): the first maximum
-    when it is tied in two chunks, a NaN only in a later chunk, levels reached in some
-    chunks."""
-    from hirescam3d.evaluate.metrics import localisation
-
-    monkeypatch.setattr(localisation, "_CHUNK", 1 << 16)
+def test_maps_of_many_blocks_equal_the_reference():
+    """Maps of many blocks of the compiled read (153,600 voxels: 37 blocks of 4,080 and a
+    shorter last one): the first maximum when it is tied in two blocks far apart, a NaN
+    only in the last block, positive voxels in one block only, negative values."""
     g = torch.Generator().manual_seed(5)
-    shape = (1, 4, 40, 48, 80)  # 153,600 voxels: three chunks
+    shape = (1, 4, 40, 48, 80)
     maps = torch.relu(torch.rand(shape, generator=g) - 0.6)
     flat = maps.view(1, 4, -1)
-    flat[0, 0, 70_000] = flat[0, 0, 140_000] = 2.0  # tied maximum, chunks 2 and 3
+    flat[0, 0, 70_000] = flat[0, 0, 140_000] = 2.0  # tied maximum, blocks 17 and 34
     flat[0, 1, :] = 0.0
-    flat[0, 1, 100_000:100_050] = 0.5  # positive voxels in one chunk only
-    flat[0, 2, 150_000] = math.nan  # NaN in the last chunk: NaN metrics, points at it
+    flat[0, 1, 100_000:100_050] = 0.5  # positive voxels in block 24 only
+    flat[0, 2, 153_000] = math.nan  # NaN in the last block: NaN metrics, points at it
     maps[0, 3] -= 0.2  # negative values everywhere
     masks = torch.rand(shape, generator=g) > 0.5
     check(maps, masks)

@@ -1,22 +1,23 @@
 """Localisation: how well maps ``(B, K, *S)`` find a mask (pointing game, relevance mass,
 IoU over thresholds, the Grad-CAM box).
 
-The mask metrics run map by map on the CPU with NumPy and return ``(B, K)`` float32
-tensors on the maps' device. Each map is read from memory once, a cache-sized chunk at a
-time (its first maximum, the maximum of each block of whole lines along the last axis,
-about 4096 voxels, its positive mass); after that only the blocks whose maximum reaches
-a level are read again (explanation maps are mostly zero). The IoU curve counts the
-values at or above the lowest level, all and inside the mask, by their upper bits, then
-each level's values from those counts and one comparison per value (or a binary search
-over the levels; no sort). The Grad-CAM box's components are labelled by ``cc3d`` band
-by band: the first-axis indices whose lines lie in blocks that reach the box's level,
-between indices that have none (no component crosses those), each band inside the box of
-its selected voxels. Each distinct mask is listed once, while the first maps are read.
-Large maps run on ``torch.get_num_threads()`` worker threads, which are kept between
-calls with their buffers. :func:`localisation_metrics` computes every mask metric at
-once, sharing the passes over the maps: use it when you need more than one. Masks are
-boolean ``(B, K, *S)`` or ``(B, 1, *S)`` (one mask for all K targets of an item), moved
-to the maps' device.
+The mask metrics run map by map on the CPU and return ``(B, K)`` float32 tensors on the
+maps' device. The passes over the voxels are compiled by numba and hold no GIL
+(:mod:`~hirescam3d.evaluate.metrics._map_passes`). Each map is read from memory once,
+with its mask, in blocks of whole lines along the last axis (about 4096 voxels): its
+first maximum, each block's maximum, its positive mass, all and inside the mask. After
+that only the blocks whose maximum reaches a level are read again (explanation maps are
+mostly zero). The IoU curve counts each value at or above the lowest level, all and
+inside the mask, by the number of levels it reaches (found from the value's upper bits
+and one comparison, or a binary search; no sort). The Grad-CAM box's components are
+labelled by ``cc3d`` band by band: the first-axis indices whose lines lie in blocks
+that reach the box's level, between indices that have none (no component crosses
+those), each band inside the box of its selected voxels. Each distinct mask is listed
+once, while the first maps are read. Large maps run on ``torch.get_num_threads()``
+worker threads, which are kept between calls with their buffers.
+:func:`localisation_metrics` computes every mask metric at once, sharing the passes
+over the maps: use it when you need more than one. Masks are boolean ``(B, K, *S)`` or
+``(B, 1, *S)`` (one mask for all K targets of an item), moved to the maps' device.
 
 Conventions, the same for every mask metric:
 
@@ -46,6 +47,12 @@ import torch
 
 from hirescam3d.errors import InputError
 from hirescam3d.evaluate.metrics._common import as_float, spatial_dims
+from hirescam3d.evaluate.metrics._map_passes import (
+    count_and_box,
+    count_levels,
+    largest_label,
+    read_map,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -68,15 +75,6 @@ _THREADED_VOXELS = 1 << 16
 #: blocks whose maximum reaches their level. A block is made of whole lines along the
 #: last axis (:func:`_block_size`), so the blocks also tell which lines may hold a voxel.
 _BLOCK = 1 << 12
-#: Voxels per chunk of the first read of a map, about (1 MB of float32: within a core's
-#: cache, so the passes after the first one over the same chunk do not wait on memory;
-#: larger than that measured slower on one thread, smaller slower on two); a multiple of
-#: the block.
-_CHUNK = 1 << 18
-#: Rows of a chunk's column-wise sum (:func:`_sum`).
-_ROWS = 16
-#: Runs of blocks closer than this many blocks are read as one (:func:`_runs`).
-_GAP = 8
 #: uint64 words of two masks compared at a time (:func:`_rows_equal`).
 _WORDS = 1 << 15
 #: One in this many uint64 words of each mask is compared before the whole masks
@@ -149,21 +147,18 @@ def _box_iou(a: list[list[int]], b: list[list[int]]) -> float:
     return inter / (area_a + area_b - inter)
 
 
-def _projection_box(selected: np.ndarray) -> list[list[int]] | None:
-    """Inclusive ``[first, last]`` per axis of the True voxels of bool ``selected`` ``(*S)``
-    from per-axis projections (an ``any`` over the other axes, each later axis read only
-    within the range of the earlier ones); None if none."""
-    box, sub = [], selected
-    for axis in range(selected.ndim):
-        rest = tuple(range(1, sub.ndim))
-        where = (np.logical_or.reduce(sub, axis=rest) if rest else sub).nonzero()[0]
-        if where.size == 0:
-            return None
-        first, last = int(where[0]), int(where[-1])
-        box.append([first, last])
-        if axis < selected.ndim - 1:
-            sub = np.logical_or.reduce(sub[first : last + 1], axis=0)
-    return box
+def _count_and_box(selected: np.ndarray) -> tuple[int, list[list[int]] | None]:
+    """The True voxels of the bool ``selected`` ``(Z, Y, X)``: their count and inclusive
+    box ``[[first, last], ...]`` (None if none), in one compiled pass
+    (:func:`~hirescam3d.evaluate.metrics._map_passes.count_and_box`)."""
+    box = np.empty((3, 2), np.int64)
+    count = int(count_and_box(selected, True, box))
+    return count, box.tolist() if count else None
+
+
+def _nd_box(box: list[list[int]], nd: int) -> list[list[int]]:
+    """A box of a map as 3D (:func:`_as_3d`) as a box of its ``nd`` axes."""
+    return box if nd == 3 else [box[0], box[2]][:nd]
 
 
 def _breaks(values: np.ndarray, gap: int) -> list[int]:
@@ -228,7 +223,7 @@ def _box_rule(threshold: float, connectivity: int | None, nd: int, dtype: np.dty
 
 class _MaskRows:
     """The masks as NumPy rows ``(B or 1) * (K or 1)`` of ``N`` voxels; each distinct
-    mask's voxel list (and box, if asked for) is found once, for the first of the rows
+    mask's voxel count (and box, if asked for) is found once, for the first of the rows
     that hold it (:meth:`find`)."""
 
     def __init__(self, masks: torch.Tensor, k: int, shape: tuple[int, ...], boxes: bool):
@@ -238,25 +233,25 @@ class _MaskRows:
         self.shape = shape
         self.boxes = boxes
         self.first: list[int] = []
-        self._found: dict[int, tuple[np.ndarray, list[list[int]] | None]] = {}
+        self._found: dict[int, tuple[int, list[list[int]] | None]] = {}
 
     def of_map(self, r: int) -> int:
         """The mask row of map row ``r`` (item ``r // K``, target ``r % K``)."""
         return (r // self.k if self.bm > 1 else 0) * self.km + (r % self.k if self.km > 1 else 0)
 
     def find(self) -> _MaskRows:
-        """Find which rows are equal (:attr:`first`), then the voxels (and box) of each
-        distinct mask, for :meth:`voxels`."""
+        """Find which rows are equal (:attr:`first`), then the voxel count (and box) of
+        each distinct mask, for :meth:`voxels`."""
         self.first = _first_equal_rows(self.rows)
         for i in sorted(set(self.first)):
-            m = self.rows[i]
-            box = _projection_box(m.reshape(self.shape)) if self.boxes else None
-            self._found[i] = (np.flatnonzero(m), box)
+            count, box = _count_and_box(self.rows[i].reshape(_as_3d(self.shape)))
+            keep = self.boxes and box is not None
+            self._found[i] = (count, _nd_box(box, len(self.shape)) if keep else None)
         return self
 
-    def voxels(self, i: int) -> tuple[np.ndarray, list[list[int]] | None]:
-        """Mask row ``i``'s voxels (flat positions) and its box (None if not asked for),
-        once :meth:`find` has run."""
+    def voxels(self, i: int) -> tuple[int, list[list[int]] | None]:
+        """Mask row ``i``'s voxel count and its box (None if not asked for), once
+        :meth:`find` has run."""
         return self._found[self.first[i]]
 
 
@@ -325,73 +320,28 @@ def _block_size(shape: tuple[int, ...]) -> int:
 
 class _Read(NamedTuple):
     """What one read of a flat map gives: its first maximum (flat position; NaN counts as
-    one, as in torch), each block's maximum ``(n_blocks,)``, its positive mass, and the
-    voxels per block."""
+    one, as in torch), each block's maximum ``(n_blocks,)``, its positive mass, all and
+    inside its mask, and the voxels per block."""
 
     first: int
     block_max: np.ndarray
     positive: float
+    inside: float
     block: int
 
 
-def _maxima(values: np.ndarray, out: np.ndarray, block: int) -> None:
-    """Write the maximum of each block of ``block`` voxels of the flat ``values`` (the
-    last block may be shorter) into ``out`` ``(n_blocks,)``."""
-    full = values.size - values.size % block
-    np.maximum.reduce(values[:full].reshape(-1, block), axis=1, out=out[: full // block])
-    if full < values.size:
-        out[-1] = np.maximum.reduce(values[full:])
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The float array ``a`` as unsigned integers of its width (the same memory)."""
+    return a.view(np.dtype(f"u{a.itemsize}"))
 
 
-def _block_maxima(chunk: np.ndarray, out: np.ndarray, block: int) -> bool:
-    """Write the maximum of each block of ``chunk`` into ``out`` (:func:`_maxima`); return
-    whether a value of ``chunk`` has its sign bit set (negative, -0.0 or such a NaN).
-
-    The maxima are first taken over the values' bits as unsigned integers, which also
-    finds the sign bits: without them, the bits order as the values (NaN above infinity:
-    NaN counts as a maximum, as in torch). Only a chunk with a sign bit set is read again
-    for its maxima as values."""
-    bits = np.dtype(f"u{chunk.itemsize}")
-    _maxima(chunk.view(bits), out.view(bits), block)
-    signed = int(np.maximum.reduce(out.view(bits))) >> (8 * chunk.itemsize - 1) == 1
-    if signed:
-        _maxima(chunk, out, block)
-    return signed
-
-
-def _sum(values: np.ndarray) -> float:
-    """The sum of the flat ``values``. float32 ones (a multiple of :data:`_ROWS`) as that
-    many rows added column by column (vectorised: at most 15 roundings per column), then
-    the columns in float64: a lower error bound than NumPy's pairwise float32 sum of a
-    chunk (up to 29 roundings) and a quarter faster. Otherwise NumPy's pairwise sum."""
-    if values.dtype != np.float32 or values.size % _ROWS:
-        return float(np.add.reduce(values))
-    return float(np.add.reduce(values.reshape(_ROWS, -1), axis=0).sum(dtype=np.float64))
-
-
-def _read(row: np.ndarray, block: int) -> _Read:
-    """Read the flat map ``row`` once, in blocks of ``block`` voxels, a chunk of about
-    :data:`_CHUNK` voxels at a time: each chunk comes from memory once and the passes over
-    it reuse what the cache holds."""
-    block_max, positive = np.empty(-(-row.size // block), row.dtype), 0.0
-    chunk_size = block * max(1, _CHUNK // block)
-    for start in range(0, row.size, chunk_size):
-        chunk = row[start : start + chunk_size]
-        tops = block_max[start // block : -(-(start + chunk.size) // block)]
-        signed = _block_maxima(chunk, tops, block)
-        if np.maximum.reduce(tops) > 0:  # chunks add in float64
-            positive += _sum(np.maximum(chunk, 0) if signed else chunk)
-    b = int(block_max.argmax())  # the first block holding the (first) maximum
-    first = b * block + int(row[b * block : (b + 1) * block].argmax())
-    return _Read(first, block_max, positive, block)
-
-
-def _runs(read: _Read, level: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` voxel ranges of the runs of blocks whose maximum reaches
-    ``level``, in a flat map of ``n`` voxels; runs less than :data:`_GAP` blocks apart
-    are joined (fewer, longer NumPy calls: less waiting for the GIL between threads)."""
-    blocks = _groups((read.block_max >= level).nonzero()[0], _GAP)
-    return [(start * read.block, min(stop * read.block, n)) for start, stop in blocks]
+def _read(row: np.ndarray, mask: np.ndarray, block: int) -> _Read:
+    """Read the flat map ``row`` and its bool ``mask`` (both C-contiguous) once, in blocks
+    of ``block`` voxels (:func:`~hirescam3d.evaluate.metrics._map_passes.read_map`:
+    compiled, no GIL held)."""
+    block_max = np.empty(-(-row.size // block), row.dtype)
+    first, positive, inside = read_map(row, _bits(row), mask, block, block_max, _bits(block_max))
+    return _Read(int(first), block_max, float(positive), float(inside), block)
 
 
 class _Scratch:
@@ -415,73 +365,60 @@ class _Scratch:
         return sum(b.nbytes for b in self._buffers.values())
 
 
-def _reaching(row: np.ndarray, read: _Read, level: np.ndarray, scratch: _Scratch) -> np.ndarray:
-    """The values of the flat map ``row`` at or above ``level``, in order, compared only in
-    the blocks whose maximum reaches ``level`` (explanation maps are mostly zero)."""
-    flags = scratch.get("flags", row.size, np.dtype(bool))
-    found = []
-    for start, stop in _runs(read, level, row.size):
-        hit = np.greater_equal(row[start:stop], level, out=flags[start:stop])
-        found.append(row[start:stop][hit])  # faster than np.compress with out=
-    if len(found) == 1:
-        return found[0]
-    return np.concatenate(found) if found else np.empty(0, row.dtype)
-
-
 class _LevelIndex(NamedTuple):
     """T ascending positive float32 levels by their upper 16 bits (sign, exponent and 7
     mantissa bits: their key; keys order as the values do), from ``low``, the lowest
-    level's key: ``keys``, each level's key less ``low``; ``at[k]``, the level whose key
-    is ``low + k`` (+inf if none), for every key up to the map's maximum's."""
+    level's key, for every key ``low + k`` up to the map's maximum's: ``below[k]``, how
+    many levels lie under lower keys; ``at[k]``, the level under that key (+inf if
+    none). A value under key ``low + k`` reaches ``below[k]`` levels, and one more if it
+    reaches ``at[k]``."""
 
     low: int
-    keys: np.ndarray  # (T,) intp
+    below: np.ndarray  # (K,) int64
     at: np.ndarray  # (K,) float32
 
 
-def _level_index(levels: np.ndarray, top: np.floating) -> _LevelIndex | None:
+#: No :class:`_LevelIndex`: the compiled count searches the levels instead.
+_SEARCH = _LevelIndex(0, np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+def _level_index(levels: np.ndarray, top: np.floating) -> _LevelIndex:
     """The :class:`_LevelIndex` of ascending ``levels`` ``(T,)`` of a map whose maximum is
-    ``top``; None where it does not apply (not float32, not all positive and finite, or
-    two levels under one key: less than 1/128 of their value apart)."""
+    ``top``; :data:`_SEARCH` where it does not apply (not float32, not all positive and
+    finite, or two levels under one key: less than 1/128 of their value apart)."""
     if levels.dtype != np.float32 or not 0 < levels[0] <= levels[-1] < np.inf:
-        return None
-    keys = (levels.view(np.uint32) >> 16).astype(np.intp)
+        return _SEARCH
+    keys = (levels.view(np.uint32) >> 16).astype(np.int64)
     if not (keys[1:] > keys[:-1]).all():
-        return None
+        return _SEARCH
     low, high = int(keys[0]), max(int(keys[-1]), int(np.float32(top).view(np.uint32)) >> 16)
     at = np.full(high - low + 1, np.inf, np.float32)
     at[keys - low] = levels
-    return _LevelIndex(low, keys - low, at)
+    below = np.searchsorted(keys - low, np.arange(high - low + 1), side="left")
+    return _LevelIndex(low, below.astype(np.int64), at)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_level_index(raw: bytes, dtype: str, top: float) -> _LevelIndex | None:
+def _cached_level_index(raw: bytes, dtype: str, top: float) -> _LevelIndex:
     """:func:`_level_index` of the levels ``np.frombuffer(raw, dtype)``, kept: maps with
     the same maximum (such as maps scaled to 1) share it."""
     return _level_index(np.frombuffer(raw, dtype), np.float32(top))
 
 
 def _level_counts(
-    values: np.ndarray, levels: np.ndarray, index: _LevelIndex | None, scratch: _Scratch
-) -> np.ndarray:
-    """``(T,)``: how many of ``values`` (all at or above ``levels[0]``, none above the
-    map's maximum) lie at or above each of the ascending ``levels``. From the
-    :func:`_level_index`: the values counted by key, and those in a level's key at or
-    above that level (one lookup and one comparison per value); else a binary search
-    over the levels per value. No sort. The lookup's arrays are buffers of ``scratch``,
-    in the types that ``take`` and ``bincount`` use without a converted copy."""
-    if index is None:
-        reached = np.searchsorted(levels, values, side="right")  # levels at or below
-        return np.bincount(reached, minlength=levels.size + 1)[:0:-1].cumsum()[::-1]
-    n = values.size
-    key = np.right_shift(values.view(np.uint32), 16, out=scratch.get("key", n, np.dtype(int)))
-    key -= index.low
-    per_key = np.bincount(key, minlength=index.at.size)
-    level = np.take(index.at, key, out=scratch.get("level", n, np.dtype(np.float32)))
-    above = np.greater_equal(values, level, out=scratch.get("above", n, np.dtype(bool)))
-    on_level = np.bincount(key[above], minlength=index.at.size)
-    beyond = np.append(per_key[:0:-1].cumsum()[::-1], 0)  # values in keys above each key
-    return beyond[index.keys] + on_level[index.keys]
+    row: np.ndarray, read: _Read, mask: np.ndarray, levels: np.ndarray, top: np.floating
+) -> tuple[np.ndarray, np.ndarray]:
+    """How many voxels of the flat map ``row`` lie at or above each of the ascending
+    ``levels`` ``(T,)``, all and in the bool ``mask`` ``(N,)``. One compiled pass over
+    the blocks that reach the lowest level
+    (:func:`~hirescam3d.evaluate.metrics._map_passes.count_levels`): each value counted
+    by the levels it reaches, by the :func:`_level_index` of ``levels`` (or a binary
+    search); then summed from the top level down. No sort, no copy of the values."""
+    index = _cached_level_index(levels.tobytes(), levels.dtype.str, float(top))
+    reached, overlap = np.zeros((2, levels.size + 1), np.int64)
+    count_levels(row, _bits(row), mask, read.block, read.block_max, levels, index.low,
+                 index.below, index.at, reached, overlap)  # fmt: skip
+    return reached[:0:-1].cumsum()[::-1], overlap[:0:-1].cumsum()[::-1]
 
 
 def _iou_row(pred: np.ndarray, inter: np.ndarray, mask_size: int) -> np.ndarray:
@@ -550,15 +487,9 @@ def _largest_in(
     )
     if n_found == 1:
         return count, outer
-    flat = scratch.get("labels", count, labels.dtype)
-    np.compress(crop.reshape(-1), labels.reshape(-1), out=flat)
-    sizes = np.bincount(flat, minlength=n_found + 1)
-    best = int(np.argmax(sizes[1:])) + 1  # the first of the largest
-    chosen = scratch.get("chosen", crop.size, np.dtype(bool))
-    np.equal(labels.reshape(-1), best, out=chosen)
-    inner = _projection_box(chosen.reshape(crop.shape))
-    box = [[a + first, a + last] for (a, _), (first, last) in zip(outer, inner, strict=True)]
-    return int(sizes[best]), box
+    inner = np.empty((3, 2), np.int64)
+    size = int(largest_label(labels, n_found, inner))
+    return size, (inner + np.asarray(outer)[:, :1]).tolist()  # in ``selected``'s indices
 
 
 def _component_box(
@@ -592,15 +523,15 @@ def _component_box(
         region = volume[band.first : band.stop, band.low : band.high]
         buffer = scratch.get("selected", region.size, np.dtype(bool)).reshape(region.shape)
         selected = np.greater_equal(region, level, out=buffer)
-        count = int(np.count_nonzero(selected))
+        count, outer = _count_and_box(selected)
         if (count, -g) <= best:  # too few voxels for a larger component
             continue
-        size, box = _largest_in(selected, count, _projection_box(selected), connectivity, scratch)
+        size, box = _largest_in(selected, count, outer, connectivity, scratch)
         if (size, -g) > best:
             corner = (band.first, band.low, 0)
             best = (size, -g)
             best_box = [[c + first, c + last] for c, (first, last) in zip(corner, box, strict=True)]
-    return best_box if len(shape) == 3 else [best_box[0], best_box[2]][: len(shape)]
+    return _nd_box(best_box, len(shape))
 
 
 def _score_row(
@@ -621,28 +552,21 @@ def _score_row(
     out.pointing[r] = masks.rows[i, read.first]
     if not parts & {"mass", "iou", "box"}:
         return
-    where, m_box = masks.voxels(i)
+    mask_size, m_box = masks.voxels(i)
     if m_box is not None:
         out.mask_boxes[r] = m_box
     if not top > 0:  # no positive value (or NaN): NaN metrics
         return
-    if parts & {"iou", "mass"}:  # positions in range: "wrap" is the fastest mode with out=
-        inside = np.take(row, where, out=scratch.get("inside", where.size, row.dtype),
-                         mode="wrap")  # fmt: skip
     if "iou" in parts:
         levels = thresholds.values * top  # map >= t * max
-        index = _cached_level_index(levels.tobytes(), levels.dtype.str, float(top))
-        reached = _level_counts(_reaching(row, read, levels[0], scratch), levels, index, scratch)
-        inter = _level_counts(inside[inside >= levels[0]], levels, index, scratch)
-        out.curve[r] = _iou_row(reached, inter, where.size)
+        out.curve[r] = _iou_row(*_level_counts(row, read, masks.rows[i], levels, top), mask_size)
     if "mass" in parts:
-        positive = np.maximum(inside, 0, out=inside).sum(dtype=np.float64)
-        out.mass[r] = float(positive) / read.positive
+        out.mass[r] = read.inside / read.positive
     if "box" in parts:
         level = box_rule.threshold * top
         box = _component_box(row, masks.shape, read, level, box_rule.connectivity, scratch)
         out.map_boxes[r] = box
-        out.box[r] = _box_iou(box, m_box) if where.size else 0.0
+        out.box[r] = _box_iou(box, m_box) if mask_size else 0.0
 
 
 def _as_tensors(
@@ -727,21 +651,22 @@ def _localise(
 ) -> dict[str, torch.Tensor]:
     """The mask metrics named in ``parts`` (``pointing``, ``mass``, ``iou``, ``box``).
 
-    Map by map, on the CPU (``numpy``), on threads for large maps. The distinct masks
-    are found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel list and
-    box) while the maps are read (:func:`_read`: each from memory once, a chunk at a
-    time: its first maximum, its blocks' maxima, its positive mass). Then, per map, only
-    the blocks whose maximum reaches a level are read again: the values at or above the
-    lowest IoU level, and the map's values inside the mask, counted at or above each
-    level, give every threshold's prediction and overlap (:func:`_level_counts`,
-    :func:`_iou_row`); the voxels at or above the box level are compared and labelled by
-    ``cc3d`` band by band (:func:`_component_box`). Workers reuse their buffers from map
-    to map and call to call, and the worker threads are kept too (:func:`_pool`).
+    Map by map, on the CPU (numba and NumPy), on threads for large maps. The distinct
+    masks are found first (:meth:`_MaskRows.find`: equal rows, then each one's voxel
+    count and box) while the maps are read (:func:`_read`: each with its mask, from
+    memory once: its first maximum, its blocks' maxima, its positive mass, all and in the
+    mask). Then, per map, only the blocks whose maximum reaches a level are read again:
+    the values at or above the lowest IoU level, all and in the mask, counted by the
+    levels they reach, give every threshold's prediction and overlap
+    (:func:`_level_counts`, :func:`_iou_row`); the voxels at or above the box level are
+    compared and labelled by ``cc3d`` band by band (:func:`_component_box`). Workers
+    reuse their buffers from map to map and call to call, and the worker threads are
+    kept too (:func:`_pool`).
     """
     flat, mflat = _flat_pair(maps, masks)
     b, k, n = flat.shape
     shape = tuple(int(s) for s in maps.shape[2:])
-    rows = flat.reshape(b * k, n).detach().cpu().numpy()
+    rows = np.ascontiguousarray(flat.reshape(b * k, n).detach().cpu().numpy())
     mask_rows = _MaskRows(mflat, k, shape, boxes="box" in parts)
     levels = _sorted_thresholds(thresholds, flat) if "iou" in parts else None
     rule = None
@@ -749,11 +674,13 @@ def _localise(
         rule = _box_rule(box_threshold, connectivity, len(shape), rows.dtype)
     scores = _RowScores.unscored(b * k, 0 if levels is None else levels.values.size, len(shape))
     workers = min(torch.get_num_threads(), b * k) if n >= _THREADED_VOXELS else 1
-    pool = _pool(workers)  # NumPy releases the GIL (cc3d does not)
+    pool = _pool(workers)  # the compiled passes and NumPy release the GIL (cc3d does not)
     # Submitted in this order, a task only ever waits for tasks already started: the masks
     # are found while the first maps are read.
     found = pool.submit(mask_rows.find if parts & {"mass", "iou", "box"} else lambda: None)
-    reads = [pool.submit(_read, row, _block_size(shape)) for row in rows]
+    block = _block_size(shape)
+    reads = [pool.submit(_read, row, mask_rows.rows[mask_rows.of_map(r)], block)
+             for r, row in enumerate(rows)]  # fmt: skip
 
     def score(r: int) -> None:
         found.result()

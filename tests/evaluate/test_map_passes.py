@@ -1,0 +1,105 @@
+"""The mask metrics' compiled passes over a map (``_map_passes``, numba) on their own,
+against NumPy and SciPy: block maxima with signed NaNs, -0.0 and infinities, blocks that
+do not divide the map, the level counts by key and by binary search, and the voxel
+counts, boxes and largest components of random selections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from hirescam3d.evaluate.metrics import _map_passes as passes
+from hirescam3d.evaluate.metrics import localisation
+
+SPECIAL = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0])
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.dtype(f"u{a.itemsize}"))
+
+
+def special_row(rng: np.random.Generator, n: int, dtype, nan: bool) -> np.ndarray:
+    """Random values, a third of them zero, some negative, with -0.0, infinities and (if
+    ``nan``) NaNs of both signs at random places."""
+    row = (rng.random(n) - 0.3) * (rng.random(n) > 0.33)
+    specials = SPECIAL if nan else SPECIAL[2:]
+    row[rng.integers(0, n, 12)] = rng.choice(specials, 12)
+    return row.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, block", [(1000, 7), (4099, 16), (70_000, 4096), (33, 64)])
+@pytest.mark.parametrize("nan", [False, True])
+def test_read_map_like_numpy(dtype, n, block, nan):
+    rng = np.random.default_rng(n + block)
+    for _ in range(5):
+        row = special_row(rng, n, dtype, nan)
+        mask = rng.random(n) > 0.5
+        block_max = np.empty(-(-n // block), dtype)
+        first, positive, inside = passes.read_map(row, bits(row), mask, block, block_max,
+                                                  bits(block_max))  # fmt: skip
+        want_max = np.maximum.reduceat(row, np.arange(0, n, block))
+        np.testing.assert_array_equal(block_max, want_max)  # NaN where NumPy has NaN
+        assert first == int(np.argmax(row))  # the first NaN, else the first maximum
+        pos = np.where(row > 0, row, 0).astype(np.float64)  # NaN is not positive
+        np.testing.assert_allclose(positive, pos.sum(), rtol=1e-6)
+        np.testing.assert_allclose(inside, pos[mask].sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relative", [(0.02, 0.5, 0.51, 0.98), (0.0, 0.3, 0.3001), (-0.5, 0.7)])
+def test_count_levels_like_one_comparison_per_level(dtype, relative):
+    """How many values reach each level, all and in the mask, against ``row >= level``
+    per level: by key where the levels allow it (positive float32 ones, 1/128 apart),
+    else by a binary search."""
+    rng = np.random.default_rng(3)
+    n, block = 50_000, 256
+    row = (np.maximum(rng.random(n) - 0.6, 0) * 5).astype(dtype)
+    row[rng.integers(0, n, 200)] *= -1  # negative values
+    mask = rng.random(n) > 0.4
+    top = row.max()
+    levels = np.sort(np.asarray(relative, dtype) * top).astype(dtype)
+    row[rng.integers(0, n, 2 * levels.size)] = np.repeat(levels, 2)  # values on the levels
+    block_max = np.maximum.reduceat(row, np.arange(0, n, block))
+    index = localisation._level_index(levels, top)
+    keyed = dtype == np.float32 and relative[0] > 0 and relative[1:3] != (0.3, 0.3001)
+    assert (index.below.size > 0) == keyed
+    reached, overlap = np.zeros((2, levels.size + 1), np.int64)
+    passes.count_levels(row, bits(row), mask, block, block_max, levels, index.low,
+                        index.below, index.at, reached, overlap)  # fmt: skip
+    at_or_above = reached[:0:-1].cumsum()[::-1]
+    in_mask = overlap[:0:-1].cumsum()[::-1]
+    want = row[:, None] >= levels
+    np.testing.assert_array_equal(at_or_above, want.sum(0))
+    np.testing.assert_array_equal(in_mask, want[mask].sum(0))
+
+
+@pytest.mark.parametrize("shape", [(9, 13, 17), (1, 1, 40), (30, 1, 1), (4, 50, 3)])
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_count_box_and_largest_component_like_scipy(shape, connectivity):
+    """The count and box of a selection, and the size and box of its largest component
+    (the first on ties) from ``cc3d``'s labels, against NumPy and ``scipy.ndimage``."""
+    import cc3d
+
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    structure = ndimage.generate_binary_structure(3, rank)
+    rng = np.random.default_rng(sum(shape) + connectivity)
+    for p in (0.0, 0.2, 0.45, 1.0):
+        selected = rng.random(shape) < p
+        box = np.empty((3, 2), np.int64)
+        count = passes.count_and_box(selected, True, box)
+        assert count == selected.sum()
+        where = np.argwhere(selected)
+        want_box = np.stack([where.min(0), where.max(0)], 1) if count else np.full((3, 2), -1)
+        np.testing.assert_array_equal(box, want_box)
+        if not count:
+            continue
+        labels, n = cc3d.connected_components(selected.view(np.uint8),
+                                              connectivity=connectivity, return_N=True)  # fmt: skip
+        size = passes.largest_label(labels, n, box)
+        ref, n_ref = ndimage.label(selected, structure)
+        sizes = np.bincount(ref.ravel())[1:]
+        best = np.argwhere(ref == int(np.argmax(sizes)) + 1)
+        assert (n, size) == (n_ref, sizes.max())
+        np.testing.assert_array_equal(box, np.stack([best.min(0), best.max(0)], 1))
