@@ -1,14 +1,21 @@
 """The mask metrics' compiled passes over a map (``_map_passes``, numba) on their own,
 against NumPy and SciPy: block maxima with signed NaNs, -0.0 and infinities, blocks that
 do not divide the map, the level counts by key and by binary search, and the voxel
-counts, boxes and largest components of random selections."""
+counts, boxes and largest components of random selections; and the passes where numba
+has no folder for its cache."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
+from hirescam3d.evaluate import metrics
 from hirescam3d.evaluate.metrics import _map_passes as passes
 from hirescam3d.evaluate.metrics import localisation
 
@@ -103,3 +110,31 @@ def test_count_box_and_largest_component_like_scipy(shape, connectivity):
         best = np.argwhere(ref == int(np.argmax(sizes)) + 1)
         assert (n, size) == (n_ref, sizes.max())
         np.testing.assert_array_equal(box, np.stack([best.min(0), best.max(0)], 1))
+
+
+def test_metrics_run_where_numba_has_no_cache_folder():
+    """A read-only install and home leave numba no folder for its cache, and plain
+    ``njit(cache=True)`` then fails at import. The passes compile in the process instead,
+    with the same results. (numba's own setting, ``NUMBA_CACHE_LOCATOR_CLASSES``, limits
+    it here to the locator of IPython cells, which never applies to a file.)"""
+    code = (
+        "import numba, torch\n"
+        "try:\n"
+        "    numba.njit(cache=True)(lambda x: x)\n"
+        "    raise SystemExit('numba found a cache folder: the test does not test')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'no locator available' in str(e), e\n"
+        "from hirescam3d.evaluate import metrics\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "maps = torch.rand((1, 2, 9, 10, 11), generator=g) ** 4\n"
+        "out = metrics.localisation_metrics(maps, maps > 0.3)\n"
+        "print(repr(out.iou_curve.tolist()), repr(out.gradcam_box.tolist()))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand((1, 2, 9, 10, 11), generator=g) ** 4
+    out = metrics.localisation_metrics(maps, maps > 0.3)
+    assert run.stdout.split() == f"{out.iou_curve.tolist()!r} {out.gradcam_box.tolist()!r}".split()

@@ -199,6 +199,15 @@ def test_box_threshold_above_one_is_refused(threshold):
         metrics.gradcam_box(maps, maps > 0.5, threshold=threshold)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 0, 4, 4), (0, 2, 5, 5), (1, 0, 7)])
+def test_maps_without_voxels_are_refused(shape):
+    """Empty maps (a spatial axis, or the batch or target axis, of length 0): one clear
+    error, not a reshape error from torch."""
+    maps = torch.zeros(shape)
+    with pytest.raises(InputError, match="no voxels"):
+        metrics.localisation_metrics(maps, maps > 0)
+
+
 def test_iou_thresholds_above_one_select_nothing():
     """Levels above the maximum select no voxel: IoU 0 there, whatever the mask (the
     reference: one comparison per threshold)."""

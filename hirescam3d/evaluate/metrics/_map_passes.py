@@ -1,10 +1,11 @@
-"""The mask metrics' passes over one flat map, compiled by numba and run without the GIL:
-two worker threads then read two maps at once (NumPy's many short calls hand the GIL
-back and forth instead).
+"""The mask metrics' loops over the voxels of a map, a mask or a selection, compiled by
+numba and run without the GIL: two worker threads then score two maps at once (NumPy's
+many short calls hand the GIL back and forth instead).
 
-Maps are float32 or float64 rows ``(N,)``, C-contiguous, with ``bits``, the same memory
-as unsigned integers of the same width. Blocks are ``block`` voxels (the last may be
-shorter). Compiled on first use and cached on disk (``cache=True``)."""
+Maps are float32 or float64 rows ``(N,)``, C-contiguous, not empty, with ``bits``, the
+same memory as unsigned integers of the same width, and a bool ``mask`` ``(N,)``. Blocks
+are ``block`` voxels (the last may be shorter). Selections and labels are ``(Z, Y, X)``.
+Compiled on first use and cached on disk (:func:`_compiled`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,21 @@ import numpy as np
 _REORDER = {"reassoc", "nsz", "contract"}
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_REORDER)
+def _compiled(**options):
+    """``numba.njit`` without the GIL, cached on disk where numba finds a folder it can
+    write (next to this module, else the user's cache folder); where it finds none (a
+    read-only install and home), compiled again in each process instead of failing."""
+
+    def compile_(function):
+        try:
+            return numba.njit(nogil=True, cache=True, **options)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, **options)(function)
+
+    return compile_
+
+
+@_compiled(fastmath=_REORDER)
 def _positive_sum(x: np.ndarray) -> float:
     """The sum of the positive values of ``x``, a block (vectorised: as many partial sums
     as the vector has lanes, in ``x``'s dtype)."""
@@ -27,7 +42,7 @@ def _positive_sum(x: np.ndarray) -> float:
     return total
 
 
-@numba.njit(nogil=True, cache=True, fastmath=_REORDER)
+@_compiled(fastmath=_REORDER)
 def _masked_positive_sum(x: np.ndarray, mask: np.ndarray) -> float:
     """:func:`_positive_sum` of the values of ``x`` in the bool ``mask``."""
     zero = x.dtype.type(0)
@@ -38,7 +53,7 @@ def _masked_positive_sum(x: np.ndarray, mask: np.ndarray) -> float:
     return total
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _bits_max(bits: np.ndarray) -> int:
     """The largest of ``bits`` (vectorised): without a sign bit set, the bits of floats
     order as the values, NaN above infinity."""
@@ -48,7 +63,7 @@ def _bits_max(bits: np.ndarray) -> int:
     return top
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _value_max(x: np.ndarray) -> float:
     """The maximum of ``x``, the first NaN if there is one (as NumPy's and torch's)."""
     top = x[0]
@@ -59,7 +74,7 @@ def _value_max(x: np.ndarray) -> float:
     return top
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def read_map(
     row: np.ndarray,
     bits: np.ndarray,
@@ -99,7 +114,7 @@ def read_map(
     return b * block, positive, inside
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _count_keyed(values, bits, mask, start, stop, lowest, low, below, at, reached, overlap):
     """Add to ``reached`` ``(T + 1,)`` how many of the levels each value of
     ``values[start:stop]`` at or above ``lowest`` reaches (the levels under lower keys,
@@ -114,7 +129,7 @@ def _count_keyed(values, bits, mask, start, stop, lowest, low, below, at, reache
             overlap[c] += mask[i]
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _count_searched(values, mask, start, stop, levels, reached, overlap):
     """:func:`_count_keyed` by a binary search over the ascending ``levels`` ``(T,)``."""
     for i in range(start, stop):
@@ -125,7 +140,7 @@ def _count_searched(values, mask, start, stop, levels, reached, overlap):
             overlap[c] += mask[i]
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def count_levels(
     row: np.ndarray,
     bits: np.ndarray,
@@ -157,7 +172,7 @@ def count_levels(
                 _count_searched(row, mask, start, stop, levels, reached, overlap)
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def _widen(box: np.ndarray, axis: int, first: int, last: int) -> None:
     """Widen ``box[axis]`` (inclusive ``[first, last]``, -1 if empty) to hold both."""
     if box[axis, 0] < 0 or first < box[axis, 0]:
@@ -165,7 +180,7 @@ def _widen(box: np.ndarray, axis: int, first: int, last: int) -> None:
     box[axis, 1] = max(box[axis, 1], last)
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def count_and_box(values: np.ndarray, value, box: np.ndarray) -> int:
     """The number of voxels of ``values`` ``(Z, Y, X)`` equal to ``value``; their
     inclusive ``[first, last]`` index per axis written into ``box`` ``(3, 2)`` (-1 if
@@ -192,7 +207,7 @@ def count_and_box(values: np.ndarray, value, box: np.ndarray) -> int:
     return count
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled()
 def largest_label(labels: np.ndarray, n_labels: int, box: np.ndarray) -> int:
     """The size of the largest of the components ``1..n_labels`` of ``labels`` ``(Z, Y,
     X)`` (the lowest label on ties: the first in C order, as ``cc3d`` and SciPy number

@@ -108,6 +108,9 @@ def _flat_pair(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, t
             f"masks of shape {tuple(masks.shape)} do not match maps {tuple(maps.shape)}; "
             f"give (B, K, *spatial) or (B, 1, *spatial)"
         )
+    if maps.numel() == 0:
+        raise InputError(f"maps of shape {tuple(maps.shape)} have no voxels; give maps "
+                         f"(B, K, *spatial) with every axis at least 1 long")  # fmt: skip
     masks = masks.to(device=maps.device)
     if masks.dtype != torch.bool:
         masks = masks != 0
