@@ -112,6 +112,7 @@ def test_count_box_and_largest_component_like_scipy(shape, connectivity):
         np.testing.assert_array_equal(box, np.stack([best.min(0), best.max(0)], 1))
 
 
+@pytest.mark.slow
 def test_metrics_run_where_numba_has_no_cache_folder():
     """A read-only install and home leave numba no folder for its cache, and plain
     ``njit(cache=True)`` then fails at import. The passes compile in the process instead,

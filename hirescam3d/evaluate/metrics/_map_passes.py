@@ -31,26 +31,16 @@ def _compiled(**options):
 
 
 @_compiled(fastmath=_REORDER)
-def _positive_sum(x: np.ndarray) -> float:
-    """The sum of the positive values of ``x``, a block (vectorised: as many partial sums
-    as the vector has lanes, in ``x``'s dtype)."""
+def _positive_sums(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The sums of the positive values of ``x``, a block, all and in the bool ``mask``
+    (vectorised: as many partial sums as the vector has lanes, in ``x``'s dtype)."""
     zero = x.dtype.type(0)
-    total = zero
+    total = inside = zero
     for i in range(x.size):
-        v = x[i]
-        total += v if v > zero else zero
-    return total
-
-
-@_compiled(fastmath=_REORDER)
-def _masked_positive_sum(x: np.ndarray, mask: np.ndarray) -> float:
-    """:func:`_positive_sum` of the values of ``x`` in the bool ``mask``."""
-    zero = x.dtype.type(0)
-    total = zero
-    for i in range(x.size):
-        v = x[i]
-        total += v if (v > zero) & (mask[i] != 0) else zero
-    return total
+        v = x[i] if x[i] > zero else zero
+        total += v
+        inside += v if mask[i] else zero
+    return total, inside
 
 
 @_compiled()
@@ -97,8 +87,9 @@ def read_map(
         else:
             max_bits[b] = top
         if not block_max[b] <= 0:  # positive or NaN: NaN values are not summed
-            positive += _positive_sum(row[start:stop])
-            inside += _masked_positive_sum(row[start:stop], mask[start:stop])
+            block_positive, block_inside = _positive_sums(row[start:stop], mask[start:stop])
+            positive += block_positive
+            inside += block_inside
     b = 0
     for c in range(block_max.size):  # the first block holding the maximum
         v, top = block_max[c], block_max[b]
