@@ -757,13 +757,13 @@ def iou_curve(
         no positive value; 0 where the mask is empty.
 
     All thresholds are evaluated at once, exactly as ``map >= t * max`` in the maps'
-    dtype: the map's values at or above its lowest level ``t * max``, all and those
-    inside the mask, are counted by their upper 16 bits; each level's count is the
-    values under higher keys plus those under its own key at or above it, one
-    comparison per value (or a binary search over the levels, for float64 maps, levels
-    at or below zero, or levels less than 1/128 of their value apart). That counts
-    every threshold's prediction and overlap. Cost: one read of each map, then
-    work on the blocks of voxels that reach the lowest threshold.
+    dtype: each of the map's values at or above its lowest level ``t * max``, all and
+    those inside the mask, is counted by how many levels it reaches: from its upper 16
+    bits, the levels under lower keys, plus one comparison with the level under its own
+    key (or a binary search over the levels, for float64 maps, levels at or below zero,
+    or levels less than 1/128 of their value apart). That counts every threshold's
+    prediction and overlap. Cost: one read of each map, then work on the blocks of
+    voxels that reach the lowest threshold.
     """
     res = _localise(maps, masks, frozenset({"iou"}), thresholds=thresholds)
     return res["curve"].index_select(-1, torch.argsort(res["order"]))
